@@ -1,0 +1,281 @@
+"""
+The 2D-aware hourglass transformer: SUNDAE's denoising network (McKinney & Willcocks §3.2; Nawrot et al. 2021).
+
+A token grid (B, h, w) is embedded, processed by a few full-resolution blocks, shortened by merging k x k
+patches, processed by the (deeper) valley at the coarse resolution, lengthened again, added to the skip,
+and finished by a few full-resolution blocks. Most layers therefore run on k^2 times fewer tokens.
+The paper's changes to the hourglass: resample in 2D (patches, not runs of the flattened sequence),
+2D rotary position embeddings, and no causal masking (SUNDAE is not autoregressive).
+
+    python hourglass.py                                # parameter counts of the presets
+    python hourglass.py --benchmark                    # hourglass vs flat transformer, 32x32 tokens (CPU or CUDA)
+    python hourglass.py --benchmark --preset tiny --height 8 --width 8
+
+Imports nothing from this project; importing it does no work.
+"""
+import argparse
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# name: (dim, heads, depth, shorten). Grid size and vocabulary come from the data.
+PRESETS = {
+    "tiny": dict(dim=128, heads=4, depth=(2, 4, 2), shorten=2),  # CPU demo, ~1.5M params on 8x8 tokens
+    "ffhq256": dict(dim=1024, heads=16, depth=(2, 10, 2), shorten=2),  # 16x16 tokens, V = 1024
+    "ffhq1024": dict(dim=1024, heads=16, depth=(2, 12, 2), shorten=2),  # 32x32 tokens, V = 8192
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2D rotary position embeddings
+
+
+def rope_2d(x, h, w, stride=1, base=10000.0):
+    """Rotate queries or keys by their 2D grid position (RoFormer, Su et al.; 2D as in Biderman et al.).
+
+    x: (B, heads, h*w, head_dim) in raster order, already split into heads, so every head gets positions
+    (the authors' code rotated before the head split, so only head 0 did: SPEC §7.1). The first half of each
+    head's channels is rotated by the row position, the second half by the column position, in pairs
+    (x[2j], x[2j+1]) by angle pos * base**(-j / n_pairs). Then <rope(q, p), rope(k, p')> depends on p' - p only.
+    stride: at a coarse level a token stands for a stride x stride patch; we place it at the patch centre in
+    fine-grid units, so a position means the same thing at every level of the hourglass."""
+    B, H, N, D = x.shape
+    assert N == h * w, f"sequence length {N} is not h*w = {h}*{w}"
+    assert D % 4 == 0, f"head_dim {D} must divide by 4 (two halves of channel pairs)"
+    pos = (torch.arange(max(h, w), device=x.device, dtype=torch.float32) + 0.5) * stride - 0.5  # patch centres
+    rows = pos[:h, None].expand(h, w).reshape(N)  # (N,) row of each raster position
+    cols = pos[None, :w].expand(h, w).reshape(N)  # (N,) column
+    n_pairs = D // 4  # channel pairs per half
+    freqs = base ** (-torch.arange(n_pairs, device=x.device, dtype=torch.float32) / n_pairs)  # (D/4,)
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (N, D/2): row pairs, column pairs
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float().reshape(B, H, N, D // 2, 2).unbind(-1)  # (B, H, N, D/2) each: the two members of a pair
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # rotate each pair
+    return out.reshape(B, H, N, D).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformer block
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        assert dim % heads == 0, f"dim {dim} must divide by heads {heads}"
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, h, w, stride):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, hd) each
+        q, k = rope_2d(q, h, w, stride), rope_2d(k, h, w, stride)  # positions after the head split: every head
+        y = F.scaled_dot_product_attention(q, k, v)  # non-causal: SUNDAE sees the whole grid (paper §3.2)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with a 4x GELU MLP."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, h, w, stride):
+        x = x + self.attn(self.ln1(x), h, w, stride)
+        return x + self.mlp(self.ln2(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2D resampling
+
+
+class Downsample2D(nn.Module):
+    """Merge each k x k patch of the grid into one token: concatenate the k^2 vectors, Linear(k^2 D -> D).
+
+    The paper's fix (§3.2): a fine token influences only the coarse token of its own 2D patch. The authors'
+    attention resampling grouped k^2 consecutive raster tokens, a row strip, instead (SPEC §7.2)."""
+
+    def __init__(self, dim, k):
+        super().__init__()
+        self.k = k
+        self.proj = nn.Linear(k * k * dim, dim)
+
+    def forward(self, x, h, w):
+        B, N, D = x.shape
+        k = self.k
+        x = x.reshape(B, h // k, k, w // k, k, D)  # (B, h/k, k, w/k, k, D): split rows and columns into patches
+        x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, w/k, k, k, D): the k x k patch next to each other
+        x = x.reshape(B, (h // k) * (w // k), k * k * D)  # (B, hw/k^2, k^2 D)
+        return self.proj(x)  # (B, hw/k^2, D)
+
+
+class Upsample2D(nn.Module):
+    """Split each coarse token into its k x k patch: Linear(D -> k^2 D), then put the pieces back in the grid.
+
+    h, w are the fine grid; a coarse token only reaches the k x k fine tokens it summarised."""
+
+    def __init__(self, dim, k):
+        super().__init__()
+        self.k = k
+        self.proj = nn.Linear(dim, k * k * dim)
+
+    def forward(self, x, h, w):
+        B, M, D = x.shape
+        k = self.k
+        x = self.proj(x).reshape(B, h // k, w // k, k, k, D)  # (B, h/k, w/k, k, k, D)
+        x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, k, w/k, k, D)
+        return x.reshape(B, h * w, D)  # (B, hw, D) in raster order
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the hourglass
+
+
+class Level(nn.Module):
+    """One level of the hourglass; depth (pre, *inner, post) nests: (2, 2, 8, 2, 2) is two levels."""
+
+    def __init__(self, dim, heads, depth, shorten):
+        super().__init__()
+        self.pre = nn.ModuleList([Block(dim, heads) for _ in range(depth[0])])
+        self.inner = None
+        if len(depth) > 1:  # (pre, ..., post): shorten, recurse on the middle of the tuple, lengthen
+            self.post = nn.ModuleList([Block(dim, heads) for _ in range(depth[-1])])
+            self.down, self.up = Downsample2D(dim, shorten), Upsample2D(dim, shorten)
+            self.inner = Level(dim, heads, depth[1:-1], shorten)
+        self.k, self.grad_ckpt = shorten, False
+
+    def run(self, blocks, x, h, w, stride):
+        for b in blocks:
+            if self.grad_ckpt and torch.is_grad_enabled():  # keep block inputs only; recompute in backward
+                x = checkpoint(b, x, h, w, stride, use_reentrant=False)
+            else:
+                x = b(x, h, w, stride)
+        return x
+
+    def forward(self, x, h, w, stride=1):
+        x = self.run(self.pre, x, h, w, stride)  # (B, h*w, D)
+        if self.inner is None:
+            return x
+        skip = x
+        x = self.down(x, h, w)  # (B, (h/k)*(w/k), D)
+        x = self.inner(x, h // self.k, w // self.k, stride * self.k)
+        x = self.up(x, h, w) + skip  # (B, h*w, D): residual around the shortened part (Nawrot et al. §3)
+        return self.run(self.post, x, h, w, stride)
+
+
+class HourglassTransformer(nn.Module):
+    """Tokens (B, h, w) -> logits (B, h, w, vocab_size); bidirectional, 2D-aware."""
+
+    def __init__(self, vocab_size, height, width, dim, heads, depth=(2, 10, 2), shorten=2, grad_ckpt=False):
+        super().__init__()
+        depth = tuple(depth)
+        if len(depth) % 2 == 0:
+            raise ValueError(f"depth {depth} must have odd length: (pre, ..., valley, ..., post)")
+        gh, gw = height, width
+        for level in range(len(depth) // 2):  # every shortened level must split into whole k x k patches
+            if gh % shorten or gw % shorten:
+                raise ValueError(f"a {height}x{width} token grid is {gh}x{gw} at level {level}, which does not divide "
+                                 f"by shorten={shorten}; use a grid divisible by {shorten ** (len(depth) // 2)} or fewer levels")
+            gh, gw = gh // shorten, gw // shorten
+        self.vocab_size, self.height, self.width = vocab_size, height, width
+        self.config = dict(vocab_size=vocab_size, height=height, width=width, dim=dim, heads=heads,
+                           depth=depth, shorten=shorten)
+        self.embed = nn.Embedding(vocab_size, dim)  # no absolute positions: rotary embeddings carry them
+        self.body = Level(dim, heads, depth, shorten)
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size)  # untied from the embedding
+        self.n_blocks = sum(depth)
+        self.init_weights()
+        self.set_grad_ckpt(grad_ckpt)
+
+    def init_weights(self):
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, 0.02)  # GPT-2 init
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for b in self.modules():
+            if isinstance(b, Block):  # residual branches end in these; scale by 1/sqrt(2 * blocks) so the residual
+                for proj in (b.attn.proj, b.mlp[2]):  # stream's variance does not grow with depth (GPT-2 §2.3)
+                    nn.init.normal_(proj.weight, 0.0, 0.02 / math.sqrt(2 * self.n_blocks))
+
+    def set_grad_ckpt(self, on):
+        for m in self.modules():
+            if isinstance(m, Level):
+                m.grad_ckpt = on
+
+    def forward(self, tokens):
+        B, h, w = tokens.shape
+        if (h, w) != (self.height, self.width):
+            raise ValueError(f"token grid {h}x{w} does not match the model's {self.height}x{self.width}")
+        x = self.embed(tokens.reshape(B, h * w))  # (B, h*w, D) in raster order
+        x = self.body(x, h, w)  # (B, h*w, D)
+        logits = self.head(self.ln_f(x))  # (B, h*w, V)
+        return logits.reshape(B, h, w, self.vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# benchmark: hourglass vs a flat transformer of the same width and total depth
+
+
+def forward_time(model, tokens, reps, device):
+    """Median seconds of one forward pass (no grad) after warm-up."""
+    times = []
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        for i in range(reps + 2):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(tokens)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:  # the first passes pay for allocation and kernel selection
+                times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Hourglass transformer: parameter counts and a speed benchmark.")
+    parser.add_argument("--benchmark", action="store_true", help="time hourglass vs flat transformer forward passes")
+    parser.add_argument("--preset", default="ffhq1024", choices=list(PRESETS), help="model size for the benchmark")
+    parser.add_argument("--height", type=int, default=32, help="token grid rows")
+    parser.add_argument("--width", type=int, default=32, help="token grid columns")
+    parser.add_argument("--vocab_size", type=int, default=8192, help="vocabulary size V")
+    parser.add_argument("--batch", type=int, default=1, help="batch size for the benchmark")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    args = parser.parse_args(argv)
+    if not args.benchmark:
+        for name, p in PRESETS.items():
+            m = HourglassTransformer(args.vocab_size, args.height, args.width, **p)
+            print(f"{name:9s} dim {p['dim']:4d} heads {p['heads']:2d} depth {p['depth']}: "
+                  f"{sum(q.numel() for q in m.parameters()) / 1e6:.1f}M params (V={args.vocab_size}, {args.height}x{args.width})")
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    p = PRESETS[args.preset]
+    hourglass = HourglassTransformer(args.vocab_size, args.height, args.width, **p).to(device).eval()
+    flat = HourglassTransformer(args.vocab_size, args.height, args.width, p["dim"], p["heads"], depth=(sum(p["depth"]),)).to(device).eval()
+    tokens = torch.randint(args.vocab_size, (args.batch, args.height, args.width), device=device)
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads) | "
+          f"{'bf16' if device.type == 'cuda' else 'fp32'} | batch {args.batch} | {args.height}x{args.width} tokens | preset {args.preset}")
+    res = {}
+    for name, m in (("hourglass", hourglass), ("flat", flat)):
+        if args.compile:
+            m = torch.compile(m)
+        t = forward_time(m, tokens, args.reps, device)
+        res[name] = t
+        print(f"{name:9s} depth {str(m.config['depth'] if hasattr(m, 'config') else ''):14s} "
+              f"{sum(q.numel() for q in m.parameters()) / 1e6:7.1f}M params | forward {t * 1e3:8.1f} ms | "
+              f"{args.batch * args.height * args.width / t / 1e3:8.1f}k tok/s")
+    print(f"hourglass / flat time ratio: {res['hourglass'] / res['flat']:.3f} (target <= 0.55, SPEC §4)")
+
+
+if __name__ == "__main__":
+    main()

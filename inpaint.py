@@ -1,0 +1,144 @@
+"""
+Inpainting with arbitrary masks: keep the tokens of the known part of an image, sample the rest.
+
+McKinney & Willcocks §3.6. A non-autoregressive model sees the whole grid, so any mask works: a token is
+known iff all f x f pixels of its cell are known; unknown tokens start random and are denoised by
+sample.py:sample while the known ones are held fixed and give the model its context.
+
+    python inpaint.py                                            # held-out toy faces, centre box -> inpaint.png
+    python inpaint.py --image face.png --box 16,32,48,64         # box in pixels of the model-sized image
+    python inpaint.py --image face.png --mask mask.png           # white = fill in, black = keep
+    python inpaint.py --random_boxes 3 --samples 6
+
+Imports sample.py and vqgan.py; importing it does no work.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import vqgan
+from sample import decode, fail, load_pair, sample
+
+
+def pixel_to_token_mask(known_pixels, f):
+    """known_pixels: bool (B, H, W) -> bool (B, H/f, W/f); a token is known iff all f x f pixels of its cell are
+    known (logical AND over the cell, paper §3.6), so no unknown pixel is ever covered by a kept token."""
+    B, H, W = known_pixels.shape
+    if H % f or W % f:
+        raise ValueError(f"a {H}x{W} mask does not divide into {f}x{f} token cells")
+    cells = known_pixels.reshape(B, H // f, f, W // f, f)  # (B, h, f, w, f): each token's cell
+    return cells.all(dim=4).all(dim=2)  # (B, h, w)
+
+
+def inpaint(model, tokens, known, **sample_kwargs):
+    """tokens (B, h, w), known bool (B, h, w) -> tokens with the unknown positions sampled, known ones unchanged."""
+    if known.shape != tokens.shape:
+        raise ValueError(f"mask has shape {tuple(known.shape)} but the tokens {tuple(tokens.shape)}; they must match")
+    gen = sample_kwargs.get("generator")
+    noise = torch.randint(model.vocab_size, tokens.shape, generator=gen, device=tokens.device)
+    init = torch.where(known, tokens, noise)  # unknown tokens start uniformly random, like unconditional sampling
+    out, _ = sample(model, len(tokens), init=init, known=known, **sample_kwargs)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def load_rgb(path, size, what):
+    """An image file -> uint8 (size, size, 3), resized on the short side and centre-cropped like training data."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception:  # missing, unreadable or not an image: PIL raises several types
+        fail(f"cannot read {what} {path!r}; pass a PNG or JPEG file")
+    if min(w, h) < size:
+        fail(f"{what} {path!r} is {w}x{h}, smaller than the model's {size}x{size}; use a larger image")
+    return vqgan.load_image(path, size), (w, h)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Inpaint images with a trained SUNDAE + VQ-GAN.")
+    p.add_argument("--sundae", default="sundae.pt", help="SUNDAE checkpoint")
+    p.add_argument("--vqgan", default="vqgan.pt", help="VQ-GAN checkpoint")
+    p.add_argument("--image", default="", help="image to inpaint (default: 4 held-out toy faces)")
+    p.add_argument("--mask", default="", help="mask image of the same size as --image: white = fill in")
+    p.add_argument("--box", default="", help="x0,y0,x1,y1: fill in this box (pixels of the model-sized image)")
+    p.add_argument("--random_boxes", type=int, default=0, help="fill in N random boxes per image instead")
+    p.add_argument("--samples", type=int, default=4, help="inpaintings per image")
+    p.add_argument("--steps", type=int, default=100, help="maximum denoising steps")
+    p.add_argument("--out", default="inpaint.png", help="figure: original | masked | inpaintings, a row per image")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = p.parse_args(argv)
+    device = vqgan.pick_device(args.device)
+    model, vq = load_pair(args.sundae, args.vqgan, device)
+    size, f = vq.config.size, vq.downsample_factor
+    if args.samples < 1:
+        fail("--samples must be at least 1")
+
+    if args.image:
+        img, orig_size = load_rgb(args.image, size, "image")
+        images = img[None]
+    else:
+        images = vqgan.toy_faces(4, size, seed=1)  # held-out faces: vqgan.py trains on seed 0
+    B = len(images)
+    unknown = np.zeros((B, size, size), bool)  # pixels to fill in
+    if args.mask:
+        if not args.image:
+            fail("--mask needs --image (the mask must match an image's size)")
+        try:
+            with Image.open(args.mask) as m:
+                mask_size = m.size
+        except Exception:  # unreadable mask file
+            fail(f"cannot read mask {args.mask!r}; pass a PNG with white where to fill in")
+        if mask_size != orig_size:
+            fail(f"mask {args.mask!r} is {mask_size[0]}x{mask_size[1]} but the image is {orig_size[0]}x{orig_size[1]}; "
+                 f"make the mask the same size as the image")
+        unknown[:] = vqgan.load_image(args.mask, size).mean(-1) > 127  # same resize and crop as the image
+    elif args.box:
+        try:
+            x0, y0, x1, y1 = (int(v) for v in args.box.split(","))
+        except ValueError:
+            fail(f"--box must be four integers x0,y0,x1,y1, got {args.box!r}")
+        if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
+            fail(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size}")
+        unknown[:, y0:y1, x0:x1] = True
+    elif args.random_boxes:
+        rng = np.random.default_rng(args.seed)
+        for b in range(B):
+            for _ in range(args.random_boxes):
+                bw, bh = rng.integers(size // 8, size // 2, 2)
+                x0, y0 = rng.integers(0, size - bw), rng.integers(0, size - bh)
+                unknown[b, y0:y0 + bh, x0:x0 + bw] = True
+    else:  # default: the lower-middle of the face (nose and mouth)
+        unknown[:, size * 3 // 8: size * 7 // 8, size // 4: size * 3 // 4] = True
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)  # (B, 3, H, W)
+    known = pixel_to_token_mask(torch.from_numpy(~unknown), f).to(device)  # (B, h, w)
+    with torch.no_grad():
+        tokens = vq.encode(x)  # (B, h, w)
+    # every image repeated `samples` times: one batch, and samples freeze independently
+    rep = lambda t: t.repeat_interleave(args.samples, 0)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    filled = inpaint(model, rep(tokens), rep(known), steps=args.steps, generator=gen)
+    assert torch.equal(filled[rep(known)], rep(tokens)[rep(known)]), "known tokens changed"
+    outs = decode(vq, filled).reshape(B, args.samples, 3, size, size)
+    # what the model was given: known token cells in colour, the rest grey
+    keep = known.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None]  # (B, 1, H, W)
+    masked = torch.where(keep, x, torch.zeros_like(x))
+    rows = torch.cat([x[:, None], masked[:, None], outs], 1)  # (B, 2 + samples, 3, H, W)
+    vqgan.save_png(rows.flatten(0, 1), args.out, nrow=2 + args.samples)
+    print(f"wrote {args.out}: {B} image(s) x {args.samples} inpaintings | {(~known).float().mean():.0%} of tokens "
+          f"filled in | columns: original, masked, inpaintings")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:  # bad input below main (checkpoints, masks): one line, exit 2
+        fail(str(e))

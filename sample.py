@@ -1,0 +1,305 @@
+"""
+Sampling megapixel SUNDAE: uniform random tokens -> tens of parallel denoising steps -> VQ-GAN decoder.
+
+McKinney & Willcocks §3.5 (Figure 2). Every step redraws all tokens in parallel from the model at an annealed
+temperature, keeps a random proportion of the new draws, and freezes a sample once a step changes nothing.
+
+    python sample.py                                   # sundae.pt + vqgan.pt -> samples.png (16 samples)
+    python sample.py --n 1000 --outdir fid_samples     # one PNG per sample, for torch-fidelity / clean-fid
+    python sample.py --trajectory trajectory.png       # images decoded along one sampling run
+    python sample.py --eval 256                        # Frechet distance to held-out images (no download)
+    python sample.py --benchmark                       # images/s at random weights (ffhq1024 on CUDA, tiny on CPU)
+
+Imports sundae.py and vqgan.py; importing it does no work.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import sundae
+import vqgan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the sampler
+
+
+@torch.no_grad()
+def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=(0.5, 0.5), min_steps=10, init=None, known=None,
+           generator=None, trajectory=None):
+    """Draw n token grids; returns (tokens (n, h, w), steps_used (n,)).
+
+    temperature, proportion: (start, end), interpolated linearly over the steps, exactly the start at step 0
+    and the end at step steps-1. init: starting tokens (default uniform random). known: bool (n, h, w); those
+    positions always keep their init token (inpainting, paper §3.6). trajectory: a list that receives the whole
+    batch's tokens after every step (for the paper's Figure 2)."""
+    device = next(model.parameters()).device
+    V, h, w = model.vocab_size, model.height, model.width
+    if init is None:
+        if known is not None:
+            raise ValueError("known positions need init tokens to keep")
+        x = torch.randint(V, (n, h, w), generator=generator, device=device)
+    else:
+        x = init.to(device).clone()
+    if known is not None:
+        known = known.to(device)
+        if known.shape != x.shape:
+            raise ValueError(f"known mask has shape {tuple(known.shape)}, the tokens {tuple(x.shape)}")
+    active = torch.arange(n, device=device)  # samples still being denoised
+    steps_used = torch.zeros(n, dtype=torch.long, device=device)
+    for s in range(steps):
+        frac = s / (steps - 1) if steps > 1 else 0.0
+        tau = temperature[0] + (temperature[1] - temperature[0]) * frac  # annealed temperature (paper §3.5)
+        p = proportion[0] + (proportion[1] - proportion[0]) * frac  # share of positions that take their new draw
+        xa = x[active]  # (b, h, w)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(xa)
+        probs = torch.softmax(logits.float() / tau, dim=-1).reshape(-1, V)  # (b*h*w, V)
+        draw = torch.multinomial(probs, 1, generator=generator).reshape(xa.shape)  # a full parallel sample
+        update = torch.rand(xa.shape, generator=generator, device=device) < p  # random subset (Savinov et al.)
+        if known is not None:
+            update &= ~known[active]  # known tokens never change; the mask is indexed by `active` as the batch
+            #                           shrinks, which the authors' code forgot (SPEC §7.3)
+        new = torch.where(update, draw, xa)
+        changed = (new != xa).flatten(1).any(1)  # (b,)
+        x[active] = new
+        steps_used[active] += 1
+        if trajectory is not None:
+            trajectory.append(x.clone())
+        if s + 1 >= min_steps:
+            active = active[changed]  # a sample whose step changed nothing is frozen and leaves the batch
+        if len(active) == 0:
+            break
+    return x, steps_used
+
+
+@torch.no_grad()
+def decode(vq, tokens, batch=16):
+    """Token grids -> images (n, 3, H, W) in [-1, 1], in batches."""
+    out = []
+    for i in range(0, len(tokens), batch):
+        with torch.autocast(tokens.device.type, torch.bfloat16, enabled=tokens.device.type == "cuda"):
+            out.append(vq.decode(tokens[i:i + batch]).float().clamp(-1, 1))
+    return torch.cat(out)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fail(msg):
+    """Bad input: one line on stderr, exit status 2, no traceback (twin of vqgan.fail)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_pair(sundae_path, vqgan_path, device):
+    """Load both checkpoints and check that they belong together."""
+    model = sundae.load_sundae(sundae_path, device)
+    vq = vqgan.load_vqgan(vqgan_path, device)
+    if model.vocab_size != vq.codebook_size:
+        raise ValueError(f"{sundae_path!r} models V={model.vocab_size} tokens but {vqgan_path!r} has "
+                         f"{vq.codebook_size} codes; pass the VQ-GAN whose latents trained this model")
+    return model, vq
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation: Frechet distance in the VQ-GAN encoder's feature space
+
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to rows of a and b (numpy).
+
+    tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), a symmetric PSD matrix, so
+    eigh suffices and no complex parts appear (unlike scipy.linalg.sqrtm in the FID reference code)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    ev, U = np.linalg.eigh(cov_a)
+    sqrt_a = (U * np.sqrt(np.clip(ev, 0, None))) @ U.T  # S_a^(1/2)
+    m = sqrt_a @ cov_b @ sqrt_a
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
+
+
+@torch.no_grad()
+def eval_features(vq, images, batch=64):
+    """Images -> (n, D) features: the encoder's pre-quantisation latents, average-pooled to 2x2 and flattened.
+
+    Needs no download and sees colour, layout and shape; it is not Inception FID, so compare numbers only
+    within this project (the random-token and reconstruction rows give the scale)."""
+    out = []
+    for i in range(0, len(images), batch):
+        z = vq.features(images[i:i + batch].to(next(vq.parameters()).device))  # (b, qdim, h, w)
+        out.append(F.adaptive_avg_pool2d(z.float(), 2).flatten(1).cpu())
+    return torch.cat(out).numpy()
+
+
+def evaluate(model, vq, vqgan_path, n, steps, seed, batch):
+    """Frechet distances of samples, decoded random tokens and reconstructions to n held-out images."""
+    tcfg = vqgan.TrainConfig(**vqgan.load_checkpoint(vqgan_path, "vqgan")["train_config"])  # where the data is
+    held = vqgan.ImageData(tcfg.data, vq.config.size, "val", tcfg.toy_n, n, tcfg.workers)
+    n = min(n, len(held))
+    real = held.batch(list(range(n)))
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    toks = torch.cat([sample(model, min(batch, n - i), steps, generator=gen)[0] for i in range(0, n, batch)])
+    rand = torch.randint(vq.codebook_size, toks.shape, generator=gen, device=device)
+    with torch.no_grad():
+        recon = torch.cat([vq(real[i:i + batch].to(device))[0].float().clamp(-1, 1).cpu() for i in range(0, n, batch)])
+    f_real = eval_features(vq, real)
+    rows = [("SUNDAE samples", decode(vq, toks)), ("uniform random tokens", decode(vq, rand)), ("reconstructions", recon)]
+    print(f"Frechet distance to {n} held-out images in VQ-GAN encoder feature space (lower is better):")
+    for name, imgs in rows:
+        print(f"  {name:22s} {frechet_distance(eval_features(vq, imgs.cpu()), f_real):10.3f}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figures
+
+
+def save_trajectory(vq, trajectory, path, cols=8):
+    """Images decoded at several steps of one sampling run: rows are samples, columns are steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    S = len(trajectory)
+    picks = sorted(set(np.unique(np.geomspace(1, S, cols).round().astype(int)).tolist()))  # early steps change most
+    imgs = [decode(vq, trajectory[s - 1]).cpu() for s in picks]  # list over steps of (n, 3, H, W)
+    n = len(imgs[0])
+    fig, axes = plt.subplots(n, len(picks), figsize=(1.4 * len(picks), 1.45 * n), squeeze=False)
+    for j, s in enumerate(picks):
+        axes[0, j].set_title(f"step {s}", fontsize=8)
+        for i in range(n):
+            axes[i, j].imshow(((imgs[j][i].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+            axes[i, j].axis("off")
+    fig.tight_layout()
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# benchmark
+
+
+def benchmark(preset, batches, steps, device):
+    """Seconds per image and images/s at random weights, latent sampling and decoding timed apart."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mc = sundae.PRESETS[preset][0]
+    vcfg = vqgan.PRESETS[preset][0]
+    h = vcfg.size // 2 ** (len(vcfg.ch_mult) - 1)
+    model = sundae.HourglassTransformer(vcfg.codebook_size, h, h, mc.dim, mc.heads, mc.depth, mc.shorten).to(device).eval()
+    vq = vqgan.VQGAN(vcfg).to(device).eval()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device {name} | preset {preset}: {vcfg.size}px, {h}x{h} tokens, V={vcfg.codebook_size} | {steps} steps, "
+          f"no early stopping | {'bf16' if device.type == 'cuda' else 'fp32'}")
+    one = torch.randint(vcfg.codebook_size, (1, h, h), device=device)
+    with FlopCounterMode(display=False) as fc:
+        model(one)
+    f_step = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        vq.decode(one)
+    f_dec = fc.get_total_flops()
+    print(f"FLOPs per image: sampling {steps} x {f_step / 1e9:.1f} G = {steps * f_step / 1e12:.2f} T | decoding {f_dec / 1e12:.3f} T")
+    peak = next((v for k, v in sundae.PEAK_BF16_FLOPS.items() if k in name), None)
+    for b in batches:
+        gen = torch.Generator(device).manual_seed(0)
+        sample(model, b, 2, min_steps=2, generator=gen)  # warm-up
+        decode(vq, one.repeat(b, 1, 1), batch=b)
+        sync(device)
+        t = time.perf_counter()
+        toks, used = sample(model, b, steps, min_steps=steps, generator=gen)
+        sync(device)
+        t_s = time.perf_counter() - t
+        t = time.perf_counter()
+        decode(vq, toks, batch=b)
+        sync(device)
+        t_d = time.perf_counter() - t
+        floor = f" | FLOP floor at peak {(steps * f_step + f_dec) * b / peak * 1e3:.1f} ms" if peak else ""
+        print(f"batch {b:3d}: sampling {t_s:.3f} s + decoding {t_d:.3f} s = {(t_s + t_d) / b:.4f} s/image | "
+              f"{b / (t_s + t_d):.2f} images/s{floor}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def pair(s):
+    a, b = (float(v) for v in s.split(","))
+    return a, b
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample images from a trained SUNDAE + VQ-GAN.")
+    p.add_argument("--sundae", default="sundae.pt", help="SUNDAE checkpoint")
+    p.add_argument("--vqgan", default="vqgan.pt", help="VQ-GAN checkpoint (decoder)")
+    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--steps", type=int, default=100, help="maximum denoising steps")
+    p.add_argument("--temperature", type=pair, default=(1.0, 0.7), help="start,end temperature (default 1.0,0.7)")
+    p.add_argument("--proportion", type=pair, default=(0.5, 0.5), help="start,end share of positions updated per step")
+    p.add_argument("--min_steps", type=int, default=10, help="steps before a sample may freeze")
+    p.add_argument("--batch", type=int, default=64, help="samples per forward pass")
+    p.add_argument("--out", default="samples.png", help="grid PNG of the samples")
+    p.add_argument("--outdir", default="", help="also write one PNG per sample here (for FID tools)")
+    p.add_argument("--trajectory", default="", help="write a figure of images decoded along one sampling run")
+    p.add_argument("--eval", type=int, default=0, help="Frechet distance of N samples to N held-out images")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--benchmark", action="store_true", help="time sampling and decoding at random weights")
+    p.add_argument("--preset", default="", help="benchmark preset (default ffhq1024 on CUDA, tiny on CPU)")
+    args = p.parse_args(argv)
+    device = vqgan.pick_device(args.device)
+    if args.benchmark:
+        preset = args.preset or ("ffhq1024" if device.type == "cuda" else "tiny")
+        return benchmark(preset, [1, 32] if device.type == "cuda" else [1, 16], args.steps, device)
+    if args.n < 1 or args.steps < 1:
+        fail("--n and --steps must be at least 1")
+    model, vq = load_pair(args.sundae, args.vqgan, device)
+    if args.eval:
+        return evaluate(model, vq, args.vqgan, args.eval, args.steps, args.seed, args.batch)
+
+    gen = torch.Generator(device).manual_seed(args.seed)
+    traj = [] if args.trajectory else None
+    sync(device)
+    t = time.perf_counter()
+    toks, used = [], []
+    for i in range(0, args.n, args.batch):
+        tk, u = sample(model, min(args.batch, args.n - i), args.steps, args.temperature, args.proportion,
+                       args.min_steps, generator=gen, trajectory=traj if i == 0 else None)
+        toks.append(tk)
+        used.append(u)
+    toks, used = torch.cat(toks), torch.cat(used)
+    sync(device)
+    t_sample = time.perf_counter() - t
+    t = time.perf_counter()
+    images = decode(vq, toks)
+    sync(device)
+    t_decode = time.perf_counter() - t
+    vqgan.save_png(images, args.out, nrow=min(8, args.n))
+    print(f"wrote {args.out}: {args.n} samples | steps used mean {used.float().mean():.1f} (min {used.min()}, max {used.max()}) | "
+          f"sampling {t_sample:.2f} s ({t_sample / args.n * 1e3:.1f} ms/image) | decoding {t_decode:.2f} s "
+          f"({t_decode / args.n * 1e3:.1f} ms/image) | {device}")
+    if args.outdir:
+        os.makedirs(args.outdir, exist_ok=True)
+        for i, img in enumerate(images):
+            vqgan.save_png(img[None], os.path.join(args.outdir, f"{args.seed:04d}_{i:06d}.png"), nrow=1)
+        print(f"wrote {len(images)} PNGs to {args.outdir}/")
+    if args.trajectory:
+        save_trajectory(vq, [x[:6] for x in traj], args.trajectory)
+        print(f"wrote {args.trajectory}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:  # bad input: checkpoints of the wrong kind or that do not belong together
+        fail(str(e))

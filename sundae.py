@@ -1,0 +1,563 @@
+"""
+Stage 2 of megapixel SUNDAE: train a step-unrolled denoising autoencoder on VQ token grids.
+
+McKinney & Willcocks §2.4, §3.4; SUNDAE is Savinov et al. 2022. The network is hourglass.py's 2D-aware
+hourglass transformer. Training corrupts clean token grids with uniform noise, lets the model denoise them
+for T unrolled steps (feeding it its own detached samples), and averages the T cross-entropies.
+
+    python sundae.py --data latents.npy                    # CPU demo (tiny preset), a few minutes
+    python sundae.py --data latents.npy --preset ffhq1024 --vqgan vqgan.pt --compile          # one GPU
+    torchrun --standalone --nproc_per_node=8 sundae.py --data latents.npy --preset ffhq1024   # many GPUs
+    python sundae.py --benchmark --preset ffhq1024 --batch_size 16                            # no data
+
+Any (N, h, w) integer array works as data; the vocabulary is max id + 1 unless --vocab_size or --vqgan
+says otherwise. Imports hourglass.py; with --vqgan it also imports vqgan.py, only to decode progress pictures.
+"""
+import argparse
+import inspect
+import math
+import os
+import re
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hourglass import HourglassTransformer
+
+# ----------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128  # transformer width
+    heads: int = 4  # attention heads (head_dim = dim / heads, a multiple of 4 for 2D RoPE)
+    depth: tuple = (2, 4, 2)  # blocks per hourglass level: (pre, valley, post); (2, 2, 8, 2, 2) nests two levels
+    shorten: int = 2  # k: each level merges k x k patches
+    vocab_size: int = 0  # V; 0 = from --vqgan, else max id in the data + 1
+    height: int = 0  # token grid rows; 0 = from the data (set for --benchmark)
+    width: int = 0  # token grid columns; 0 = from the data (set for --benchmark)
+
+
+@dataclass
+class TrainConfig:
+    data: str = "latents.npy"  # (N, h, w) integer array of token ids
+    vqgan: str = ""  # VQ-GAN checkpoint: sets V and decodes progress samples into images
+    unroll_steps: int = 2  # T, denoising steps unrolled in training (paper: 3 gives more diverse samples)
+    batch_size: int = 64  # sequences per optimizer step, summed over processes and micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step in each process
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    min_lr: float = 2e-4  # cosine decay reaches this at max_steps
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only)
+    warmup: int = 100  # linear warm-up steps (the authors had none)
+    grad_clip: float = 1.0  # clip the gradient norm; 0 = off (the authors had none)
+    max_steps: int = 1400  # optimizer steps
+    val_fraction: float = 0.05  # share of the latents held out for validation
+    val_every: int = 200  # steps between validation passes
+    val_batches: int = 8  # validation batches per pass
+    log_every: int = 50  # steps between log lines
+    sample_every: int = 700  # steps between progress sample grids
+    ckpt_every: int = 700  # steps between checkpoints
+    out: str = "sundae.pt"  # checkpoint path
+    resume: bool = False  # continue from --out
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    compile: bool = False  # torch.compile the model
+    grad_ckpt: bool = False  # activation checkpointing per block
+    seed: int = 0  # random seed; data order and noise follow (seed, step), so runs and resumes repeat exactly
+
+
+PRESETS = {
+    # CPU demo on 8x8 toy-face tokens
+    "tiny": (ModelConfig(), TrainConfig()),
+    # FFHQ-256 (16x16 tokens, V = 1024); the authors: AdamW, constant lr 3e-5, batch 64, no warm-up or clipping
+    "ffhq256": (ModelConfig(dim=1024, heads=16, depth=(2, 10, 2), height=16, width=16, vocab_size=1024),
+                TrainConfig(batch_size=64, lr=3e-5, min_lr=3e-5, warmup=2000, max_steps=1_000_000, val_every=5000,
+                            log_every=100, sample_every=5000, ckpt_every=5000)),
+    # FFHQ-1024 (32x32 tokens, V = 8192); the authors used batch 8-16 and lr 3e-5 (5e-6 for one config)
+    "ffhq1024": (ModelConfig(dim=1024, heads=16, depth=(2, 12, 2), height=32, width=32, vocab_size=8192),
+                 TrainConfig(batch_size=16, lr=3e-5, min_lr=3e-5, warmup=2000, max_steps=1_000_000, val_every=5000,
+                             log_every=100, sample_every=5000, ckpt_every=5000)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the SUNDAE objective (paper §2.4)
+
+
+def corrupt(tokens, vocab_size, generator=None):
+    """Per sequence draw a rate alpha ~ U(0, 1); replace each token with prob. alpha by a uniform random id.
+
+    A replaced token may draw its own id again, so the expected changed fraction is 1/2 (1 - 1/V)."""
+    B = tokens.shape[0]
+    kw = dict(generator=generator, device=tokens.device)
+    alpha = torch.rand(B, *[1] * (tokens.dim() - 1), **kw)  # (B, 1, 1): one corruption rate per sequence
+    replace = torch.rand(tokens.shape, **kw) < alpha  # (B, h, w)
+    noise = torch.randint(vocab_size, tokens.shape, **kw)
+    return torch.where(replace, noise, tokens)
+
+
+def unrolled_loss(model, tokens, vocab_size, unroll_steps=2, generator=None):
+    """SUNDAE's unrolled denoising loss (Savinov et al. §3): (loss, accuracy) averaged over the T steps.
+
+    x_1 = corrupt(x_0); for t = 1..T: logits_t = f(x_t), x_{t+1} ~ Categorical(softmax(logits_t)), sampled at
+    temperature 1 and detached. Loss = 1/T sum_t CE(logits_t, x_0). Step t > 1 trains the model on its own
+    mistakes, which is what it will see when sampling from noise."""
+    x = corrupt(tokens, vocab_size, generator)  # (B, h, w)
+    losses, accuracy = [], 0.0
+    for t in range(unroll_steps):
+        logits = model(x).float()  # (B, h, w, V), upcast: the softmax and CE in fp32 under bf16 autocast
+        losses.append(F.cross_entropy(logits.reshape(-1, vocab_size), tokens.reshape(-1)))
+        accuracy = accuracy + (logits.argmax(-1) == tokens).float().mean() / unroll_steps
+        if t < unroll_steps - 1:
+            with torch.no_grad():  # the sample is a constant input to the next step: no gradient through it
+                probs = torch.softmax(logits.reshape(-1, vocab_size), dim=-1)  # (B*h*w, V)
+                x = torch.multinomial(probs, 1, generator=generator).reshape(tokens.shape)
+    return torch.stack(losses).mean(), accuracy
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+def check_latents(array, vocab_size=0, name="latents"):
+    """Validate an (N, h, w) integer token array; returns V (given, or max id + 1). Raises ValueError."""
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be an (N, h, w) array of token ids, got shape {tuple(array.shape)}; "
+                         f"write them with vqgan.py --encode or reshape to (N, h, w)")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} have dtype {array.dtype}, not an integer type; save token ids as int64/uint16")
+    if len(array) == 0:
+        raise ValueError(f"{name} hold no sequences (shape {tuple(array.shape)})")
+    lo, hi = int(array.min()), int(array.max())  # one pass over the (memory-mapped) file
+    if lo < 0:
+        raise ValueError(f"{name} contain negative ids (min {lo}); token ids must be in [0, V)")
+    if vocab_size and hi >= vocab_size:
+        raise ValueError(f"{name} contain id {hi} >= vocabulary size {vocab_size}; pass the right --vocab_size or --vqgan")
+    return vocab_size or hi + 1
+
+
+def load_latents(path, vocab_size=0):
+    """Memory-map an .npy of token ids (nothing is read until used) and validate it."""
+    if not os.path.isfile(path):
+        raise ValueError(f"latents file {path!r} not found; make one with python vqgan.py --encode, or pass --data PATH")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except Exception as e:  # numpy raises several types for non-.npy files
+        raise ValueError(f"{path!r} is not a readable .npy array ({type(e).__name__}); save latents with np.save")
+    return array, check_latents(array, vocab_size, name=f"latents in {path!r}")
+
+
+def split_indices(n, val_fraction=0.05, seed=0):
+    """Deterministic train/val split that keeps rows (2i, 2i+1), an image and its flip, on the same side.
+
+    Twin of vqgan.split_indices (sundae.py imports nothing from vqgan.py for training); see SPEC §7.6."""
+    pairs = (n + 1) // 2
+    perm = torch.randperm(pairs, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(pairs * val_fraction)) if pairs > 1 else 0
+    val_pairs = torch.zeros(pairs, dtype=torch.bool)
+    val_pairs[perm[:n_val]] = True
+    is_val = val_pairs.repeat_interleave(2)[:n]
+    idx = torch.arange(n)
+    return idx[~is_val], idx[is_val]
+
+
+def get_batch(array, idx, device):
+    """Rows idx of a (memory-mapped) array -> int64 (B, h, w) on device."""
+    rows = np.asarray(array[np.sort(idx.numpy())], dtype=np.int64)  # sorted: sequential reads from disk
+    return torch.from_numpy(rows).to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename (twin of vqgan.save_atomic)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, device="cpu"):
+    """A sundae checkpoint as a dict of plain types and tensors; ValueError with the fix if it is not one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} not found; train one with python sundae.py --data latents.npy")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # foreign or damaged file
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); re-train or pass another file")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "sundae":
+        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else "unknown"
+        raise ValueError(f"{path!r} is a {found} checkpoint, not a sundae one; pass the file sundae.py wrote")
+    return ckpt
+
+
+def load_sundae(path, device="cpu"):
+    """Rebuild the SUNDAE model from its checkpoint alone, in eval mode."""
+    ckpt = read_checkpoint(path, device)
+    model = HourglassTransformer(**ckpt["model_config"]).to(device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# progress pictures
+
+
+@torch.no_grad()
+def progress_samples(model, n, steps, generator):
+    """The core of sample.py:sample (uniform start, 32 parallel steps, half the positions each step), enough to
+    watch training; the full sampler with schedules and freezing lives in sample.py."""
+    V, h, w = model.vocab_size, model.height, model.width
+    device = next(model.parameters()).device
+    x = torch.randint(V, (n, h, w), generator=generator, device=device)
+    for s in range(steps):
+        tau = 1.0 + (0.7 - 1.0) * s / max(1, steps - 1)  # temperature anneals 1.0 -> 0.7 (paper §3.5)
+        probs = torch.softmax(model(x).float() / tau, -1).reshape(-1, V)
+        new = torch.multinomial(probs, 1, generator=generator).reshape(n, h, w)
+        x = torch.where(torch.rand(n, h, w, generator=generator, device=device) < 0.5, new, x)
+    return x
+
+
+def save_token_picture(tokens, vocab_size, path):
+    """Token grids (n, h, w) as coloured tiles, for when no VQ-GAN is at hand."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(tokens)
+    fig, axes = plt.subplots(1, n, figsize=(1.5 * n, 1.6), squeeze=False)
+    for ax, t in zip(axes[0], tokens.cpu()):
+        ax.imshow(t.numpy(), cmap="viridis", vmin=0, vmax=vocab_size - 1, interpolation="nearest")
+        ax.axis("off")
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line: flags generated from the dataclasses; the twin of this block is in vqgan.py
+
+
+def field_help(cls):
+    """The trailing comment of each dataclass field, used as its --help text (one source of truth)."""
+    return dict(re.findall(r"^\s+(\w+):.*?  # (.*)$", inspect.getsource(cls), re.M))
+
+
+def add_flags(parser, cls):
+    helps = field_help(cls)
+    for f in fields(cls):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=helps[f.name])
+        elif f.type is tuple:
+            parser.add_argument(f"--{f.name}", type=lambda s: tuple(int(v) for v in s.split(",") if v), default=None,
+                                help=helps[f.name] + f" (comma-separated, default {','.join(map(str, f.default))})")
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, default=None, help=f"{helps[f.name]} (default {f.default!r})")
+
+
+def overrides(args, cls):
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
+
+
+def fail(msg):
+    """Bad input: one line on stderr, exit status 2, no traceback (SPEC §5)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be auto, cpu or cuda, not {name!r}")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def lr_at(step, tcfg):
+    """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
+    if step < tcfg.warmup:
+        return tcfg.lr * (step + 1) / tcfg.warmup
+    progress = min(1.0, (step - tcfg.warmup) / max(1, tcfg.max_steps - tcfg.warmup))
+    return tcfg.min_lr + 0.5 * (tcfg.lr - tcfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, tcfg):
+    """AdamW; weight decay on matrices only (not on biases, LayerNorms)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.99), fused=torch.cuda.is_available())
+
+
+def noise_seed(seed, step, micro):
+    """Seed of the noise for one micro-batch: N processes x 1 micro-batch draw what 1 process x N draws."""
+    return (seed * 1_000_003 + step) * 1009 + micro
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+
+def train(mcfg, tcfg, resume_ckpt=None):
+    # DDP when launched by torchrun (it sets RANK); the twin of this block is in vqgan.py
+    ddp = "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = pick_device(tcfg.device)
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    if tcfg.batch_size % (world * tcfg.grad_accum):
+        fail(f"--batch_size {tcfg.batch_size} must divide by processes x --grad_accum = {world * tcfg.grad_accum}")
+    micro = tcfg.batch_size // (world * tcfg.grad_accum)
+    torch.manual_seed(tcfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast may use TF32 tensor cores
+
+    array, V = load_latents(tcfg.data, mcfg.vocab_size)
+    N, h, w = array.shape
+    mcfg = replace(mcfg, vocab_size=V, height=h, width=w)
+    train_idx, val_idx = split_indices(N, tcfg.val_fraction)
+    model = HourglassTransformer(V, h, w, mcfg.dim, mcfg.heads, mcfg.depth, mcfg.shorten, tcfg.grad_ckpt).to(device)
+    opt = make_optimizer(model, tcfg)
+    step, history = 0, {"train_loss": [], "val_loss": [], "val_acc": []}
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+        opt.load_state_dict(resume_ckpt["opt"])
+        step, history = resume_ckpt["step"], resume_ckpt["history"]
+        torch.set_rng_state(resume_ckpt["rng"])
+    raw_model = model  # checkpoints come from the plain module, never the compiled or DDP wrapper
+    if tcfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    decoder = None
+    if master and tcfg.vqgan:
+        import vqgan  # only to decode progress pictures into images
+        decoder = vqgan.load_vqgan(tcfg.vqgan, device)
+
+    def save(path):
+        if master:
+            save_atomic({"kind": "sundae", "model_config": raw_model.config, "train_config": asdict(tcfg),
+                         "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
+                         "rng": torch.get_rng_state()}, path)
+
+    @torch.no_grad()
+    def validate():
+        model.eval()
+        gen = torch.Generator(device).manual_seed(1234)  # the same noise every time: comparable numbers
+        n = min(len(val_idx), tcfg.val_batches * micro)
+        losses, accs = [], []
+        for i in range(0, n, micro):
+            tokens = get_batch(array, val_idx[i:i + micro], device)
+            with autocast():
+                loss, acc = unrolled_loss(raw_model, tokens, V, tcfg.unroll_steps, gen)
+            losses.append(loss.item() * len(tokens))
+            accs.append(acc.item() * len(tokens))
+        model.train()
+        return sum(losses) / n, sum(accs) / n
+
+    # Ctrl-C: finish the step, write a resumable checkpoint, exit; twin of the block in vqgan.py
+    stop = []
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler(*_))
+
+    tokens_per_step = tcfg.batch_size * h * w
+    if master:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"sundae: {n_params / 1e6:.2f}M params | {h}x{w} tokens, V={V} | {len(train_idx)} train / {len(val_idx)} "
+              f"val sequences | batch {tcfg.batch_size} = {world} x {tcfg.grad_accum} x {micro} | T={tcfg.unroll_steps} "
+              f"| {tokens_per_step} tokens/step on {device}", flush=True)
+    t0 = t_log = time.time()
+    start_step, win_loss, win_acc = step, 0.0, 0.0
+    while step < tcfg.max_steps and not stop:
+        lr = lr_at(step, tcfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # the global batch is a function of (seed, step): identical whatever the number of processes
+        idx = torch.randint(len(train_idx), (tcfg.batch_size,), generator=torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step))
+        for m in range(tcfg.grad_accum):
+            gm = rank * tcfg.grad_accum + m  # global micro-batch number
+            tokens = get_batch(array, train_idx[idx[gm * micro:(gm + 1) * micro]], device)
+            gen = torch.Generator(device).manual_seed(noise_seed(tcfg.seed, step, gm))
+            with model.no_sync() if ddp and m < tcfg.grad_accum - 1 else nullcontext():  # all-reduce once, at the end
+                with autocast():
+                    loss, acc = unrolled_loss(model, tokens, V, tcfg.unroll_steps, gen)
+                (loss / tcfg.grad_accum).backward()
+            win_loss += loss.item() / tcfg.grad_accum
+            win_acc += acc.item() / tcfg.grad_accum
+        if not math.isfinite(win_loss):
+            if master:
+                print(f"error: loss is {win_loss} at step {step}; stopping. The last good checkpoint {tcfg.out!r} is "
+                      f"kept; lower --lr or check the data", file=sys.stderr)
+            sys.exit(1)
+        if tcfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            n = tcfg.log_every if step % tcfg.log_every == 0 else step % tcfg.log_every
+            stats = torch.tensor([win_loss / n, win_acc / n], device=device)
+            if ddp:
+                dist.all_reduce(stats)  # the logged loss is the mean over all processes
+                stats /= world
+            history["train_loss"].append((step, stats[0].item()))
+            dt = (time.time() - t_log) / n
+            eta = (time.time() - t0) / (step - start_step) * (tcfg.max_steps - step)
+            if master:
+                print(f"step {step}/{tcfg.max_steps} | loss {stats[0]:.3f} | acc {stats[1]:.3f} | lr {lr:.1e} | "
+                      f"{dt * 1e3:.0f} ms | {tokens_per_step / dt / 1e3:.1f}k tok/s | eta {eta / 60:.1f}m", flush=True)
+            t_log, win_loss, win_acc = time.time(), 0.0, 0.0
+        if master and (step % tcfg.val_every == 0 or step == tcfg.max_steps):
+            vl, va = validate()
+            history["val_loss"].append((step, vl))
+            history["val_acc"].append((step, va))
+            print(f"step {step}/{tcfg.max_steps} | val loss {vl:.3f} | val acc {va:.3f}", flush=True)
+        if master and (step % tcfg.sample_every == 0 or step == tcfg.max_steps):
+            raw_model.eval()
+            with autocast():
+                toks = progress_samples(raw_model, 8, 32, torch.Generator(device).manual_seed(step))
+                picture = os.path.splitext(tcfg.out)[0] + "_samples.png"
+                if decoder is not None:
+                    import vqgan
+                    vqgan.save_png(decoder.decode(toks).float(), picture, nrow=8)
+                else:
+                    save_token_picture(toks, V, picture)
+            raw_model.train()
+        if step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
+            save(tcfg.out)
+
+    save(tcfg.out)
+    if master and not stop:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k in ("train_loss", "val_loss"):
+            if history[k]:
+                ax.plot(*zip(*history[k]), label=k)
+        ax.set(xlabel="step", ylabel="unrolled cross-entropy (nats)", title="SUNDAE training")
+        ax.legend()
+        fig.tight_layout()
+        tmp = os.path.splitext(tcfg.out)[0] + f"_loss.tmp.{os.getpid()}.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, os.path.splitext(tcfg.out)[0] + "_loss.png")
+        peak = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
+        print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min | val loss {history['val_loss'][-1][1]:.3f} | "
+              f"val acc {history['val_acc'][-1][1]:.3f}{peak}", flush=True)
+    if ddp:
+        dist.destroy_process_group()
+    if stop:
+        if master:
+            print(f"interrupted at step {step}: saved {tcfg.out!r}; continue with --resume", flush=True)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# benchmark: throughput, memory and MFU without data
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks (SXM)
+
+
+def benchmark(mcfg, tcfg, steps=10):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = pick_device(tcfg.device)
+    V, h, w = mcfg.vocab_size or 8192, mcfg.height or 32, mcfg.width or 32
+    model = HourglassTransformer(V, h, w, mcfg.dim, mcfg.heads, mcfg.depth, mcfg.shorten, tcfg.grad_ckpt).to(device)
+    opt = make_optimizer(model, tcfg)
+    fwd = torch.compile(model) if tcfg.compile else model
+    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    tokens = torch.randint(V, (tcfg.batch_size, h, w), device=device)
+
+    def one_step():
+        with autocast():
+            loss, _ = unrolled_loss(fwd, tokens, V, tcfg.unroll_steps)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:  # count the matmul FLOPs of one step on the eager model
+        with autocast():
+            loss, _ = unrolled_loss(model, tokens, V, tcfg.unroll_steps)
+        loss.backward()
+    opt.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    for _ in range(3):  # warm-up (and compilation)
+        one_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    mfu = f"{flops / dt / peak * 100:.1f}%" if peak else "n/a (no known peak for this device)"
+    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a on cpu"
+    print(f"device {name} | {'bf16' if device.type == 'cuda' else 'fp32'} | compile {tcfg.compile} | grad_ckpt {tcfg.grad_ckpt}")
+    print(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, depth {mcfg.depth}, {h}x{w} tokens, "
+          f"V={V}, batch {tcfg.batch_size}, T={tcfg.unroll_steps}")
+    print(f"{dt * 1e3:.1f} ms/step | {tcfg.batch_size * h * w / dt / 1e3:.1f}k tok/s | {flops / 1e12:.2f} TFLOP/step | "
+          f"{flops / dt / 1e12:.2f} TFLOP/s | MFU {mfu} | peak memory {mem}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train SUNDAE (hourglass transformer) on VQ token grids.")
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training preset")
+    parser.add_argument("--benchmark", action="store_true", help="time training steps on random tokens, no data")
+    add_flags(parser, ModelConfig)
+    add_flags(parser, TrainConfig)
+    args = parser.parse_args(argv)
+    mcfg_p, tcfg_p = PRESETS[args.preset]
+    mcfg = replace(mcfg_p, **overrides(args, ModelConfig))
+    tcfg = replace(tcfg_p, **overrides(args, TrainConfig))
+    if args.benchmark:
+        if args.batch_size is None and args.preset == "tiny":
+            tcfg = replace(tcfg, batch_size=64)
+        mcfg = replace(mcfg, height=mcfg.height or 8, width=mcfg.width or 8, vocab_size=mcfg.vocab_size or 256) if args.preset == "tiny" else mcfg
+        return benchmark(mcfg, tcfg)
+    resume_ckpt = None
+    if tcfg.resume:
+        if not os.path.isfile(tcfg.out):
+            fail(f"--resume: no checkpoint at {tcfg.out!r}; train without --resume first")
+        resume_ckpt = read_checkpoint(tcfg.out)
+        # the checkpoint's configs win, except what this command line sets explicitly (e.g. --max_steps)
+        mc = resume_ckpt["model_config"]
+        mcfg = ModelConfig(mc["dim"], mc["heads"], tuple(mc["depth"]), mc["shorten"], mc["vocab_size"], mc["height"], mc["width"])
+        tcfg = replace(TrainConfig(**resume_ckpt["train_config"]), **overrides(args, TrainConfig))
+        print(f"resuming from {tcfg.out!r} at step {resume_ckpt['step']}")
+    if tcfg.vqgan and not mcfg.vocab_size:
+        if not os.path.isfile(tcfg.vqgan):
+            fail(f"--vqgan {tcfg.vqgan!r} not found; pass the VQ-GAN checkpoint that wrote the latents")
+        vq = torch.load(tcfg.vqgan, map_location="cpu", weights_only=True)
+        if not isinstance(vq, dict) or vq.get("kind") != "vqgan":
+            fail(f"--vqgan {tcfg.vqgan!r} is not a VQ-GAN checkpoint")
+        mcfg = replace(mcfg, vocab_size=vq["model_config"]["codebook_size"])
+    train(mcfg, tcfg, resume_ckpt)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:  # bad input found below main (latents, shapes, checkpoints): one line, exit 2
+        fail(str(e))

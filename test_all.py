@@ -1,0 +1,835 @@
+"""
+The proof that every piece is right: each test names the property it checks and fails if the math breaks.
+
+    python -m pytest test_all.py            # about a minute on 2 CPU cores; CUDA-only tests skip without a GPU
+
+Sections follow the pipeline: vqgan.py, hourglass.py, sundae.py, sample.py / inpaint.py, then the command
+lines as a user meets them (bad input, interrupted training).
+"""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import hourglass
+import inpaint
+import sample
+import sundae
+import vqgan
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# vqgan.py: data
+
+
+def test_toy_faces_are_deterministic_varied_and_any_size():
+    a, b = vqgan.toy_faces(6, 32, seed=3), vqgan.toy_faces(6, 32, seed=3)
+    assert a.dtype == np.uint8 and a.shape == (6, 32, 32, 3)
+    assert np.array_equal(a, b)  # deterministic in seed
+    assert np.array_equal(vqgan.toy_faces(2, 32, seed=3), a[:2])  # image i depends only on (seed, i)
+    assert not np.array_equal(vqgan.toy_faces(6, 32, seed=4), a)
+    assert min(np.abs(a[i].astype(int) - a[j]).mean() for i in range(6) for j in range(i)) > 5  # all different
+    assert vqgan.toy_faces(1, 16).shape == (1, 16, 16, 3)
+    assert vqgan.toy_faces(1, 1024).shape == (1, 1024, 1024, 3)
+
+
+def test_image_folder_skips_unreadable_and_small_and_sorts(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (80, 50), (255, 0, 0)).save(tmp_path / "sub" / "b.png")
+    Image.new("RGB", (40, 64), (0, 255, 0)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (20, 20)).save(tmp_path / "small.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths = vqgan.list_images(str(tmp_path), 32)
+    assert [os.path.basename(p) for p in paths] == ["a.jpg", "b.png"]  # sorted, recursive
+    assert "1 unreadable" in capsys.readouterr().err and True
+    img = vqgan.load_image(paths[1], 32)  # 80x50 -> short side 32 -> centre crop
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and abs(int(img[..., 0].mean()) - 255) < 2
+    with pytest.raises(ValueError, match="none of the"):
+        vqgan.list_images(str(tmp_path), 512)
+
+
+def test_split_keeps_an_image_and_its_flip_together_and_is_deterministic():
+    for split in (vqgan.split_indices, sundae.split_indices):
+        train, val = split(1000, 0.1)
+        assert len(set(train.tolist()) & set(val.tolist())) == 0 and len(train) + len(val) == 1000
+        assert {i // 2 for i in train.tolist()}.isdisjoint({i // 2 for i in val.tolist()})
+        assert torch.equal(split(1000, 0.1)[1], val) and 80 <= len(val) <= 120
+
+
+# ----------------------------------------------------------------------------------------------------------
+# vqgan.py: quantizers
+
+
+def test_straight_through_forward_is_the_code_and_gradient_is_the_identity():
+    torch.manual_seed(0)
+    q = vqgan.VectorQuantizer(16, 4)  # class defaults: the textbook VQ-VAE quantizer
+    z = torch.randn(2, 4, 3, 5, requires_grad=True)
+    zq, idx, _ = q(z)
+    assert torch.allclose(zq, q.lookup(idx), atol=1e-6)  # forward value is the looked-up code (z + (e - z) rounds)
+    upstream = torch.randn_like(zq)
+    (zq * upstream).sum().backward()
+    assert torch.equal(z.grad, upstream)  # exactly the upstream gradient
+
+
+def test_quantizer_loss_puts_beta_on_the_commitment_term():
+    torch.manual_seed(0)
+    q = vqgan.VectorQuantizer(64, 4, beta=0.25)
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    _, idx, loss = q(z)
+    loss.backward()
+    zf = z.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    e = q.codebook.detach()[idx.flatten()]
+    n = zf.numel()
+    expect_z = (2 * 0.25 * (zf - e) / n).reshape(2, 3, 3, 4).permute(0, 3, 1, 2)
+    assert torch.allclose(z.grad, expect_z, atol=1e-7)  # encoder gradient: 2 beta (z - e) / numel
+    expect_cb = torch.zeros_like(q.codebook)
+    expect_cb.index_add_(0, idx.flatten(), 2 * (e - zf) / n)  # codebook gradient: 2 (e - z) / numel, used codes
+    assert torch.allclose(q.codebook.grad, expect_cb, atol=1e-7)
+    unused = torch.ones(64, dtype=torch.bool)
+    unused[idx.flatten()] = False
+    assert unused.any() and (q.codebook.grad[unused] == 0).all()
+
+
+def test_nearest_code_is_the_float64_argmin_and_lookup_round_trips():
+    torch.manual_seed(0)
+    for kw in ({}, {"code_dim": 3}, {"l2_norm": True}):
+        q = vqgan.VectorQuantizer(50, 8, **kw)
+        q.codebook.data.normal_()
+        z = torch.randn(3, 8, 4, 4)
+        zq, idx, _ = q(z)
+        ze = q.proj_in(z.permute(0, 2, 3, 1).reshape(-1, 8)).double()
+        if kw.get("l2_norm"):
+            ze = F.normalize(ze, dim=1)
+        brute = torch.cdist(ze, q.codes().double()).argmin(1)
+        assert torch.equal(idx.flatten(), brute)
+        assert torch.allclose(q.lookup(idx), zq, atol=1e-6)  # lookup(encode(z)) is the forward value
+    q = vqgan.VectorQuantizer(50, 8, l2_norm=True)
+    z = torch.randn(3, 8, 4, 4)
+    assert torch.equal(q(z)[1], q(3.7 * z)[1])  # cosine lookup ignores the scale of z
+
+
+def test_dead_codes_are_restarted_from_encoder_outputs():
+    torch.manual_seed(0)
+    q = vqgan.VectorQuantizer(32, 4, restart_after=3).train()
+    q.codebook.data[:] = 100.0  # all codes far away ...
+    q.codebook.data[0] = 0.0  # ... except code 0, which wins every lookup
+    z = torch.randn(2, 4, 4, 4)
+    for _ in range(3):
+        _, idx, _ = q(z)
+    assert (idx == 0).all()
+    assert q.codebook.data[1:].abs().max() < 10  # the 31 unused codes moved onto encoder outputs
+    assert len(torch.unique(q(z)[1])) > 1  # and are now chosen
+
+
+def test_codebook_usage_counts_over_all_batches():
+    usage, ppl = vqgan.codebook_usage(torch.tensor([0, 1, 2, 3] * 10), 8)
+    assert usage == 0.5 and abs(ppl - 4.0) < 1e-9
+
+
+def test_lfq_index_code_bijection_and_straight_through():
+    q = vqgan.LookupFreeQuantizer(5)
+    codes = q.codes()  # (32, 5) in {-1, +1}
+    idx = torch.arange(32)
+    z = codes.t().reshape(1, 5, 4, 8)  # every code once, as a (1, bits, 4, 8) grid
+    zq, got, loss = q(z)
+    assert torch.equal(got.flatten(), idx) and torch.equal(zq, z)  # sign(code) = code, index = sum bit_i 2^i
+    assert torch.equal(q.lookup(got), z) and len(torch.unique(codes, dim=0)) == 32
+    z = torch.randn(2, 5, 3, 3, requires_grad=True)
+    zq, _, _ = q(z)
+    g = torch.randn_like(zq)
+    (zq * g).sum().backward()
+    assert torch.equal(z.grad, g) and set(zq.detach().unique().tolist()) == {-1.0, 1.0}
+
+
+def test_lfq_entropy_term_prefers_spread_usage():
+    q = vqgan.LookupFreeQuantizer(3, beta=0.0)
+    spread = q.codes().t().reshape(1, 3, 2, 4) * 1.0  # each code once
+    collapsed = torch.ones(1, 3, 2, 4)  # one code for all
+    assert q(spread)[2] < q(collapsed)[2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# vqgan.py: GAN losses
+
+
+def test_hinge_loss_values():
+    assert vqgan.hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0
+    assert vqgan.hinge_d_loss(torch.zeros(4), torch.zeros(4)) == 1.0
+    assert torch.isclose(vqgan.hinge_d_loss(torch.tensor([0.5]), torch.tensor([1.0])), torch.tensor(0.5 * (0.5 + 2.0)))
+
+
+def test_adaptive_weight_matches_the_formula():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    out = layer(x)
+    rec, gan = out.pow(2).mean(), -out.sum() * 0.01
+    g_rec = torch.autograd.grad(rec, layer.weight, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan, layer.weight, retain_graph=True)[0]
+    lam = vqgan.adaptive_weight(rec, gan, layer.weight)
+    assert torch.isclose(lam, g_rec.norm() / (g_gan.norm() + 1e-4)) and not lam.requires_grad
+    assert vqgan.adaptive_weight(100 * rec, 0 * out.sum(), layer.weight) == 1e4  # clamped above
+
+
+def test_generator_update_leaves_discriminator_gradients_at_zero():
+    torch.manual_seed(0)
+    model = vqgan.VQGAN(vqgan.ModelConfig(size=16, ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=8, codebook_size=16))
+    disc = vqgan.PatchDiscriminator(8, 1)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    loss, stats, _, _ = vqgan.generator_loss(model, disc, model.last_layer(), x, True, 0.5)
+    loss.backward()
+    assert all(p.grad is None for p in disc.parameters()) and all(p.requires_grad for p in disc.parameters())
+    assert model.last_layer().grad.abs().sum() > 0 and stats["lam"] > 0
+
+
+def test_lpips_is_zero_for_identical_images_and_loads_named_weights(tmp_path):
+    torch.manual_seed(0)
+    net = vqgan.LPIPS()
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    assert torch.allclose(net(x, x), torch.zeros(2)) and (net(x, y) != 0).all()
+    path = tmp_path / "lpips.pt"
+    torch.save(net.state_dict(), path)
+    other = vqgan.LPIPS()
+    other.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.allclose(other(x, y), net(x, y))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# vqgan.py: the model
+
+
+@pytest.mark.parametrize("mult,size", [((1, 2, 2), 16), ((1, 2, 2, 2), 32), ((1, 1, 2, 2, 4), 64), ((1, 1, 2, 2, 4, 4), 64)])
+def test_vqgan_shapes_for_f_4_8_16_32(mult, size):
+    cfg = vqgan.ModelConfig(size=size, ch=8, ch_mult=mult, attn_resolutions=(size // 4,), z_channels=8, codebook_size=32)
+    m = vqgan.VQGAN(cfg).eval()
+    f = 2 ** (len(mult) - 1)
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        rec, idx, loss = m(x)
+        assert m.downsample_factor == f and idx.shape == (2, size // f, size // f) and rec.shape == x.shape
+        assert torch.equal(m.encode(x), idx) and m.decode(idx).shape == x.shape
+
+
+def test_ffhq1024_layout_gives_32x32_tokens_at_reduced_width():
+    cfg = vqgan.PRESETS["ffhq1024"][0]
+    narrow = vqgan.ModelConfig(**{**vqgan.asdict(cfg), "ch": 4, "z_channels": 8, "codebook_size": 64, "code_dim": 4})
+    m = vqgan.VQGAN(narrow).eval()
+    assert m.downsample_factor == 32
+    with torch.no_grad():
+        assert m.encode(torch.zeros(1, 3, 1024, 1024)).shape == (1, 32, 32)
+
+
+def test_vqgan_overfits_one_tiny_batch():
+    torch.manual_seed(0)
+    cfg = vqgan.ModelConfig(size=16, ch=16, ch_mult=(1, 2), attn_resolutions=(), z_channels=16, codebook_size=32)
+    m = vqgan.VQGAN(cfg)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    x = torch.from_numpy(vqgan.toy_faces(4, 16)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    for _ in range(150):
+        rec, _, q = m(x)
+        loss = (rec - x).abs().mean() + q
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (m(x)[0] - x).abs().mean() < 0.08
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a tiny trained pipeline shared by the tests below (trained in-process in a few seconds)
+
+TINY_VQ = ["--size", "32", "--ch", "8", "--ch_mult", "1,2,2,2", "--attn_resolutions", "4", "--z_channels", "16",
+           "--codebook_size", "32", "--code_dim", "8", "--disc_ch", "8", "--toy_n", "64", "--val_n", "16",
+           "--batch_size", "8", "--disc_start", "2", "--log_every", "1", "--sample_every", "100", "--workers", "1"]
+TINY_SUNDAE = ["--dim", "32", "--heads", "2", "--depth", "1,1,1", "--batch_size", "8", "--log_every", "1",
+               "--val_every", "2", "--val_batches", "1", "--sample_every", "1000", "--warmup", "2"]
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipeline")
+    vq, lat, sd = str(d / "vqgan.pt"), str(d / "latents.npy"), str(d / "sundae.pt")
+    vqgan.main(TINY_VQ + ["--max_steps", "3", "--out", vq])
+    vqgan.main(["--encode", "--ckpt", vq, "--out", lat])
+    sundae.main(["--data", lat, "--vqgan", vq, "--max_steps", "4", "--out", sd] + TINY_SUNDAE)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # training installed its own Ctrl-C handler
+    return {"dir": d, "vqgan": vq, "latents": lat, "sundae": sd}
+
+
+def test_checkpoint_round_trip_and_resume_continue_from_saved_step(pipeline, capsys):
+    ckpt = torch.load(pipeline["vqgan"], weights_only=True)  # plain types and tensors only
+    assert ckpt["kind"] == "vqgan" and ckpt["step"] == 3
+    m = vqgan.load_vqgan(pipeline["vqgan"])
+    assert not m.training
+    ref = vqgan.VQGAN(vqgan.ModelConfig(**ckpt["model_config"])).eval()
+    ref.load_state_dict(ckpt["model"])
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(m(x)[0], ref(x)[0])
+    out = str(pipeline["dir"] / "resume.pt")
+    vqgan.main(TINY_VQ + ["--max_steps", "2", "--out", out])
+    vqgan.main(["--resume", "--max_steps", "4", "--out", out])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    log = capsys.readouterr().out
+    assert "resuming from" in log and "at step 2" in log and "step 3/4" in log and "step 1/4" not in log.split("resuming")[1]
+    assert torch.load(out, weights_only=True)["step"] == 4
+
+
+def test_encode_writes_uint16_pairs_of_image_and_flip(pipeline):
+    lat = np.load(pipeline["latents"])
+    assert lat.dtype == np.uint16 and lat.shape == (128, 4, 4)  # 64 toy faces and their flips
+    m = vqgan.load_vqgan(pipeline["vqgan"])
+    x = torch.from_numpy(vqgan.toy_faces(2, 32)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        assert np.array_equal(lat[0], m.encode(x)[0].numpy()) and np.array_equal(lat[1], m.encode(x.flip(3))[0].numpy())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hourglass.py
+
+
+def test_rope_preserves_norms():
+    x = torch.randn(2, 3, 4 * 6, 8)
+    assert torch.allclose(hourglass.rope_2d(x, 4, 6).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def rope_logits(h, w, stride=1, D=16):
+    """<rope(q, p), rope(k, p')> for one fixed q and k placed at every position: (h*w, h*w)."""
+    torch.manual_seed(0)
+    q, k = torch.randn(D), torch.randn(D)
+    Q = hourglass.rope_2d(q.expand(1, 1, h * w, D).clone(), h, w, stride)[0, 0]
+    K = hourglass.rope_2d(k.expand(1, 1, h * w, D).clone(), h, w, stride)[0, 0]
+    return Q, K, Q @ K.t()
+
+
+def test_rope_depends_only_on_relative_offset():
+    h, w = 5, 6
+    _, _, L = rope_logits(h, w)
+    L = L.reshape(h, w, h, w)
+    for dr, dc in [(1, 0), (0, 2), (2, 3), (-1, 1)]:  # a common 2D shift of query and key
+        for r, c, r2, c2 in [(1, 1, 2, 3), (2, 2, 0, 1), (1, 3, 2, 2)]:
+            if all(0 <= v < h for v in (r + dr, r2 + dr)) and all(0 <= v < w for v in (c + dc, c2 + dc)):
+                assert torch.isclose(L[r, c, r2, c2], L[r + dr, c + dc, r2 + dr, c2 + dc], atol=1e-5)
+    assert not torch.isclose(L[0, 0, 0, 1], L[0, 0, 1, 0])  # rows and columns are told apart
+
+
+def test_rope_row_offset_changes_only_the_row_half():
+    h, w, D = 4, 4, 16
+    Q, K, _ = rope_logits(h, w, D=D)
+    p, same_col, other_col = 0, 2 * w, 2  # key two rows down vs two columns right of query (0, 0)
+    row_half = lambda i, j: (Q[i, : D // 2] * K[j, : D // 2]).sum()
+    col_half = lambda i, j: (Q[i, D // 2:] * K[j, D // 2:]).sum()
+    assert torch.isclose(col_half(p, same_col), col_half(p, 0), atol=1e-6)  # row offset: column half unchanged
+    assert not torch.isclose(row_half(p, same_col), row_half(p, 0))
+    assert torch.isclose(row_half(p, other_col), row_half(p, 0), atol=1e-6)  # column offset: row half unchanged
+
+
+def test_rope_coarse_positions_are_patch_centres():
+    x = torch.randn(1, 1, 4, 8)
+    fine_centre = hourglass.rope_2d(x, 2, 2, stride=2)  # coarse token (0, 0) sits at fine position (0.5, 0.5)
+    assert not torch.allclose(fine_centre, hourglass.rope_2d(x, 2, 2))
+    _, _, L1 = rope_logits(2, 2, stride=2)
+    _, _, L2 = rope_logits(4, 4, stride=1)
+    assert torch.isclose(L1[0, 3], L2[0, 2 * 4 + 2], atol=1e-5)  # coarse offset (1, 1) = fine offset (2, 2)
+
+
+def test_every_head_receives_positions(monkeypatch):
+    torch.manual_seed(0)
+    attn = hourglass.Attention(32, 4)
+    seen = {}
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen["q"], seen["k"] = q, k
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(hourglass.F, "scaled_dot_product_attention", spy)
+    x = torch.randn(1, 32).expand(1, 16, 32).clone()  # the same content at all 16 positions
+    attn(x, 4, 4, 1)
+    logits = seen["q"] @ seen["k"].transpose(-1, -2)  # (1, heads, 16, 16)
+    for head in range(4):  # without positions every logit of a head would be equal (SPEC §7.1: only head 0 had them)
+        assert logits[0, head, 0].std() > 1e-3, f"head {head} does not see key positions"
+
+
+def test_attention_matches_written_out_softmax_reference():
+    torch.manual_seed(0)
+    attn = hourglass.Attention(16, 2)
+    x = torch.randn(2, 12, 16)
+    B, N, D = x.shape
+    q, k, v = attn.qkv(x).reshape(B, N, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    q, k = hourglass.rope_2d(q, 3, 4), hourglass.rope_2d(k, 3, 4)
+    ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1) @ v  # no mask: non-causal
+    ref = attn.proj(ref.transpose(1, 2).reshape(B, N, D))
+    assert torch.allclose(attn(x, 3, 4, 1), ref, atol=1e-5)
+
+
+def test_resampling_is_2d_local():
+    torch.manual_seed(0)
+    h, w, k, D = 6, 8, 2, 4
+    down, up = hourglass.Downsample2D(D, k), hourglass.Upsample2D(D, k)
+    x = torch.randn(1, h * w, D)
+    for r, c in [(0, 0), (3, 5), (5, 7), (2, 1)]:
+        x2 = x.clone()
+        x2[0, r * w + c] += 1.0
+        changed = (down(x2, h, w) - down(x, h, w)).abs().sum(-1)[0].reshape(h // k, w // k) > 1e-6
+        expect = torch.zeros(h // k, w // k, dtype=torch.bool)
+        expect[r // k, c // k] = True
+        assert torch.equal(changed, expect)  # only its own coarse token (not a row strip, SPEC §7.2)
+    y = torch.randn(1, (h // k) * (w // k), D)
+    for i, j in [(0, 0), (2, 3), (1, 2)]:
+        y2 = y.clone()
+        y2[0, i * (w // k) + j] += 1.0
+        changed = (up(y2, h, w) - up(y, h, w)).abs().sum(-1)[0].reshape(h, w) > 1e-6
+        expect = torch.zeros(h, w, dtype=torch.bool)
+        expect[i * k:(i + 1) * k, j * k:(j + 1) * k] = True
+        assert torch.equal(changed, expect)  # only its k x k patch
+    assert up(down(x, h, w), h, w).shape == x.shape
+
+
+def test_model_is_bidirectional():
+    torch.manual_seed(0)
+    m = hourglass.HourglassTransformer(10, 4, 4, 16, 2, depth=(1, 1, 1))
+    t = torch.randint(10, (1, 4, 4))
+    t2 = t.clone()
+    t2[0, -1, -1] = (t[0, -1, -1] + 1) % 10
+    assert not torch.allclose(m(t)[0, 0, 0], m(t2)[0, 0, 0])  # the first position sees the last token
+
+
+@pytest.mark.parametrize("h,w,depth", [(4, 4, (2,)), (8, 8, (1, 1, 1)), (6, 10, (1, 1, 1)), (8, 12, (1, 1, 2, 1, 1))])
+def test_hourglass_shapes_one_and_two_levels_square_and_not(h, w, depth):
+    m = hourglass.HourglassTransformer(11, h, w, 16, 2, depth=depth)
+    assert m(torch.randint(11, (3, h, w))).shape == (3, h, w, 11)
+    assert (m.vocab_size, m.height, m.width) == (11, h, w)
+
+
+def test_indivisible_grid_raises_a_clear_error():
+    with pytest.raises(ValueError, match="does not divide by shorten=2"):
+        hourglass.HourglassTransformer(11, 6, 6, 16, 2, depth=(1, 1, 1, 1, 1))  # 6 -> 3 -> 1.5
+    with pytest.raises(ValueError, match="odd length"):
+        hourglass.HourglassTransformer(11, 8, 8, 16, 2, depth=(1, 1))
+
+
+def test_grad_ckpt_gives_the_same_gradients():
+    torch.manual_seed(0)
+    m = hourglass.HourglassTransformer(11, 4, 4, 16, 2, depth=(1, 1, 1))
+    t = torch.randint(11, (2, 4, 4))
+    grads = []
+    for on in (False, True):
+        m.zero_grad()
+        m.set_grad_ckpt(on)
+        m(t).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sundae.py
+
+
+def test_corruption_statistics():
+    V = 8
+    tokens = torch.zeros(20000, 4, 4, dtype=torch.long)
+    x = sundae.corrupt(tokens, V, torch.Generator().manual_seed(0))
+    changed = (x != tokens).float()
+    assert abs(changed.mean().item() - 0.5 * (1 - 1 / V)) < 0.01  # E[alpha] (1 - 1/V)
+    assert x.min() >= 0 and x.max() < V
+    per_seq = changed.flatten(1).mean(1)  # one rate per sequence, spread over [0, 1]
+    hist = torch.histc(per_seq, bins=4, min=0, max=1)
+    assert (hist > 0.15 * len(per_seq)).all()
+
+
+class Stub(nn.Module):
+    """A 'network' whose logits are a fixed function of its input tokens: logits = table[x] (+ its records)."""
+
+    def __init__(self, V, h, w):
+        super().__init__()
+        self.vocab_size, self.height, self.width = V, h, w
+        self.table = nn.Parameter(torch.randn(V, V))
+        self.inputs, self.outputs = [], []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        out = self.table[x]  # (B, h, w, V)
+        self.outputs.append(out)
+        return out
+
+
+def test_unrolled_loss_feeds_samples_forward_and_averages_the_steps():
+    torch.manual_seed(0)
+    V = 6
+    stub, tokens = Stub(V, 3, 3), torch.randint(V, (4, 3, 3))
+    loss, acc = sundae.unrolled_loss(stub, tokens, V, unroll_steps=2, generator=torch.Generator().manual_seed(1))
+    # replay the random draws: corruption, then a categorical sample of step 1's logits
+    g = torch.Generator().manual_seed(1)
+    x1 = sundae.corrupt(tokens, V, g)
+    x2 = torch.multinomial(torch.softmax(stub.table[x1].reshape(-1, V), -1), 1, generator=g).reshape(tokens.shape)
+    assert torch.equal(stub.inputs[0], x1) and torch.equal(stub.inputs[1], x2)  # step 2 sees step 1's sample
+    ce = lambda x: -torch.log_softmax(stub.table[x], -1).gather(-1, tokens[..., None]).mean()
+    assert torch.isclose(loss, (ce(x1) + ce(x2)) / 2)  # mean of the per-step cross-entropies
+    accs = [(stub.table[x].argmax(-1) == tokens).float().mean() for x in (x1, x2)]
+    assert torch.isclose(acc, sum(accs) / 2)
+    step2 = F.cross_entropy(stub.outputs[1].reshape(-1, V), tokens.reshape(-1))
+    assert torch.autograd.grad(step2, stub.outputs[0], allow_unused=True)[0] is None  # sample is detached
+
+
+def test_one_unroll_step_is_plain_denoising_cross_entropy():
+    V = 5
+    stub, tokens = Stub(V, 2, 2), torch.randint(V, (3, 2, 2))
+    loss, _ = sundae.unrolled_loss(stub, tokens, V, unroll_steps=1, generator=torch.Generator().manual_seed(2))
+    x1 = sundae.corrupt(tokens, V, torch.Generator().manual_seed(2))
+    assert len(stub.inputs) == 1 and torch.isclose(loss, F.cross_entropy(stub.table[x1].reshape(-1, V), tokens.reshape(-1)))
+
+
+def test_tiny_model_overfits_tiny_latent_set():
+    torch.manual_seed(0)
+    data = torch.randint(16, (8, 4, 4))
+    m = hourglass.HourglassTransformer(16, 4, 4, 64, 4, depth=(1, 2, 1))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(200):
+        loss, acc = sundae.unrolled_loss(m, data, 16)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-20:]) < 1.2  # from log(16) = 2.77 at chance; noisy, since alpha ~ U(0, 1) per batch
+
+
+def test_resume_matches_an_uninterrupted_run(pipeline):
+    d = pipeline["dir"]
+    a, b = str(d / "straight.pt"), str(d / "resumed.pt")
+    common = ["--data", pipeline["latents"], "--seed", "5", "--max_steps", "6", "--ckpt_every", "100"] + TINY_SUNDAE
+    sundae.main(common + ["--out", a])
+    sundae.main(common[:-0 or None] + ["--out", b, "--max_steps", "3"])
+    sundae.main(["--resume", "--out", b, "--max_steps", "6"])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert cb["step"] == 6 and ca["history"]["train_loss"] == cb["history"]["train_loss"]
+    for k in ca["model"]:
+        assert torch.allclose(ca["model"][k], cb["model"][k], atol=1e-6), k
+
+
+def _ddp_worker(rank, latents, out, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sundae.main(["--data", latents, "--out", out, "--max_steps", "3", "--device", "cpu"] + TINY_SUNDAE)
+
+
+def test_two_process_ddp_equals_one_process_on_the_same_global_batch(pipeline):
+    import torch.multiprocessing as mp
+    d = pipeline["dir"]
+    one, two = str(d / "one.pt"), str(d / "two.pt")
+    sundae.main(["--data", pipeline["latents"], "--out", one, "--max_steps", "3", "--grad_accum", "2"] + TINY_SUNDAE)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    mp.spawn(_ddp_worker, args=(pipeline["latents"], two, 29500 + os.getpid() % 1000), nprocs=2)
+    c1, c2 = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    for k in c1["model"]:  # 2 ranks x 1 micro-batch == 1 process x 2 micro-batches, step for step
+        assert torch.allclose(c1["model"][k], c2["model"][k], atol=1e-5), k
+    l1, l2 = [v for _, v in c1["history"]["train_loss"]], [v for _, v in c2["history"]["train_loss"]]
+    assert np.allclose(l1, l2, atol=1e-5)  # the logged loss is all-reduced over ranks
+
+
+def test_load_sundae_rebuilds_the_model(pipeline):
+    m = sundae.load_sundae(pipeline["sundae"])
+    assert not m.training and (m.height, m.width, m.vocab_size) == (4, 4, 32)
+    ckpt = torch.load(pipeline["sundae"], weights_only=True)
+    assert ckpt["kind"] == "sundae" and ckpt["history"]["val_loss"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sample.py and inpaint.py
+
+
+class Peaked(nn.Module):
+    """Logits peaked at a fixed target grid, whatever the input; counts the rows it is called on."""
+
+    def __init__(self, target, V, height=10.0):
+        super().__init__()
+        self.vocab_size, (self.height, self.width) = V, target.shape[1:]
+        self.target, self.peak, self.dummy = target, height, nn.Parameter(torch.zeros(1))
+        self.batch_sizes = []
+
+    def forward(self, x):
+        self.batch_sizes.append(len(x))
+        return F.one_hot(self.target[: len(x)], self.vocab_size).float() * self.peak
+
+
+def test_proportion_zero_leaves_the_input_unchanged():
+    V = 7
+    init = torch.randint(V, (3, 4, 4))
+    m = Peaked(torch.zeros(3, 4, 4, dtype=torch.long), V)
+    out, used = sample.sample(m, 3, steps=25, proportion=(0.0, 0.0), init=init, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, init)
+
+
+def test_peaked_network_reaches_the_target_in_one_step_and_freezes_at_min_steps():
+    V = 9
+    target = torch.randint(V, (4, 3, 5))
+    m = Peaked(target, V, height=50.0)
+    out, used = sample.sample(m, 4, steps=40, temperature=(0.1, 0.1), proportion=(1.0, 1.0), min_steps=6,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, target) and (used == 6).all() and len(m.batch_sizes) == 6
+
+
+def test_schedules_hit_their_endpoints(monkeypatch):
+    # temperature enters as softmax(logits / tau): with one-hot logits of height 1 the gap between the two
+    # logits that reach softmax is 1 / tau, so a spy on softmax reads tau at every step
+    m = Peaked(torch.zeros(1, 1, 1, dtype=torch.long), 2, height=1.0)
+    taus, orig = [], torch.softmax
+
+    def spy(x, dim=-1, **kw):
+        v = x.reshape(-1, x.shape[-1])[0]
+        taus.append(1.0 / (v[0] - v[1]).item())
+        return orig(x, dim=dim, **kw)
+
+    monkeypatch.setattr(torch, "softmax", spy)
+    sample.sample(m, 1, steps=5, temperature=(2.0, 0.5), proportion=(0.0, 0.0), min_steps=5)
+    assert np.allclose(taus, [2.0, 1.625, 1.25, 0.875, 0.5])  # exactly the start at step 0 and the end at S-1
+
+
+def test_same_seed_same_samples():
+    torch.manual_seed(0)
+    m = hourglass.HourglassTransformer(12, 4, 4, 16, 2, depth=(1, 1, 1)).eval()
+    a = sample.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(7))
+    b = sample.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(7))
+    c = sample.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+class HalfConverged(nn.Module):
+    """Samples whose corner token is 0 are peaked at themselves (converged); others are uniform over 1..V-1."""
+
+    def __init__(self, V, h, w):
+        super().__init__()
+        self.vocab_size, self.height, self.width = V, h, w
+        self.dummy, self.batch_sizes = nn.Parameter(torch.zeros(1)), []
+
+    def forward(self, x):
+        self.batch_sizes.append(len(x))
+        logits = torch.zeros(*x.shape, self.vocab_size)
+        logits[..., 0] = -1e9  # never draw 0: unconverged samples stay unconverged
+        done = x[:, 0, 0] == 0
+        logits[done] = F.one_hot(x[done], self.vocab_size).float() * 1e4
+        return logits
+
+
+def test_frozen_samples_leave_the_batch():
+    V, n = 6, 6
+    init = torch.randint(1, V, (n, 3, 3))
+    init[::2, 0, 0] = 0  # samples 0, 2, 4 are converged
+    m = HalfConverged(V, 3, 3)
+    out, used = sample.sample(m, n, steps=20, proportion=(1.0, 1.0), min_steps=4, init=init,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[::2], init[::2]) and (used[::2] == 4).all() and (used[1::2] == 20).all()
+    assert m.batch_sizes == [6] * 4 + [3] * 16  # after min_steps the network only sees the 3 unfrozen samples
+
+
+def test_inpainting_keeps_known_tokens_for_any_mask_with_freezing():
+    V, h, w = 8, 6, 6
+    torch.manual_seed(0)
+    tokens = torch.randint(V, (5, h, w))
+    blob = torch.ones(h, w, dtype=torch.bool)
+    blob[1:4, 2:5] = False
+    checker = (torch.arange(h)[:, None] + torch.arange(w)) % 2 == 0
+    single = torch.ones(h, w, dtype=torch.bool)
+    single[3, 3] = False
+    masks = torch.stack([blob, checker, single, torch.ones(h, w, dtype=torch.bool), torch.zeros(h, w, dtype=torch.bool)])
+    m = Peaked(torch.randint(V, (5, h, w)), V, height=3.0)  # soft peak: samples converge at different steps
+    gen = torch.Generator().manual_seed(0)
+    out = inpaint.inpaint(m, tokens, masks, steps=60, min_steps=1, proportion=(0.5, 0.5), generator=gen)
+    assert torch.equal(out[masks], tokens[masks])  # bit-identical where known
+    _, used = sample.sample(m, 5, steps=60, min_steps=1, init=torch.where(masks, tokens, 0), known=masks,
+                            generator=torch.Generator().manual_seed(0))
+    assert len(set(used.tolist())) > 1 and used[3] == 1  # freezing at different steps; all-known freezes at once
+    real = hourglass.HourglassTransformer(V, h, w, 16, 2, depth=(1, 1, 1)).eval()  # and with a real network, batch 4
+    out = inpaint.inpaint(real, tokens[:4], masks[:4], steps=15, min_steps=2, generator=gen)
+    assert torch.equal(out[masks[:4]], tokens[:4][masks[:4]])
+
+
+def test_pixel_to_token_mask_is_an_and_over_each_cell():
+    torch.manual_seed(0)
+    f = 4
+    px = torch.rand(3, 12, 16) > 0.05  # mostly known, some holes
+    tok = inpaint.pixel_to_token_mask(px, f)
+    brute = torch.zeros(3, 3, 4, dtype=torch.bool)
+    for b in range(3):
+        for i in range(3):
+            for j in range(4):
+                brute[b, i, j] = bool(px[b, i * f:(i + 1) * f, j * f:(j + 1) * f].all())
+    assert torch.equal(tok, brute) and tok.any() and not tok.all()
+    with pytest.raises(ValueError, match="does not divide"):
+        inpaint.pixel_to_token_mask(torch.ones(1, 10, 12, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match="must match"):
+        inpaint.inpaint(Peaked(torch.zeros(2, 3, 4, dtype=torch.long), 5), torch.zeros(2, 3, 4, dtype=torch.long),
+                        torch.ones(2, 4, 4, dtype=torch.bool))
+
+
+def test_frechet_distance_properties():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(500, 4)), rng.normal(2.0, 3.0, size=(400, 4))
+    assert abs(sample.frechet_distance(a, a)) < 1e-8  # zero for identical sets
+    assert np.isclose(sample.frechet_distance(a, b), sample.frechet_distance(b, a))  # symmetric
+    # closed form for diagonal covariances: ||mu_a - mu_b||^2 + sum (s_a - s_b)^2; build sets whose sample
+    # covariance is exactly diagonal from orthogonal +-1 columns (a Hadamard matrix)
+    H = np.array([[1]])
+    for _ in range(3):
+        H = np.block([[H, H], [H, -H]])  # 8 x 8, orthogonal columns
+    cols = H[:, 1:4].astype(float)  # zero-mean, mutually orthogonal
+    sa, sb, ma, mb = np.array([1.0, 2.0, 0.5]), np.array([3.0, 0.5, 0.5]), np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, -1.0])
+    A, B = ma + cols * sa, mb + cols * sb
+    var_scale = np.sqrt(8 / 7)  # np.cov divides by N - 1
+    closed = ((ma - mb) ** 2).sum() + (((sa - sb) * var_scale) ** 2).sum()
+    assert np.isclose(sample.frechet_distance(A, B), closed)
+
+
+def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
+    d = pipeline
+    out = str(tmp_path / "s.png")
+    sample.main(["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--n", "3", "--steps", "5", "--out", out,
+                 "--outdir", str(tmp_path / "each"), "--trajectory", str(tmp_path / "traj.png")])
+    assert Image.open(out).size[0] > 32 and len(os.listdir(tmp_path / "each")) == 3 and os.path.isfile(tmp_path / "traj.png")
+    inpaint.main(["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--steps", "5", "--samples", "2", "--out", str(tmp_path / "i.png")])
+    assert Image.open(tmp_path / "i.png").size[1] > 4 * 32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command lines as a user meets them: bad input is one line and exit status 2; interrupted training resumes
+
+
+def run(args, cwd):
+    return subprocess.Popen([sys.executable] + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
+    t, p = tmp_path, pipeline
+    (t / "empty").mkdir()
+    (t / "broken").mkdir()
+    (t / "broken" / "x.png").write_bytes(b"garbage")
+    (t / "small").mkdir()
+    Image.new("RGB", (20, 20)).save(t / "small" / "s.png")
+    Image.new("RGB", (20, 20)).save(t / "tiny.png")
+    Image.new("RGB", (48, 48)).save(t / "img.png")
+    Image.new("L", (40, 48)).save(t / "mask.png")
+    np.save(t / "rank2.npy", np.zeros((4, 16), np.int64))
+    np.save(t / "float.npy", np.zeros((4, 4, 4), np.float32))
+    np.save(t / "neg.npy", -np.ones((4, 4, 4), np.int64))
+    np.save(t / "big.npy", np.full((4, 4, 4), 40, np.int64))
+    (t / "junk.pt").write_bytes(b"junk")
+    S = lambda *a: ["sample.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], *a]
+    cases = {
+        "missing data folder": (["vqgan.py", "--data", str(t / "nope")], "does not exist"),
+        "empty data folder": (["vqgan.py", "--data", str(t / "empty")], "no images"),
+        "only unreadable images": (["vqgan.py", "--data", str(t / "broken"), "--size", "32"], "none of the"),
+        "images smaller than the crop": (["vqgan.py", "--data", str(t / "small"), "--size", "32"], "none of the"),
+        "size not divisible by f": (["vqgan.py", "--size", "60"], "not divisible"),
+        "latents of the wrong rank": (["sundae.py", "--data", str(t / "rank2.npy")], "(N, h, w)"),
+        "float latents": (["sundae.py", "--data", str(t / "float.npy")], "integer"),
+        "negative ids": (["sundae.py", "--data", str(t / "neg.npy")], "negative"),
+        "ids >= V": (["sundae.py", "--data", str(t / "big.npy"), "--vocab_size", "32"], ">= vocabulary"),
+        "missing latents": (["sundae.py", "--data", str(t / "none.npy")], "not found"),
+        "checkpoint of the wrong kind": (["sample.py", "--sundae", p["vqgan"], "--vqgan", p["vqgan"]], "not a sundae"),
+        "unreadable checkpoint": (["sample.py", "--sundae", str(t / "junk.pt"), "--vqgan", p["vqgan"]], "not a readable"),
+        "mismatched checkpoints": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", str(t / "other_vq.pt")], "codes"),
+        "image smaller than the model": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--image", str(t / "tiny.png")], "smaller"),
+        "mask of another size": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--image", str(t / "img.png"),
+                                  "--mask", str(t / "mask.png")], "same size"),
+        "bad box": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--box", "9,9,2,2"], "--box"),
+        "--device cuda without a GPU": (S("--device", "cuda"), "no CUDA GPU"),
+        "resume without a checkpoint": (["sundae.py", "--data", p["latents"], "--resume", "--out", str(t / "no.pt")], "no checkpoint"),
+    }
+    if torch.cuda.is_available():
+        del cases["--device cuda without a GPU"]
+    # a VQ-GAN of another vocabulary, for the mismatch case
+    other = torch.load(p["vqgan"], weights_only=True)
+    other["model_config"]["codebook_size"] = 16
+    other["model"]["quantize.codebook"] = other["model"]["quantize.codebook"][:16]
+    other["model"]["quantize.unused_steps"] = other["model"]["quantize.unused_steps"][:16]
+    torch.save(other, t / "other_vq.pt")
+    procs = {name: run(args, HERE) for name, (args, _) in cases.items()}  # in parallel: each pays for `import torch`
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        lines = [l for l in err.strip().splitlines() if not l.startswith("warning:")]
+        assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{err}"
+        assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err}"
+        assert cases[name][1] in lines[0], f"{name}: {lines[0]}"
+
+
+def test_sigkill_while_checkpointing_keeps_the_previous_checkpoint(pipeline, tmp_path):
+    out = str(tmp_path / "k.pt")
+    args = ["sundae.py", "--data", pipeline["latents"], "--out", out, "--max_steps", "100000", "--ckpt_every", "1",
+            "--log_every", "1000", "--val_every", "100000"] + TINY_SUNDAE[:6]
+    for delay in (0.3, 0.7):  # kill at two different moments after the first checkpoint exists
+        proc = run(args, HERE)
+        t0 = time.time()
+        while not os.path.exists(out) and time.time() - t0 < 60:
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert sundae.load_sundae(out) is not None  # the last complete checkpoint still loads
+
+
+def test_sigint_writes_a_checkpoint_that_resume_continues(pipeline, tmp_path):
+    out = str(tmp_path / "int.pt")
+    base = ["sundae.py", "--data", pipeline["latents"], "--out", out, "--log_every", "1000", "--val_every", "100000",
+            "--ckpt_every", "100000"] + TINY_SUNDAE[:6]
+    proc = run(base + ["--max_steps", "100000"], HERE)
+    t0 = time.time()
+    while time.time() - t0 < 60:  # wait until training runs (the start-up line is printed)
+        line = proc.stdout.readline()
+        if line.startswith("sundae:"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted at step" in stdout
+    step = torch.load(out, weights_only=True)["step"]
+    assert 0 < step < 100000
+    res = subprocess.run([sys.executable, "sundae.py", "--resume", "--out", out, "--max_steps", str(step + 2)],
+                         cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"at step {step}" in res.stdout and torch.load(out, weights_only=True)["step"] == step + 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA only: what a GPU exercises (skipped on CPU)
+
+
+@cuda
+def test_bf16_autocast_logits_close_to_fp32():
+    torch.manual_seed(0)
+    m = hourglass.HourglassTransformer(64, 8, 8, 64, 4, depth=(1, 2, 1)).cuda().eval()
+    t = torch.randint(64, (2, 8, 8), device="cuda")
+    with torch.no_grad():
+        ref = m(t)
+        with torch.autocast("cuda", torch.bfloat16):
+            low = m(t).float()
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@cuda
+def test_compiled_model_equals_eager():
+    torch.manual_seed(0)
+    m = hourglass.HourglassTransformer(64, 8, 8, 64, 4, depth=(1, 2, 1)).cuda().eval()
+    t = torch.randint(64, (2, 8, 8), device="cuda")
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(m)(t), m(t), atol=1e-4)
+
+
+@cuda
+def test_checkpoint_from_compiled_model_loads_into_plain(pipeline, tmp_path):
+    out = str(tmp_path / "c.pt")
+    sundae.main(["--data", pipeline["latents"], "--out", out, "--max_steps", "2", "--compile"] + TINY_SUNDAE)
+    m = sundae.load_sundae(out)  # no "_orig_mod." prefixes: saved from the plain module
+    assert m.vocab_size == 32
