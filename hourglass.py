@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 # name: (dim, heads, depth, shorten). Grid size and vocabulary come from the data.
 PRESETS = {
-    "tiny": dict(dim=128, heads=4, depth=(2, 4, 2), shorten=2),  # CPU demo, ~1.5M params on 8x8 tokens
+    "tiny": dict(dim=128, heads=4, depth=(1, 4, 1), shorten=2),  # CPU demo (sundae.py's tiny preset)
     "ffhq256": dict(dim=1024, heads=16, depth=(2, 10, 2), shorten=2),  # 16x16 tokens, V = 1024
     "ffhq1024": dict(dim=1024, heads=16, depth=(2, 12, 2), shorten=2),  # 32x32 tokens, V = 8192
 }

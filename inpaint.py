@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import vqgan
-from sample import decode, fail, load_pair, sample
+from sample import decode, fail, load_pair, pair, sample
 
 
 def pixel_to_token_mask(known_pixels, f):
@@ -71,6 +71,8 @@ def main(argv=None):
     p.add_argument("--random_boxes", type=int, default=0, help="fill in N random boxes per image instead")
     p.add_argument("--samples", type=int, default=4, help="inpaintings per image")
     p.add_argument("--steps", type=int, default=100, help="maximum denoising steps")
+    p.add_argument("--temperature", type=pair, default=(1.0, 0.7), help="start,end temperature (default 1.0,0.7)")
+    p.add_argument("--proportion", type=pair, default=(0.5, 0.5), help="start,end share of positions updated per step")
     p.add_argument("--out", default="inpaint.png", help="figure: original | masked | inpaintings, a row per image")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -125,7 +127,8 @@ def main(argv=None):
     # every image repeated `samples` times: one batch, and samples freeze independently
     rep = lambda t: t.repeat_interleave(args.samples, 0)
     gen = torch.Generator(device).manual_seed(args.seed)
-    filled = inpaint(model, rep(tokens), rep(known), steps=args.steps, generator=gen)
+    filled = inpaint(model, rep(tokens), rep(known), steps=args.steps, temperature=args.temperature,
+                     proportion=args.proportion, generator=gen)
     assert torch.equal(filled[rep(known)], rep(tokens)[rep(known)]), "known tokens changed"
     outs = decode(vq, filled).reshape(B, args.samples, 3, size, size)
     # what the model was given: known token cells in colour, the rest grey

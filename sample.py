@@ -234,7 +234,11 @@ def benchmark(preset, batches, steps, device):
 
 
 def pair(s):
-    a, b = (float(v) for v in s.split(","))
+    """'1.0,0.7' -> (1.0, 0.7), for the start,end schedule flags."""
+    try:
+        a, b = (float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers start,end, got {s!r}")
     return a, b
 
 

@@ -732,7 +732,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "empty data folder": (["vqgan.py", "--data", str(t / "empty")], "no images"),
         "only unreadable images": (["vqgan.py", "--data", str(t / "broken"), "--size", "32"], "none of the"),
         "images smaller than the crop": (["vqgan.py", "--data", str(t / "small"), "--size", "32"], "none of the"),
-        "size not divisible by f": (["vqgan.py", "--size", "60"], "not divisible"),
+        "size not divisible by f": (["vqgan.py", "--size", "30"], "not divisible"),
         "latents of the wrong rank": (["sundae.py", "--data", str(t / "rank2.npy")], "(N, h, w)"),
         "float latents": (["sundae.py", "--data", str(t / "float.npy")], "integer"),
         "negative ids": (["sundae.py", "--data", str(t / "neg.npy")], "negative"),
