@@ -209,7 +209,7 @@ def benchmark(preset, batches, steps, device):
     with FlopCounterMode(display=False) as fc:
         vq.decode(one)
     f_dec = fc.get_total_flops()
-    print(f"FLOPs per image: sampling {steps} x {f_step / 1e9:.1f} G = {steps * f_step / 1e12:.2f} T | decoding {f_dec / 1e12:.3f} T")
+    print(f"FLOPs per image: sampling {steps} x {f_step / 1e9:.2f} G = {steps * f_step / 1e9:.1f} G | decoding {f_dec / 1e9:.2f} G")
     peak = next((v for k, v in sundae.PEAK_BF16_FLOPS.items() if k in name), None)
     for b in batches:
         gen = torch.Generator(device).manual_seed(0)

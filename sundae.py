@@ -532,8 +532,6 @@ def main(argv=None):
     mcfg = replace(mcfg_p, **overrides(args, ModelConfig))
     tcfg = replace(tcfg_p, **overrides(args, TrainConfig))
     if args.benchmark:
-        if args.batch_size is None and args.preset == "tiny":
-            tcfg = replace(tcfg, batch_size=64)
         mcfg = replace(mcfg, height=mcfg.height or 8, width=mcfg.width or 8, vocab_size=mcfg.vocab_size or 256) if args.preset == "tiny" else mcfg
         return benchmark(mcfg, tcfg)
     resume_ckpt = None
