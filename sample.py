@@ -37,7 +37,7 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=(0.5, 0.5), m
     temperature, proportion: (start, end), interpolated linearly over the steps, exactly the start at step 0
     and the end at step steps-1. init: starting tokens (default uniform random). known: bool (n, h, w); those
     positions always keep their init token (inpainting, paper §3.6). trajectory: a list that receives the whole
-    batch's tokens after every step (for the paper's Figure 2)."""
+    batch's tokens at the start and after every step (for the paper's Figure 2)."""
     device = next(model.parameters()).device
     V, h, w = model.vocab_size, model.height, model.width
     if init is None:
@@ -50,6 +50,8 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=(0.5, 0.5), m
         known = known.to(device)
         if known.shape != x.shape:
             raise ValueError(f"known mask has shape {tuple(known.shape)}, the tokens {tuple(x.shape)}")
+    if trajectory is not None:
+        trajectory.append(x.clone())
     active = torch.arange(n, device=device)  # samples still being denoised
     steps_used = torch.zeros(n, dtype=torch.long, device=device)
     for s in range(steps):
@@ -141,7 +143,7 @@ def eval_features(vq, images, batch=64):
     return torch.cat(out).numpy()
 
 
-def evaluate(model, vq, vqgan_path, n, steps, seed, batch):
+def evaluate(model, vq, vqgan_path, n, seed, batch, **sample_kwargs):
     """Frechet distances of samples, decoded random tokens and reconstructions to n held-out images."""
     tcfg = vqgan.TrainConfig(**vqgan.load_checkpoint(vqgan_path, "vqgan")["train_config"])  # where the data is
     held = vqgan.ImageData(tcfg.data, vq.config.size, "val", tcfg.toy_n, n, tcfg.workers)
@@ -149,7 +151,7 @@ def evaluate(model, vq, vqgan_path, n, steps, seed, batch):
     real = held.batch(list(range(n)))
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
-    toks = torch.cat([sample(model, min(batch, n - i), steps, generator=gen)[0] for i in range(0, n, batch)])
+    toks = torch.cat([sample(model, min(batch, n - i), generator=gen, **sample_kwargs)[0] for i in range(0, n, batch)])
     rand = torch.randint(vq.codebook_size, toks.shape, generator=gen, device=device)
     with torch.no_grad():
         recon = torch.cat([vq(real[i:i + batch].to(device))[0].float().clamp(-1, 1).cpu() for i in range(0, n, batch)])
@@ -169,9 +171,9 @@ def save_trajectory(vq, trajectory, path, cols=8):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    S = len(trajectory)
-    picks = sorted(set(np.unique(np.geomspace(1, S, cols).round().astype(int)).tolist()))  # early steps change most
-    imgs = [decode(vq, trajectory[s - 1]).cpu() for s in picks]  # list over steps of (n, 3, H, W)
+    S = len(trajectory) - 1  # trajectory[0] is the random start, trajectory[s] the tokens after step s
+    picks = [0] + np.unique(np.geomspace(1, S, cols - 1).round().astype(int)).tolist()  # early steps change most
+    imgs = [decode(vq, trajectory[s]).cpu() for s in picks]  # list over steps of (n, 3, H, W)
     n = len(imgs[0])
     fig, axes = plt.subplots(n, len(picks), figsize=(1.4 * len(picks), 1.45 * n), squeeze=False)
     for j, s in enumerate(picks):
@@ -269,7 +271,8 @@ def main(argv=None):
         fail("--n and --steps must be at least 1")
     model, vq = load_pair(args.sundae, args.vqgan, device)
     if args.eval:
-        return evaluate(model, vq, args.vqgan, args.eval, args.steps, args.seed, args.batch)
+        return evaluate(model, vq, args.vqgan, args.eval, args.seed, args.batch, steps=args.steps,
+                        temperature=args.temperature, proportion=args.proportion, min_steps=args.min_steps)
 
     gen = torch.Generator(device).manual_seed(args.seed)
     traj = [] if args.trajectory else None

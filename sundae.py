@@ -351,7 +351,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
         decoder = vqgan.load_vqgan(tcfg.vqgan, device)
 
     def save(path):
-        if master:
+        # never replace a good checkpoint with weights that an exploding step has already made inf/NaN
+        if master and all(torch.isfinite(p).all() for p in raw_model.parameters()):
             save_atomic({"kind": "sundae", "model_config": raw_model.config, "train_config": asdict(tcfg),
                          "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
                          "rng": torch.get_rng_state()}, path)

@@ -222,6 +222,22 @@ def test_vqgan_shapes_for_f_4_8_16_32(mult, size):
         assert torch.equal(m.encode(x), idx) and m.decode(idx).shape == x.shape
 
 
+def test_vqgan_with_lookup_free_quantizer_and_grad_ckpt():
+    torch.manual_seed(0)
+    cfg = vqgan.ModelConfig(size=16, ch=8, ch_mult=(1, 2), attn_resolutions=(8,), z_channels=8, quantizer="lfq", codebook_size=64)
+    m = vqgan.VQGAN(cfg)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    grads = []
+    for on in (False, True):  # activation checkpointing recomputes the same function: the same gradients
+        m.zero_grad()
+        m.set_grad_ckpt(on)
+        rec, idx, q = m(x)
+        ((rec - x).abs().mean() + q).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    assert idx.shape == (2, 8, 8) and idx.max() < 64 and torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert torch.equal(m.encode(x), idx) and m.decode(idx).shape == x.shape
+
+
 def test_ffhq1024_layout_gives_32x32_tokens_at_reduced_width():
     cfg = vqgan.PRESETS["ffhq1024"][0]
     narrow = vqgan.ModelConfig(**{**vqgan.asdict(cfg), "ch": 4, "z_channels": 8, "codebook_size": 64, "code_dim": 4})
@@ -569,8 +585,10 @@ def test_proportion_zero_leaves_the_input_unchanged():
     V = 7
     init = torch.randint(V, (3, 4, 4))
     m = Peaked(torch.zeros(3, 4, 4, dtype=torch.long), V)
-    out, used = sample.sample(m, 3, steps=25, proportion=(0.0, 0.0), init=init, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out, init)
+    traj = []
+    out, used = sample.sample(m, 3, steps=25, proportion=(0.0, 0.0), init=init, generator=torch.Generator().manual_seed(0),
+                              trajectory=traj)
+    assert torch.equal(out, init) and torch.equal(traj[0], init) and len(traj) == 1 + used.max()
 
 
 def test_peaked_network_reaches_the_target_in_one_step_and_freezes_at_min_steps():
@@ -763,6 +781,17 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{err}"
         assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err}"
         assert cases[name][1] in lines[0], f"{name}: {lines[0]}"
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(pipeline, tmp_path):
+    out = str(tmp_path / "nan.pt")
+    res = subprocess.run([sys.executable, "sundae.py", "--data", pipeline["latents"], "--out", out, "--lr", "1e12",
+                          "--min_lr", "1e12", "--grad_clip", "0", "--ckpt_every", "1", "--max_steps", "50"] + TINY_SUNDAE[:6],
+                         cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and ("loss is nan" in res.stderr or "loss is inf" in res.stderr), res.stderr
+    assert "Traceback" not in res.stderr
+    if os.path.exists(out):  # whatever was saved before the blow-up holds finite weights
+        assert all(torch.isfinite(v).all() for v in torch.load(out, weights_only=True)["model"].values())
 
 
 def test_sigkill_while_checkpointing_keeps_the_previous_checkpoint(pipeline, tmp_path):

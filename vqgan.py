@@ -926,8 +926,8 @@ def encode_dataset(model, data, device, flip=True, batch=64):
                 ids = torch.stack([ids, model.encode(x.flip(3))], 1).flatten(0, 1)
         out.append(ids.cpu())
         done = min(len(data), i + batch)
-        print(f"\rencoded {done}/{len(data)} images | {done / (time.time() - t0):.1f} img/s", end="", flush=True)
-    print()
+        if done == len(data) or (i // batch) % 32 == 0:  # a progress line every 32 batches
+            print(f"encoded {done}/{len(data)} images | {done / (time.time() - t0):.1f} img/s", flush=True)
     ids = torch.cat(out).numpy()
     return ids.astype(np.uint16 if model.codebook_size <= 65536 else np.int32)
 
