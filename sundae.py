@@ -118,8 +118,10 @@ def unrolled_loss(model, tokens, vocab_size, unroll_steps=2, generator=None):
         accuracy = accuracy + (logits.argmax(-1) == tokens).float().mean() / unroll_steps
         if t < unroll_steps - 1:
             with torch.no_grad():  # the sample is a constant input to the next step: no gradient through it
-                probs = torch.softmax(logits.reshape(-1, vocab_size), dim=-1)  # (B*h*w, V)
-                x = torch.multinomial(probs, 1, generator=generator).reshape(tokens.shape)
+                # Gumbel-max trick: argmax(logits + Gumbel noise) is an exact draw from softmax(logits). Unlike
+                # torch.multinomial it does not raise on NaN logits, so a diverging run reaches the NaN check
+                u = torch.rand(logits.shape, generator=generator, device=logits.device)  # (B, h, w, V)
+                x = (logits - torch.log(-torch.log(u))).argmax(-1)  # (B, h, w)
     return torch.stack(losses).mean(), accuracy
 
 

@@ -486,10 +486,10 @@ def test_unrolled_loss_feeds_samples_forward_and_averages_the_steps():
     V = 6
     stub, tokens = Stub(V, 3, 3), torch.randint(V, (4, 3, 3))
     loss, acc = sundae.unrolled_loss(stub, tokens, V, unroll_steps=2, generator=torch.Generator().manual_seed(1))
-    # replay the random draws: corruption, then a categorical sample of step 1's logits
+    # replay the random draws: corruption, then a categorical (Gumbel-max) sample of step 1's logits
     g = torch.Generator().manual_seed(1)
     x1 = sundae.corrupt(tokens, V, g)
-    x2 = torch.multinomial(torch.softmax(stub.table[x1].reshape(-1, V), -1), 1, generator=g).reshape(tokens.shape)
+    x2 = (stub.table[x1] - torch.log(-torch.log(torch.rand(4, 3, 3, V, generator=g)))).argmax(-1)
     assert torch.equal(stub.inputs[0], x1) and torch.equal(stub.inputs[1], x2)  # step 2 sees step 1's sample
     ce = lambda x: -torch.log_softmax(stub.table[x], -1).gather(-1, tokens[..., None]).mean()
     assert torch.isclose(loss, (ce(x1) + ce(x2)) / 2)  # mean of the per-step cross-entropies
@@ -497,6 +497,17 @@ def test_unrolled_loss_feeds_samples_forward_and_averages_the_steps():
     assert torch.isclose(acc, sum(accs) / 2)
     step2 = F.cross_entropy(stub.outputs[1].reshape(-1, V), tokens.reshape(-1))
     assert torch.autograd.grad(step2, stub.outputs[0], allow_unused=True)[0] is None  # sample is detached
+
+
+def test_gumbel_max_draws_follow_the_softmax():
+    torch.manual_seed(0)
+    V = 4
+    stub = Stub(V, 1, 1)
+    stub.table.data = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).expand(V, V).clone()  # the same p for any input
+    tokens = torch.zeros(20000, 1, 1, dtype=torch.long)
+    sundae.unrolled_loss(stub, tokens, V, unroll_steps=2, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(stub.inputs[1].flatten(), minlength=V).float() / len(tokens)
+    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015)
 
 
 def test_one_unroll_step_is_plain_denoising_cross_entropy():
