@@ -302,6 +302,21 @@ def test_checkpoint_round_trip_and_resume_continue_from_saved_step(pipeline, cap
     assert torch.load(out, weights_only=True)["step"] == 4
 
 
+def test_train_and_encode_from_an_image_folder(tmp_path, capsys):
+    faces = vqgan.toy_faces(10, 40, seed=2)
+    for i, f in enumerate(faces):  # 40x40 files, cropped to 32 on load
+        Image.fromarray(f).save(tmp_path / f"{i:02d}.png")
+    (tmp_path / "notes.png").write_bytes(b"not an image")  # skipped with a warning
+    out = tmp_path.parent / (tmp_path.name + "_out")  # outputs (and their PNG grids) outside the image folder
+    out.mkdir()
+    args = TINY_VQ + ["--data", str(tmp_path), "--val_n", "4", "--max_steps", "2", "--out", str(out / "f.pt")]
+    vqgan.main(args)
+    vqgan.main(["--encode", "--ckpt", str(out / "f.pt"), "--data", str(tmp_path), "--no-flip", "--out", str(out / "f.npy")])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert "1 unreadable" in capsys.readouterr().err
+    assert np.load(out / "f.npy").shape == (10, 4, 4)  # every readable image, no flips
+
+
 def test_encode_writes_uint16_pairs_of_image_and_flip(pipeline):
     lat = np.load(pipeline["latents"])
     assert lat.dtype == np.uint16 and lat.shape == (128, 4, 4)  # 64 toy faces and their flips
@@ -730,6 +745,14 @@ def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
     assert Image.open(out).size[0] > 32 and len(os.listdir(tmp_path / "each")) == 3 and os.path.isfile(tmp_path / "traj.png")
     inpaint.main(["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--steps", "5", "--samples", "2", "--out", str(tmp_path / "i.png")])
     assert Image.open(tmp_path / "i.png").size[1] > 4 * 32
+    face = vqgan.toy_faces(1, 48, seed=9)[0]
+    Image.fromarray(face).save(tmp_path / "face.png")
+    mask = np.zeros((48, 48), np.uint8)
+    mask[20:40, 10:30] = 255  # white = fill in
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    inpaint.main(["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--steps", "5", "--samples", "3", "--image",
+                  str(tmp_path / "face.png"), "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "m.png")])
+    assert Image.open(tmp_path / "m.png").size[0] > 5 * 32  # original, masked, 3 inpaintings
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def load_image(path, size):
         im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
         w, h = im.size
         left, top = (w - size) // 2, (h - size) // 2
-        return np.asarray(im.crop((left, top, left + size, top + size)))
+        return np.array(im.crop((left, top, left + size, top + size)))  # a writable copy
 
 
 def split_indices(n, val_fraction=0.05, seed=0):
