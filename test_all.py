@@ -283,6 +283,12 @@ def pipeline(tmp_path_factory):
     return {"dir": d, "vqgan": vq, "latents": lat, "sundae": sd}
 
 
+def test_vqgan_benchmark_runs_a_full_training_step(capsys):
+    vqgan.main(TINY_VQ[:12] + ["--benchmark", "--batch_size", "2", "--grad_ckpt"])
+    out = capsys.readouterr().out
+    assert "images/s" in out and "grad_ckpt True" in out
+
+
 def test_checkpoint_round_trip_and_resume_continue_from_saved_step(pipeline, capsys):
     ckpt = torch.load(pipeline["vqgan"], weights_only=True)  # plain types and tensors only
     assert ckpt["kind"] == "vqgan" and ckpt["step"] == 3

@@ -7,6 +7,7 @@ An H x W image becomes an (H/f) x (W/f) grid of ids from a codebook of V vectors
 
     python vqgan.py                                   # CPU demo: tiny preset on built-in toy faces, minutes
     python vqgan.py --encode                          # vqgan.pt + toy faces -> latents.npy (N, h, w) uint16
+    python vqgan.py --benchmark --preset ffhq1024 --batch_size 1 --grad_ckpt --mem_cap_gb 24   # memory and speed
     python vqgan.py --data ~/ffhq --preset ffhq1024 --grad_ckpt   # one GPU, 1024x1024
     torchrun --standalone --nproc_per_node=8 vqgan.py --data ~/ffhq --preset ffhq1024
 
@@ -939,11 +940,60 @@ def save_npy_atomic(array, path):
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# benchmark: one full training step (G and D) on random images
+
+
+def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
+    """images/s and peak memory of VQ-GAN training steps with the GAN on, without data."""
+    device = pick_device(tcfg.device)
+    if device.type == "cuda" and mem_cap_gb > 0:  # pretend to be a smaller card: allocations beyond the cap fail
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, mem_cap_gb * 2**30 / total), device)
+    model = VQGAN(mcfg).to(device, memory_format=torch.channels_last)
+    disc = PatchDiscriminator(mcfg.disc_ch, mcfg.disc_layers).to(device, memory_format=torch.channels_last)
+    model.set_grad_ckpt(tcfg.grad_ckpt)
+    opt_g, opt_d = torch.optim.Adam(model.parameters()), torch.optim.Adam(disc.parameters())
+    fwd = torch.compile(model) if tcfg.compile else model
+    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    x = (torch.rand(tcfg.batch_size, 3, mcfg.size, mcfg.size, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
+
+    def one_step():
+        loss, _, x_rec, _ = generator_loss(fwd, disc, model.last_layer(), x, True, tcfg.disc_weight, autocast=autocast)
+        loss.backward()
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        with autocast():
+            d_loss = hinge_d_loss(disc(x).float(), disc(x_rec.detach()).float())
+        d_loss.backward()
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+
+    one_step()  # warm-up (and compilation)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a on cpu"
+    cap = f" (capped at {mem_cap_gb:g} GiB)" if device.type == "cuda" and mem_cap_gb > 0 else ""
+    print(f"device {name} | {'bf16' if device.type == 'cuda' else 'fp32'} | {mcfg.size}px, f={model.downsample_factor}, "
+          f"V={mcfg.codebook_size} | batch {tcfg.batch_size} | grad_ckpt {tcfg.grad_ckpt} | compile {tcfg.compile}")
+    print(f"{dt * 1e3:.0f} ms/step (G + D) | {tcfg.batch_size / dt:.2f} images/s | peak memory {mem}{cap}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the VQ-GAN tokenizer, or encode images into latents.")
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training preset")
     parser.add_argument("--encode", action="store_true", help="encode --data with --ckpt into --out (latents.npy)")
     parser.add_argument("--ckpt", default="vqgan.pt", help="VQ-GAN checkpoint to encode with (--encode)")
+    parser.add_argument("--benchmark", action="store_true", help="time training steps (G + D) on random images, no data")
+    parser.add_argument("--mem_cap_gb", type=float, default=0.0, help="--benchmark on CUDA: cap this process at N GiB")
     add_flags(parser, ModelConfig)
     add_flags(parser, TrainConfig)
     args = parser.parse_args(argv)
@@ -967,6 +1017,8 @@ def main(argv=None):
     mcfg_p, tcfg_p = PRESETS[args.preset]
     mcfg = replace(mcfg_p, **overrides(args, ModelConfig))
     tcfg = replace(tcfg_p, **overrides(args, TrainConfig))
+    if args.benchmark:
+        return benchmark(mcfg, tcfg, mem_cap_gb=args.mem_cap_gb)
     resume_ckpt = None
     if tcfg.resume:
         if not os.path.isfile(tcfg.out):
