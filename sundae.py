@@ -254,7 +254,8 @@ def save_token_picture(tokens, vocab_size, path):
 
 def field_help(cls):
     """The trailing comment of each dataclass field, used as its --help text (one source of truth)."""
-    return dict(re.findall(r"^\s+(\w+):.*?  # (.*)$", inspect.getsource(cls), re.M))
+    found = re.findall(r"^\s+(\w+):.*?  # (.*)$", inspect.getsource(cls), re.M)
+    return {name: text.replace("%", "%%") for name, text in found}  # argparse %-formats help text
 
 
 def add_flags(parser, cls):

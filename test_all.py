@@ -765,6 +765,14 @@ def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
 # command lines as a user meets them: bad input is one line and exit status 2; interrupted training resumes
 
 
+@pytest.mark.parametrize("module", [vqgan, hourglass, sundae, sample, inpaint])
+def test_every_script_has_help(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "usage:" in out and "option_strings" not in out
+
+
 def run(args, cwd):
     return subprocess.Popen([sys.executable] + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
