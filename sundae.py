@@ -503,7 +503,7 @@ def benchmark(mcfg, tcfg, steps=10):
         loss.backward()
     opt.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
-    for _ in range(3):  # warm-up (and compilation)
+    for _ in range(3):  # warm-up (and compilation); the timing below is the twin of vqgan.benchmark's
         one_step()
     if device.type == "cuda":
         torch.cuda.synchronize()

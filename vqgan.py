@@ -970,7 +970,7 @@ def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
 
-    one_step()  # warm-up (and compilation)
+    one_step()  # warm-up (and compilation); the timing below is the twin of sundae.benchmark's
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
