@@ -82,7 +82,7 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=(0.5, 0.5), m
 
 @torch.no_grad()
 def decode(vq, tokens, batch=16):
-    """Token grids -> images (n, 3, H, W) in [-1, 1], in batches."""
+    """Token grids -> images (n, 3, H, W) in [-1, 1], in batches (a 1024x1024 decode holds GBs of activations)."""
     out = []
     for i in range(0, len(tokens), batch):
         with torch.autocast(tokens.device.type, torch.bfloat16, enabled=tokens.device.type == "cuda"):
@@ -146,12 +146,14 @@ def eval_features(vq, images, batch=64):
 def evaluate(model, vq, vqgan_path, n, seed, batch, **sample_kwargs):
     """Frechet distances of samples, decoded random tokens and reconstructions to n held-out images."""
     tcfg = vqgan.TrainConfig(**vqgan.load_checkpoint(vqgan_path, "vqgan")["train_config"])  # where the data is
-    held = vqgan.ImageData(tcfg.data, vq.config.size, "val", tcfg.toy_n, n, tcfg.workers)
+    held = vqgan.ImageData(tcfg.data, vq.config.size, "val", tcfg.toy_n, n, tcfg.workers)  # never seen in training
     n = min(n, len(held))
     real = held.batch(list(range(n)))
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     toks = torch.cat([sample(model, min(batch, n - i), generator=gen, **sample_kwargs)[0] for i in range(0, n, batch)])
+    # two reference points put the samples' number on a scale: decoded uniform-random tokens (what the prior
+    # starts from, the "no model" distance) and reconstructions of the held-out images (the VQ-GAN's floor)
     rand = torch.randint(vq.codebook_size, toks.shape, generator=gen, device=device)
     with torch.no_grad():
         recon = torch.cat([vq(real[i:i + batch].to(device))[0].float().clamp(-1, 1).cpu() for i in range(0, n, batch)])
@@ -205,6 +207,8 @@ def benchmark(preset, batches, steps, device):
     print(f"device {name} | preset {preset}: {vcfg.size}px, {h}x{h} tokens, V={vcfg.codebook_size} | {steps} steps, "
           f"no early stopping | {'bf16' if device.type == 'cuda' else 'fp32'}")
     one = torch.randint(vcfg.codebook_size, (1, h, h), device=device)
+    # FLOPs of one network call and one decode, counted by PyTorch: with the device's peak they give the floor
+    # no implementation can beat, so the measured time says how far from the hardware we are
     with FlopCounterMode(display=False) as fc:
         model(one)
     f_step = fc.get_total_flops()
@@ -219,7 +223,7 @@ def benchmark(preset, batches, steps, device):
         decode(vq, one.repeat(b, 1, 1), batch=b)
         sync(device)
         t = time.perf_counter()
-        toks, used = sample(model, b, steps, min_steps=steps, generator=gen)
+        toks, used = sample(model, b, steps, min_steps=steps, generator=gen)  # min_steps=steps: no early exit
         sync(device)
         t_s = time.perf_counter() - t
         t = time.perf_counter()
@@ -274,9 +278,9 @@ def main(argv=None):
         return evaluate(model, vq, args.vqgan, args.eval, args.seed, args.batch, steps=args.steps,
                         temperature=args.temperature, proportion=args.proportion, min_steps=args.min_steps)
 
-    gen = torch.Generator(device).manual_seed(args.seed)
+    gen = torch.Generator(device).manual_seed(args.seed)  # one generator for all batches: --seed fixes the whole run
     traj = [] if args.trajectory else None
-    sync(device)
+    sync(device)  # CUDA runs asynchronously: synchronise so the timings below measure the work, not its launch
     t = time.perf_counter()
     toks, used = [], []
     for i in range(0, args.n, args.batch):
@@ -297,11 +301,11 @@ def main(argv=None):
           f"({t_decode / args.n * 1e3:.1f} ms/image) | {device}")
     if args.outdir:
         os.makedirs(args.outdir, exist_ok=True)
-        for i, img in enumerate(images):
+        for i, img in enumerate(images):  # the seed in the name: several runs can share one folder
             vqgan.save_png(img[None], os.path.join(args.outdir, f"{args.seed:04d}_{i:06d}.png"), nrow=1)
         print(f"wrote {len(images)} PNGs to {args.outdir}/")
     if args.trajectory:
-        save_trajectory(vq, [x[:6] for x in traj], args.trajectory)
+        save_trajectory(vq, [x[:6] for x in traj], args.trajectory)  # the first 6 samples of the first batch
         print(f"wrote {args.trajectory}")
 
 
