@@ -765,6 +765,13 @@ def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
 # command lines as a user meets them: bad input is one line and exit status 2; interrupted training resumes
 
 
+def test_readme_figures_exist():
+    import re
+    readme = open(os.path.join(HERE, "README.md")).read()
+    figures = re.findall(r"\]\((assets/[^)]+)\)", readme)
+    assert figures and all(os.path.isfile(os.path.join(HERE, f)) for f in figures), figures
+
+
 @pytest.mark.parametrize("module", [vqgan, hourglass, sundae, sample, inpaint])
 def test_every_script_has_help(module, capsys):
     with pytest.raises(SystemExit) as e:
