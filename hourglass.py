@@ -217,7 +217,10 @@ class HourglassTransformer(nn.Module):
             raise ValueError(f"token grid {h}x{w} does not match the model's {self.height}x{self.width}")
         x = self.embed(tokens.reshape(B, h * w))  # (B, h*w, D) in raster order
         x = self.body(x, h, w)  # (B, h*w, D)
-        logits = self.head(self.ln_f(x))  # (B, h*w, V)
+        # the final LayerNorm and the head run in fp32 even under bf16 autocast: the softmax over V (8192 at 1024²)
+        # is where bf16's 8-bit mantissa hurts (near |logit| = 27 it rounds to multiples of 0.125)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.head(self.ln_f(x.float()))  # (B, h*w, V) in fp32
         return logits.reshape(B, h, w, self.vocab_size)
 
 

@@ -72,7 +72,9 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=4, help="inpaintings per image")
     p.add_argument("--steps", type=int, default=100, help="maximum denoising steps")
     p.add_argument("--temperature", type=pair, default=(1.0, 0.7), help="start,end temperature (default 1.0,0.7)")
-    p.add_argument("--proportion", type=pair, default=(0.5, 0.5), help="start,end share of positions updated per step")
+    p.add_argument("--proportion", type=pair, default=None,
+                   help="start,end share of positions that take their new draw per step (default 1,1 below 20 steps, "
+                        "as paper §3.5 asks, else 0.5,0.5)")
     p.add_argument("--out", default="inpaint.png", help="figure: original | masked | inpaintings, a row per image")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -2,7 +2,8 @@
 Sampling megapixel SUNDAE: uniform random tokens -> tens of parallel denoising steps -> VQ-GAN decoder.
 
 McKinney & Willcocks §3.5 (Figure 2). Every step redraws all tokens in parallel from the model at an annealed
-temperature, keeps a random proportion of the new draws, and freezes a sample once a step changes nothing.
+temperature, keeps a random proportion of the new draws, and freezes a sample once a step that redrew some of
+its positions changed none of them.
 
     python sample.py                                   # sundae.pt + vqgan.pt -> samples.png (16 samples)
     python sample.py --n 1000 --outdir fid_samples     # one PNG per sample, for torch-fidelity / clean-fid
@@ -13,6 +14,7 @@ temperature, keeps a random proportion of the new draws, and freezes a sample on
 Imports sundae.py and vqgan.py; importing it does no work.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -29,27 +31,55 @@ import vqgan
 # the sampler
 
 
+def default_proportion(steps):
+    """The update proportion's (start, end) when none is given. Paper §3.5: "for low step scenarios (T < 20) all
+    tokens must be able to be updated", so below 20 steps every position takes its new draw; with 20 or more,
+    half of them per step, which keeps the chain from oscillating (Savinov et al. §3)."""
+    return (1.0, 1.0) if steps < 20 else (0.5, 0.5)
+
+
+def check_schedule(name, start_end, lo, hi):
+    """A (start, end) schedule with both ends finite and in [lo, hi]; ValueError naming the flag otherwise."""
+    if len(start_end) != 2 or not all(math.isfinite(v) and lo <= v <= hi for v in start_end):
+        raise ValueError(f"--{name} {','.join(map(str, start_end))}: both ends must be in [{lo}, {hi}]")
+
+
 @torch.no_grad()
-def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=(0.5, 0.5), min_steps=10, init=None, known=None,
-           generator=None, trajectory=None):
+def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_steps=10, init=None, known=None,
+           generator=None, trajectory=None, device=None):
     """Draw n token grids; returns (tokens (n, h, w), steps_used (n,)).
 
+    model: any module with vocab_size, height, width that maps (B, h, w) ids to (B, h, w, V) logits.
     temperature, proportion: (start, end), interpolated linearly over the steps, exactly the start at step 0
-    and the end at step steps-1. init: starting tokens (default uniform random). known: bool (n, h, w); those
-    positions always keep their init token (inpainting, paper §3.6). trajectory: a list that receives the whole
-    batch's tokens at the start and after every step (for the paper's Figure 2)."""
-    device = next(model.parameters()).device
+    and the end at step steps-1; temperature 0 means greedy (argmax); proportion None = default_proportion(steps).
+    init: starting tokens (n, h, w) (default uniform random). known: bool or 0/1 (n, h, w); those positions
+    always keep their init token (inpainting, paper §3.6). trajectory: a list that receives the whole batch's
+    tokens at the start and after every step (for the paper's Figure 2). device: where to sample when no init
+    is given (default: the generator's device, else the model's, else the CPU; a parameter-free model works)."""
     V, h, w = model.vocab_size, model.height, model.width
+    proportion = default_proportion(steps) if proportion is None else tuple(proportion)
+    check_schedule("temperature", tuple(temperature), 0.0, math.inf)
+    check_schedule("proportion", proportion, 0.0, 1.0)
+    if steps < 1 or n < 1:
+        raise ValueError(f"need at least one sample and one step, got n={n}, steps={steps}")
+    if device is None:
+        device = init.device if init is not None else generator.device if generator is not None else \
+            next(model.parameters(), torch.empty(0)).device
+    device = torch.device(device)
     if init is None:
         if known is not None:
             raise ValueError("known positions need init tokens to keep")
         x = torch.randint(V, (n, h, w), generator=generator, device=device)
     else:
-        x = init.to(device).clone()
+        if tuple(init.shape) != (n, h, w):
+            raise ValueError(f"init tokens have shape {tuple(init.shape)}, expected (n, h, w) = {(n, h, w)}")
+        x = init.to(device).long().clone()
+    free = torch.ones(n, dtype=torch.bool, device=device)  # samples with at least one position that may change
     if known is not None:
-        known = known.to(device)
-        if known.shape != x.shape:
+        if tuple(known.shape) != tuple(x.shape):
             raise ValueError(f"known mask has shape {tuple(known.shape)}, the tokens {tuple(x.shape)}")
+        known = known.to(device).bool()  # a 0/1 integer mask works too
+        free = (~known).flatten(1).any(1)
     if trajectory is not None:
         trajectory.append(x.clone())
     active = torch.arange(n, device=device)  # samples still being denoised
@@ -61,20 +91,27 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=(0.5, 0.5), m
         xa = x[active]  # (b, h, w)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(xa)
-        probs = torch.softmax(logits.float() / tau, dim=-1).reshape(-1, V)  # (b*h*w, V)
-        draw = torch.multinomial(probs, 1, generator=generator).reshape(xa.shape)  # a full parallel sample
+        if tau > 0:
+            probs = torch.softmax(logits.float() / tau, dim=-1).reshape(-1, V)  # (b*h*w, V)
+            draw = torch.multinomial(probs, 1, generator=generator).reshape(xa.shape)  # a full parallel sample
+        else:
+            draw = logits.argmax(-1)  # the limit tau -> 0: the most likely token everywhere
         update = torch.rand(xa.shape, generator=generator, device=device) < p  # random subset (Savinov et al.)
         if known is not None:
             update &= ~known[active]  # known tokens never change; the mask is indexed by `active` as the batch
-            #                           shrinks, which the authors' code forgot (SPEC §7.3)
+            #                           shrinks, which the authors' code forgot
         new = torch.where(update, draw, xa)
-        changed = (new != xa).flatten(1).any(1)  # (b,)
+        # a sample is settled when this step redrew at least one of its positions and none of them changed; a
+        # step that happened to redraw nothing proves nothing (frequent with a small inpainting hole and p < 1).
+        # A sample without a free position is settled at once.
+        redrawn, changed = update.flatten(1).any(1), (new != xa).flatten(1).any(1)  # (b,) each
+        settled = (redrawn & ~changed) | ~free[active]
         x[active] = new
         steps_used[active] += 1
         if trajectory is not None:
             trajectory.append(x.clone())
         if s + 1 >= min_steps:
-            active = active[changed]  # a sample whose step changed nothing is frozen and leaves the batch
+            active = active[~settled]  # a settled sample is frozen and leaves the batch
         if len(active) == 0:
             break
     return x, steps_used
@@ -255,7 +292,9 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--steps", type=int, default=100, help="maximum denoising steps")
     p.add_argument("--temperature", type=pair, default=(1.0, 0.7), help="start,end temperature (default 1.0,0.7)")
-    p.add_argument("--proportion", type=pair, default=(0.5, 0.5), help="start,end share of positions updated per step")
+    p.add_argument("--proportion", type=pair, default=None,
+                   help="start,end share of positions that take their new draw per step (default 1,1 below 20 steps, "
+                        "as paper §3.5 asks, else 0.5,0.5)")
     p.add_argument("--min_steps", type=int, default=10, help="steps before a sample may freeze")
     p.add_argument("--batch", type=int, default=64, help="samples per forward pass")
     p.add_argument("--out", default="samples.png", help="grid PNG of the samples")

@@ -342,6 +342,9 @@ def train(mcfg, tcfg, resume_ckpt=None):
         opt.load_state_dict(resume_ckpt["opt"])
         step, history = resume_ckpt["step"], resume_ckpt["history"]
         torch.set_rng_state(resume_ckpt["rng"])
+    # the running sums of the current log window (loss, accuracy, steps); a resumed run continues the window, so
+    # its log lines equal an uninterrupted run's
+    window = list(resume_ckpt.get("log_window", (0.0, 0.0, 0))) if resume_ckpt is not None else [0.0, 0.0, 0]
     raw_model = model  # checkpoints come from the plain module, never the compiled or DDP wrapper
     if tcfg.compile:
         model = torch.compile(model)
@@ -358,7 +361,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
         if master and all(torch.isfinite(p).all() for p in raw_model.parameters()):
             save_atomic({"kind": "sundae", "model_config": raw_model.config, "train_config": asdict(tcfg),
                          "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
-                         "rng": torch.get_rng_state()}, path)
+                         "rng": torch.get_rng_state(), "log_window": window}, path)
 
     @torch.no_grad()
     def validate():
@@ -386,7 +389,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
               f"val sequences | batch {tcfg.batch_size} = {world} x {tcfg.grad_accum} x {micro} | T={tcfg.unroll_steps} "
               f"| {tokens_per_step} tokens/step on {device}", flush=True)
     t0 = t_log = time.time()
-    start_step, win_loss, win_acc = step, 0.0, 0.0
+    start_step = step_log = step
     while step < tcfg.max_steps and not stop:
         lr = lr_at(step, tcfg)
         for g in opt.param_groups:
@@ -401,11 +404,11 @@ def train(mcfg, tcfg, resume_ckpt=None):
                 with autocast():
                     loss, acc = unrolled_loss(model, tokens, V, tcfg.unroll_steps, gen)
                 (loss / tcfg.grad_accum).backward()
-            win_loss += loss.item() / tcfg.grad_accum
-            win_acc += acc.item() / tcfg.grad_accum
-        if not math.isfinite(win_loss):
+            window[0] += loss.item() / tcfg.grad_accum
+            window[1] += acc.item() / tcfg.grad_accum
+        if not math.isfinite(window[0]):
             if master:
-                print(f"error: loss is {win_loss} at step {step}; stopping. The last good checkpoint {tcfg.out!r} is "
+                print(f"error: loss is {window[0]} at step {step}; stopping. The last good checkpoint {tcfg.out!r} is "
                       f"kept; lower --lr or check the data", file=sys.stderr)
             sys.exit(1)
         if tcfg.grad_clip > 0:
@@ -413,20 +416,21 @@ def train(mcfg, tcfg, resume_ckpt=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        window[2] += 1
 
         if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            n = tcfg.log_every if step % tcfg.log_every == 0 else step % tcfg.log_every
-            stats = torch.tensor([win_loss / n, win_acc / n], device=device)
+            n = window[2]  # the steps actually in this window (fewer than log_every at the end or after a resume)
+            stats = torch.tensor([window[0] / n, window[1] / n], device=device)
             if ddp:
                 dist.all_reduce(stats)  # the logged loss is the mean over all processes
                 stats /= world
             history["train_loss"].append((step, stats[0].item()))
-            dt = (time.time() - t_log) / n
+            dt = (time.time() - t_log) / (step - step_log)  # timed only since this process started
             eta = (time.time() - t0) / (step - start_step) * (tcfg.max_steps - step)
             if master:
                 print(f"step {step}/{tcfg.max_steps} | loss {stats[0]:.3f} | acc {stats[1]:.3f} | lr {lr:.1e} | "
                       f"{dt * 1e3:.0f} ms | {tokens_per_step / dt / 1e3:.1f}k tok/s | eta {eta / 60:.1f}m", flush=True)
-            t_log, win_loss, win_acc = time.time(), 0.0, 0.0
+            t_log, step_log, window = time.time(), step, [0.0, 0.0, 0]
         if master and (step % tcfg.val_every == 0 or step == tcfg.max_steps):
             vl, va = validate()
             history["val_loss"].append((step, vl))
@@ -466,6 +470,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
         print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min | val loss {history['val_loss'][-1][1]:.3f} | "
               f"val acc {history['val_acc'][-1][1]:.3f}{peak}", flush=True)
     if ddp:
+        dist.barrier()  # leave together: a rank that tears down early aborts its peers
         dist.destroy_process_group()
     if stop:
         if master:

@@ -206,6 +206,19 @@ def test_lpips_is_zero_for_identical_images_and_loads_named_weights(tmp_path):
     assert torch.allclose(other(x, y), net(x, y))
 
 
+def test_lfq_entropy_term_is_per_sample_entropy_minus_batch_entropy():
+    # both halves of the term, against the formula: confident assignments (|z| large) lower the loss, and so
+    # does spreading the batch over all codes; a flipped sign on either half fails
+    q = vqgan.LookupFreeQuantizer(3, beta=0.0, entropy_weight=1.0)
+    codes = q.codes().t().reshape(1, 3, 2, 4)  # each code once: batch-mean usage uniform
+    confident, unsure = q(codes * 3.0)[2], q(codes * 0.1)[2]
+    assert confident < unsure
+    z = torch.randn(1, 3, 4, 4)
+    p = torch.softmax(-torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 3), q.codes()).pow(2) / q.temperature, 1)
+    H = lambda p: -(p * torch.log(p + 1e-8)).sum(-1)
+    assert torch.isclose(q(z)[2], H(p).mean() - H(p.mean(0)), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # vqgan.py: the model
 
@@ -308,6 +321,27 @@ def test_checkpoint_round_trip_and_resume_continue_from_saved_step(pipeline, cap
     assert torch.load(out, weights_only=True)["step"] == 4
 
 
+def test_vqgan_resume_after_ctrl_c_matches_an_uninterrupted_run(pipeline, monkeypatch):
+    d = pipeline["dir"]
+    a, b = str(d / "vq_straight.pt"), str(d / "vq_resumed.pt")
+    common = TINY_VQ + ["--max_steps", "5", "--log_every", "2", "--ckpt_every", "100", "--seed", "3"]
+    vqgan.main(common + ["--out", a])
+    interrupt_at(monkeypatch, vqgan, 2)  # Ctrl-C during step 3 of 5: the log window 3..4 spans the interruption
+    with pytest.raises(SystemExit) as e:
+        vqgan.main(common + ["--out", b])
+    monkeypatch.undo()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert e.value.code == 130 and torch.load(b, weights_only=True)["step"] == 3
+    vqgan.main(["--resume", "--out", b])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert [s for s, _ in ca["history"]["rec"]] == [2, 4, 5]
+    for k in ("rec", "q", "g", "d"):
+        assert np.allclose([v for _, v in ca["history"][k]], [v for _, v in cb["history"][k]], atol=1e-6), k
+    for k in ca["model"]:
+        assert torch.allclose(ca["model"][k].float(), cb["model"][k].float(), atol=1e-5), k
+
+
 def test_train_and_encode_from_an_image_folder(tmp_path, capsys):
     faces = vqgan.toy_faces(10, 40, seed=2)
     for i, f in enumerate(faces):  # 40x40 files, cropped to 32 on load
@@ -379,6 +413,42 @@ def test_rope_coarse_positions_are_patch_centres():
     _, _, L1 = rope_logits(2, 2, stride=2)
     _, _, L2 = rope_logits(4, 4, stride=1)
     assert torch.isclose(L1[0, 3], L2[0, 2 * 4 + 2], atol=1e-5)  # coarse offset (1, 1) = fine offset (2, 2)
+
+
+def test_rope_places_coarse_tokens_at_absolute_patch_centres():
+    # one channel pair per half and frequency 1, so the row pair of a unit vector is rotated by exactly the row
+    # position: coarse row i at stride s sits at fine row (i + 0.5) s - 0.5 (a patch corner would be i s)
+    x = torch.zeros(1, 1, 3 * 3, 4)
+    x[..., 0] = 1.0
+    for stride in (1, 2, 4):
+        out = hourglass.rope_2d(x, 3, 3, stride=stride)[0, 0].reshape(3, 3, 4)
+        for i in range(3):
+            pos = (i + 0.5) * stride - 0.5
+            assert torch.allclose(out[i, 0, :2], torch.tensor([math.cos(pos), math.sin(pos)]), atol=1e-6), (stride, i)
+
+
+def test_nested_levels_pass_their_stride_to_rope(monkeypatch):
+    # two nested levels with k = 2 on an 8x8 grid: the blocks see 8x8 at stride 1, 4x4 at stride 2, 2x2 at stride 4
+    calls, orig = set(), hourglass.rope_2d
+    monkeypatch.setattr(hourglass, "rope_2d", lambda x, h, w, stride=1: calls.add((h, w, stride)) or orig(x, h, w, stride))
+    m = hourglass.HourglassTransformer(16, 8, 8, 16, 2, depth=(1, 1, 1, 1, 1), shorten=2)
+    m(torch.randint(16, (1, 8, 8)))
+    assert calls == {(8, 8, 1), (4, 4, 2), (2, 2, 4)}
+    calls.clear()
+    hourglass.HourglassTransformer(16, 9, 9, 16, 2, depth=(1, 1, 1, 1, 1), shorten=3)(torch.randint(16, (1, 9, 9)))
+    assert calls == {(9, 9, 1), (3, 3, 3), (1, 1, 9)}
+
+
+def test_logits_are_fp32_under_bf16_autocast():
+    # the final LayerNorm and the head run in fp32: the head's own output is fp32, not bf16 upcast afterwards
+    torch.manual_seed(0)
+    m = hourglass.HourglassTransformer(64, 4, 4, 32, 2, depth=(1, 1, 1)).eval()
+    seen = []
+    m.head.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    t = torch.randint(64, (2, 4, 4))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        logits = m(t)
+    assert logits.dtype == torch.float32 and seen == [(torch.float32, torch.float32)]
 
 
 def test_every_head_receives_positions(monkeypatch):
@@ -554,18 +624,54 @@ def test_tiny_model_overfits_tiny_latent_set():
     assert np.mean(losses[-20:]) < 1.2  # from log(16) = 2.77 at chance; noisy, since alpha ~ U(0, 1) per batch
 
 
-def test_resume_matches_an_uninterrupted_run(pipeline):
+def interrupt_at(monkeypatch, module, at_step):
+    """Make `module`'s training loop receive a real Ctrl-C (SIGINT) while it computes step `at_step`."""
+    lr_at = module.lr_at
+
+    def spy(step, tcfg):
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_at(step, tcfg)
+
+    monkeypatch.setattr(module, "lr_at", spy)
+
+
+def test_resume_matches_an_uninterrupted_run(pipeline, monkeypatch):
+    # split by a Ctrl-C at step 5 of 7 (not at a log boundary, not where warm-up ends) with log_every 3: the
+    # logged history and the weights equal an uninterrupted run's, so the schedule, the data order, the noise and
+    # the open log window all continue exactly
     d = pipeline["dir"]
     a, b = str(d / "straight.pt"), str(d / "resumed.pt")
-    common = ["--data", pipeline["latents"], "--seed", "5", "--max_steps", "6", "--ckpt_every", "100"] + TINY_SUNDAE
+    common = ["--data", pipeline["latents"], "--seed", "5", "--max_steps", "7", "--ckpt_every", "100"] + TINY_SUNDAE
+    common += ["--log_every", "3"]
     sundae.main(common + ["--out", a])
-    sundae.main(common[:-0 or None] + ["--out", b, "--max_steps", "3"])
-    sundae.main(["--resume", "--out", b, "--max_steps", "6"])
+    interrupt_at(monkeypatch, sundae, 4)
+    with pytest.raises(SystemExit) as e:
+        sundae.main(common + ["--out", b])
+    monkeypatch.undo()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert e.value.code == 130 and torch.load(b, weights_only=True)["step"] == 5
+    sundae.main(["--resume", "--out", b])
     signal.signal(signal.SIGINT, signal.default_int_handler)
     ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert cb["step"] == 6 and ca["history"]["train_loss"] == cb["history"]["train_loss"]
+    assert cb["step"] == 7 and [s for s, _ in ca["history"]["train_loss"]] == [3, 6, 7]
+    assert ca["history"]["train_loss"] == cb["history"]["train_loss"]  # the window 4..6 spans the interruption
     for k in ca["model"]:
         assert torch.allclose(ca["model"][k], cb["model"][k], atol=1e-6), k
+
+
+def test_logged_loss_is_the_mean_over_the_steps_in_the_window(pipeline):
+    # log_every 3 over 7 steps: windows of 3, 3 and 1 steps; each logged value is the mean of its own steps
+    d = pipeline["dir"]
+    out = str(d / "win.pt")
+    common = ["--data", pipeline["latents"], "--seed", "2", "--max_steps", "7"] + TINY_SUNDAE
+    sundae.main(common + ["--out", out, "--log_every", "1"])
+    every = dict(torch.load(out, weights_only=True)["history"]["train_loss"])
+    sundae.main(common + ["--out", out, "--log_every", "3"])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    logged = dict(torch.load(out, weights_only=True)["history"]["train_loss"])
+    for end, steps in ((3, (1, 2, 3)), (6, (4, 5, 6)), (7, (7,))):
+        assert np.isclose(logged[end], np.mean([every[s] for s in steps]), atol=1e-6), (end, logged, every)
 
 
 def _ddp_worker(rank, latents, out, port):
@@ -741,6 +847,99 @@ def test_frechet_distance_properties():
     var_scale = np.sqrt(8 / 7)  # np.cov divides by N - 1
     closed = ((ma - mb) ** 2).sum() + (((sa - sb) * var_scale) ** 2).sum()
     assert np.isclose(sample.frechet_distance(A, B), closed)
+
+
+def test_frechet_distance_matches_a_reference_for_full_covariances():
+    # correlated features: tr((S_a S_b)^1/2) = sum of sqrt(eigenvalues of S_a S_b) (real and >= 0 for SPD pairs);
+    # tr(S_a^1/2 S_b^1/2), right only when the covariances commute, gives another number here
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(600, 5)) @ rng.normal(size=(5, 5))
+    b = rng.normal(size=(500, 5)) @ rng.normal(size=(5, 5)) + 0.5
+    Sa, Sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    tr_sqrt = np.sqrt(np.linalg.eigvals(Sa @ Sb).real.clip(0)).sum()
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(Sa) + np.trace(Sb) - 2 * tr_sqrt
+    assert np.isclose(sample.frechet_distance(a, b), ref, rtol=1e-8)
+    sqrtm = lambda S: (lambda ev, U: (U * np.sqrt(ev)) @ U.T)(*np.linalg.eigh(S))
+    wrong = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(Sa) + np.trace(Sb) - 2 * np.trace(sqrtm(Sa) @ sqrtm(Sb))
+    assert not np.isclose(ref, wrong, rtol=1e-3)  # the test can tell the two apart
+
+
+class Shift(nn.Module):
+    """Parameter-free: always proposes (x + 1) mod V with certainty, so every updated position changes."""
+
+    def __init__(self, V, h, w):
+        super().__init__()
+        self.vocab_size, self.height, self.width = V, h, w
+
+    def forward(self, x):
+        return F.one_hot((x + 1) % self.vocab_size, self.vocab_size).float() * 100.0
+
+
+def changed_per_step(traj):
+    return [(b != a).float().mean().item() for a, b in zip(traj, traj[1:])]
+
+
+def test_proportion_schedule_is_followed_step_by_step():
+    m, traj = Shift(5, 32, 32), []
+    sample.sample(m, 4, steps=5, temperature=(0.0, 0.0), proportion=(0.9, 0.1), min_steps=5, trajectory=traj,
+                  generator=torch.Generator().manual_seed(0))
+    assert np.allclose(changed_per_step(traj), [0.9, 0.7, 0.5, 0.3, 0.1], atol=0.03)  # 4096 positions per step
+    traj = []  # the default from 20 steps on: half the positions per step
+    sample.sample(m, 4, steps=25, temperature=(0.0, 0.0), min_steps=25, trajectory=traj, generator=torch.Generator().manual_seed(0))
+    assert np.allclose(changed_per_step(traj), 0.5, atol=0.03)
+
+
+def test_few_step_sampling_updates_every_position_with_an_ideal_denoiser():
+    # paper §3.5: below 20 steps all tokens must be able to be updated, so a perfect denoiser is done in one step
+    V = 50
+    target = torch.randint(V, (8, 6, 6), generator=torch.Generator().manual_seed(0))
+    for steps in (1, 2, 5, 19):
+        out, _ = sample.sample(Peaked(target, V, height=50.0), 8, steps=steps, temperature=(0.5, 0.5), min_steps=1,
+                               generator=torch.Generator().manual_seed(steps))
+        assert torch.equal(out, target), steps
+    out, _ = sample.sample(Peaked(target, V, height=50.0), 8, steps=1, proportion=(0.5, 0.5), generator=torch.Generator().manual_seed(9))
+    assert 0.3 < (out != target).float().mean() < 0.7  # the configured schedule is still honoured when given
+
+
+class AlwaysMoves(nn.Module):
+    """Never proposes a position's current token: every redrawn position changes, so no sample ever settles."""
+
+    def __init__(self, V, h, w):
+        super().__init__()
+        self.vocab_size, self.height, self.width = V, h, w
+
+    def forward(self, x):
+        return F.one_hot(x, self.vocab_size).float() * -1e9
+
+
+def test_a_sample_freezes_only_after_a_step_that_redrew_something():
+    # one unknown token, proportion 0.5: half the steps redraw nothing, which must not count as "settled"
+    V, n = 16, 32
+    init = torch.randint(V, (n, 4, 4), generator=torch.Generator().manual_seed(0))
+    known = torch.ones(n, 4, 4, dtype=torch.bool)
+    known[:, 2, 1] = False
+    out, used = sample.sample(AlwaysMoves(V, 4, 4), n, steps=30, proportion=(0.5, 0.5), min_steps=2, init=init,
+                              known=known.to(torch.uint8), generator=torch.Generator().manual_seed(0))
+    assert (used == 30).all() and torch.equal(out[known], init[known])  # a 0/1 uint8 mask works as a bool one
+
+
+def test_sample_checks_its_inputs_and_supports_greedy_and_parameter_free_models():
+    V = 6
+    m = Shift(V, 3, 3)  # no parameters at all, as a course stub might be
+    out, _ = sample.sample(m, 2, steps=3, temperature=(0.0, 0.0), proportion=(1.0, 1.0), min_steps=3,
+                           init=torch.zeros(2, 3, 3, dtype=torch.long))
+    assert torch.equal(out, torch.full((2, 3, 3), 3))  # greedy: exactly three shifts
+    out, _ = sample.sample(m, 2, steps=2, device="cpu")
+    assert out.shape == (2, 3, 3) and out.device.type == "cpu"
+    for kwargs, match in [(dict(n=1, init=torch.zeros(2, 3, 3, dtype=torch.long)), "init tokens have shape"),
+                          (dict(n=2, init=torch.zeros(2, 3, 3, dtype=torch.long), known=torch.ones(2, 3, 4)), "known mask"),
+                          (dict(n=2, temperature=(-1.0, 0.5)), "--temperature"),
+                          (dict(n=2, temperature=(float("nan"), 0.5)), "--temperature"),
+                          (dict(n=2, proportion=(0.5, 1.5)), "--proportion"),
+                          (dict(n=2, steps=0), "at least one"),
+                          (dict(n=2, known=torch.ones(2, 3, 3)), "need init")]:
+        with pytest.raises(ValueError, match=match):
+            sample.sample(m, **kwargs)
 
 
 def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):

@@ -810,20 +810,24 @@ def train(mcfg, tcfg, resume_ckpt=None):
         if master:
             save_atomic({"kind": "vqgan", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
                          "model": raw_model.state_dict(), "disc": raw_disc.state_dict(), "opt_g": opt_g.state_dict(),
-                         "opt_d": opt_d.state_dict(), "step": step, "history": history, "rng": torch.get_rng_state()}, path)
+                         "opt_d": opt_d.state_dict(), "step": step, "history": history, "rng": torch.get_rng_state(),
+                         "log_window": win}, path)
 
     # Ctrl-C: finish the current step, write a resumable checkpoint, exit; a second Ctrl-C stops at once.
     # The twin of this block is in sundae.py.
     stop = []
     signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler(*_))
+    # running sums of the current log window; a resumed run continues it, so its log lines equal an uninterrupted run's
+    new_window = lambda: {"rec": 0.0, "q": 0.0, "g": 0.0, "d": 0.0, "lam": 0.0, "idx": [], "n": 0}
+    win = resume_ckpt["log_window"] if resume_ckpt is not None and "log_window" in resume_ckpt else new_window()
 
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters())
         h = mcfg.size // raw_model.downsample_factor
         print(f"vqgan: {n_params / 1e6:.2f}M params, {mcfg.size}px -> {h}x{h} tokens, V={mcfg.codebook_size}, "
               f"{len(train_data)} train / {len(val_data)} val images, batch {tcfg.batch_size} on {world} x {device}")
-    t0, t_log, win = time.time(), time.time(), {"rec": 0.0, "q": 0.0, "g": 0.0, "d": 0.0, "lam": 0.0, "idx": []}
-    start_step = step
+    t0 = t_log = time.time()
+    start_step = step_log = step
     while step < tcfg.max_steps and not stop:
         lr = lr_at(step, tcfg)
         for opt in (opt_g, opt_d):
@@ -867,9 +871,10 @@ def train(mcfg, tcfg, resume_ckpt=None):
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         step += 1
+        win["n"] += 1
 
         if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            n = tcfg.log_every if step % tcfg.log_every == 0 else step % tcfg.log_every
+            n = win["n"]  # the steps actually in this window (fewer than log_every at the end or after a resume)
             stats = torch.tensor([win[k] / n for k in ("rec", "q", "g", "d", "lam")], device=device)
             if ddp:
                 dist.all_reduce(stats)
@@ -878,13 +883,13 @@ def train(mcfg, tcfg, resume_ckpt=None):
             usage, ppl = codebook_usage(torch.cat(win["idx"]), mcfg.codebook_size)  # over the whole window
             for k, v in (("rec", rec_m), ("q", q_m), ("g", g_m), ("d", d_m)):
                 history[k].append((step, v))
-            dt = time.time() - t_log
+            dt = time.time() - t_log  # timed only since this process started
             eta = (time.time() - t0) / (step - start_step) * (tcfg.max_steps - step)
             if master:
                 print(f"step {step}/{tcfg.max_steps} | rec {rec_m:.4f} | q {q_m:.4f} | g {g_m:.3f} | d {d_m:.3f} | "
-                      f"lam {lam_m:.3f} | usage {usage:.2f} ppl {ppl:.0f} | {n * tcfg.batch_size / dt:.1f} img/s | "
+                      f"lam {lam_m:.3f} | usage {usage:.2f} ppl {ppl:.0f} | {(step - step_log) * tcfg.batch_size / dt:.1f} img/s | "
                       f"eta {eta / 60:.1f}m", flush=True)
-            t_log, win = time.time(), {"rec": 0.0, "q": 0.0, "g": 0.0, "d": 0.0, "lam": 0.0, "idx": []}
+            t_log, step_log, win = time.time(), step, new_window()
         if master and (step % tcfg.sample_every == 0 or step == tcfg.max_steps):
             x, x_rec = xs[0]
             k = min(8, len(x))
@@ -897,6 +902,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
         if master:
             print(f"interrupted at step {step}: saved {tcfg.out!r}; continue with --resume", flush=True)
         if ddp:
+            dist.barrier()  # leave together: a rank that tears down early aborts its peers
             dist.destroy_process_group()
         sys.exit(130)
     if master:
@@ -908,6 +914,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
         print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min | held-out PSNR {psnr:.2f} dB | "
               f"codebook usage {usage:.3f} ({usage * mcfg.codebook_size:.0f}/{mcfg.codebook_size}), perplexity {ppl:.1f}{peak}")
     if ddp:
+        dist.barrier()  # leave together: a rank that tears down early aborts its peers
         dist.destroy_process_group()
 
 
