@@ -9,8 +9,9 @@ sample.py:sample while the known ones are held fixed and give the model its cont
     python inpaint.py --image face.png --box 16,32,48,64         # box in pixels of the model-sized image
     python inpaint.py --image face.png --mask mask.png           # white = fill in, black = keep
     python inpaint.py --random_boxes 3 --samples 6
+    python inpaint.py --tokens grid.npy --known known.npy --out filled.npy --samples 4   # token grids, no VQ-GAN
 
-Imports sample.py and vqgan.py; importing it does no work.
+Imports sample.py, sundae.py and vqgan.py; importing it does no work.
 """
 import argparse
 import os
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+import sundae
 import vqgan
-from sample import decode, fail, load_pair, pair, sample
+from sample import decode, fail, load_pair, pair, sample, token_dtype
 
 
 def pixel_to_token_mask(known_pixels, f):
@@ -61,6 +63,40 @@ def load_rgb(path, size, what):
     return vqgan.load_image(path, size), (w, h)
 
 
+def load_array(path, flag):
+    try:
+        return np.load(path)
+    except Exception as e:  # missing file, not an .npy
+        fail(f"{flag} {path!r} is not a readable .npy array ({type(e).__name__}); save it with np.save")
+
+
+def inpaint_tokens(args, device):
+    """inpaint.py --tokens grid.npy --known known.npy --out filled.npy: the SUNDAE model alone fills in token grids.
+    The output holds `samples` fillings of each grid: rows b * samples + k, shape (B * samples, h, w)."""
+    if not (args.tokens and args.known and args.out):
+        fail("token inpainting needs --tokens grid.npy, --known known.npy and --out filled.npy")
+    if os.path.abspath(args.out) in (os.path.abspath(args.tokens), os.path.abspath(args.known)):
+        fail(f"--out {args.out!r} is one of the inputs; choose another output path")
+    model = sundae.load_sundae(args.sundae, device)
+    tokens = vqgan.check_tokens(load_array(args.tokens, "--tokens"), model.vocab_size, model.height, model.width,
+                                f"--tokens {args.tokens!r}")
+    known = load_array(args.known, "--known")
+    known = known[None] if known.ndim == 2 else known
+    if known.shape != tuple(tokens.shape):
+        fail(f"--known has shape {known.shape} but --tokens {tuple(tokens.shape)}; they must match")
+    if known.dtype != bool and not (np.issubdtype(known.dtype, np.integer) and np.isin(known, (0, 1)).all()):
+        fail(f"--known must be bool or 0/1 integers (1 = keep), got dtype {known.dtype} with other values")
+    known = torch.from_numpy(known.astype(bool))
+    rep = lambda t: t.repeat_interleave(args.samples, 0).to(device)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    filled = inpaint(model, rep(tokens), rep(known), steps=args.steps, temperature=args.temperature,
+                     proportion=args.proportion, generator=gen)
+    assert torch.equal(filled[rep(known)], rep(tokens)[rep(known)]), "known tokens changed"
+    vqgan.save_npy_atomic(filled.cpu().numpy().astype(token_dtype(model.vocab_size)), args.out)
+    print(f"wrote {args.out}: {tuple(filled.shape)} = {len(tokens)} grid(s) x {args.samples} fillings | "
+          f"{(~known).float().mean():.0%} of tokens filled in")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Inpaint images with a trained SUNDAE + VQ-GAN.")
     p.add_argument("--sundae", default="sundae.pt", help="SUNDAE checkpoint")
@@ -75,15 +111,21 @@ def main(argv=None):
     p.add_argument("--proportion", type=pair, default=None,
                    help="start,end share of positions that take their new draw per step (default 1,1 below 20 steps, "
                         "as paper §3.5 asks, else 0.5,0.5)")
-    p.add_argument("--out", default="inpaint.png", help="figure: original | masked | inpaintings, a row per image")
+    p.add_argument("--tokens", default="", help="inpaint token grids instead: an (B, h, w) .npy of ids (no VQ-GAN needed)")
+    p.add_argument("--known", default="", help="with --tokens: (B, h, w) .npy, bool or 0/1, 1 = keep this token")
+    p.add_argument("--out", default="", help="figure: original | masked | inpaintings, a row per image (default inpaint.png); "
+                                               "with --tokens the filled grids as (B * samples, h, w) .npy")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args(argv)
     device = vqgan.pick_device(args.device)
-    model, vq = load_pair(args.sundae, args.vqgan, device)
-    size, f = vq.config.size, vq.downsample_factor
     if args.samples < 1:
         fail("--samples must be at least 1")
+    if args.tokens or args.known:
+        return inpaint_tokens(args, device)
+    args.out = args.out or "inpaint.png"
+    model, vq = load_pair(args.sundae, args.vqgan, device)
+    size, f = vq.config.size, vq.downsample_factor
 
     if args.image:
         img, orig_size = load_rgb(args.image, size, "image")

@@ -10,6 +10,7 @@ its positions changed none of them.
     python sample.py --trajectory trajectory.png       # images decoded along one sampling run
     python sample.py --eval 256                        # Frechet distance to held-out images (no download)
     python sample.py --benchmark                       # images/s at random weights (ffhq1024 on CUDA, tiny on CPU)
+    python sample.py --vqgan '' --tokens samples.npy   # no VQ-GAN: token grids (n, h, w) and a token picture
 
 Imports sundae.py and vqgan.py; importing it does no work.
 """
@@ -139,13 +140,24 @@ def fail(msg):
 
 
 def load_pair(sundae_path, vqgan_path, device):
-    """Load both checkpoints and check that they belong together."""
+    """Load both checkpoints and check that they belong together; vqgan_path "" = no decoder (vq is None)."""
     model = sundae.load_sundae(sundae_path, device)
+    if not vqgan_path:
+        return model, None
     vq = vqgan.load_vqgan(vqgan_path, device)
     if model.vocab_size != vq.codebook_size:
         raise ValueError(f"{sundae_path!r} models V={model.vocab_size} tokens but {vqgan_path!r} has "
                          f"{vq.codebook_size} codes; pass the VQ-GAN whose latents trained this model")
+    g = vq.config.size // vq.downsample_factor
+    if (model.height, model.width) != (g, g):
+        raise ValueError(f"{sundae_path!r} models {model.height}x{model.width} token grids but {vqgan_path!r} makes "
+                         f"{g}x{g}; pass the VQ-GAN whose latents trained this model")
     return model, vq
+
+
+def token_dtype(vocab_size):
+    """The smallest dtype that holds every id: uint16 up to 65536 codes (what vqgan.py --encode writes)."""
+    return np.uint16 if vocab_size <= 65536 else np.int64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,7 +300,8 @@ def pair(s):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample images from a trained SUNDAE + VQ-GAN.")
     p.add_argument("--sundae", default="sundae.pt", help="SUNDAE checkpoint")
-    p.add_argument("--vqgan", default="vqgan.pt", help="VQ-GAN checkpoint (decoder)")
+    p.add_argument("--vqgan", default="vqgan.pt", help="VQ-GAN checkpoint (decoder); '' = none: write token pictures")
+    p.add_argument("--tokens", default="", help="also write the sampled grids here as an (n, h, w) .npy")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--steps", type=int, default=100, help="maximum denoising steps")
     p.add_argument("--temperature", type=pair, default=(1.0, 0.7), help="start,end temperature (default 1.0,0.7)")
@@ -312,6 +325,11 @@ def main(argv=None):
         return benchmark(preset, [1, 32] if device.type == "cuda" else [1, 16], args.steps, device)
     if args.n < 1 or args.steps < 1:
         fail("--n and --steps must be at least 1")
+    if not args.vqgan and (args.eval or args.outdir or args.trajectory):
+        fail("--eval, --outdir and --trajectory show decoded images and need --vqgan; with --vqgan '' use --tokens")
+    for flag in ("tokens", "out", "outdir", "trajectory"):  # never write over a checkpoint this run reads
+        if getattr(args, flag) and os.path.abspath(getattr(args, flag)) in (os.path.abspath(args.sundae), os.path.abspath(args.vqgan or args.sundae)):
+            fail(f"--{flag} {getattr(args, flag)!r} is one of the input checkpoints; choose another output path")
     model, vq = load_pair(args.sundae, args.vqgan, device)
     if args.eval:
         return evaluate(model, vq, args.vqgan, args.eval, args.seed, args.batch, steps=args.steps,
@@ -330,18 +348,27 @@ def main(argv=None):
     toks, used = torch.cat(toks), torch.cat(used)
     sync(device)
     t_sample = time.perf_counter() - t
+    steps = f"steps used mean {used.float().mean():.1f} (min {used.min()}, max {used.max()})"
+    if args.tokens:
+        vqgan.save_npy_atomic(toks.cpu().numpy().astype(token_dtype(model.vocab_size)), args.tokens)
+        print(f"wrote {args.tokens}: {tuple(toks.shape)} token grids, V={model.vocab_size}")
+    if vq is None:  # no decoder: the grids as coloured tiles, as sundae.py draws its progress samples
+        sundae.save_token_picture(toks, model.vocab_size, args.out)
+        print(f"wrote {args.out}: {args.n} token grids | {steps} | sampling {t_sample:.2f} s "
+              f"({t_sample / args.n * 1e3:.1f} ms/sample) | {device}")
+        return
     t = time.perf_counter()
     images = decode(vq, toks)
     sync(device)
     t_decode = time.perf_counter() - t
     vqgan.save_png(images, args.out, nrow=min(8, args.n))
-    print(f"wrote {args.out}: {args.n} samples | steps used mean {used.float().mean():.1f} (min {used.min()}, max {used.max()}) | "
+    print(f"wrote {args.out}: {args.n} samples | {steps} | "
           f"sampling {t_sample:.2f} s ({t_sample / args.n * 1e3:.1f} ms/image) | decoding {t_decode:.2f} s "
           f"({t_decode / args.n * 1e3:.1f} ms/image) | {device}")
     if args.outdir:
         os.makedirs(args.outdir, exist_ok=True)
         for i, img in enumerate(images):  # the seed in the name: several runs can share one folder
-            vqgan.save_png(img[None], os.path.join(args.outdir, f"{args.seed:04d}_{i:06d}.png"), nrow=1)
+            vqgan.save_png(img[None], os.path.join(args.outdir, f"{args.seed:04d}_{i:06d}.png"), nrow=1, pad=0)
         print(f"wrote {len(images)} PNGs to {args.outdir}/")
     if args.trajectory:
         save_trajectory(vq, [x[:6] for x in traj], args.trajectory)  # the first 6 samples of the first batch

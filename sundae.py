@@ -238,10 +238,12 @@ def save_token_picture(tokens, vocab_size, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = len(tokens)
-    fig, axes = plt.subplots(1, n, figsize=(1.5 * n, 1.6), squeeze=False)
-    for ax, t in zip(axes[0], tokens.cpu()):
-        ax.imshow(t.numpy(), cmap="viridis", vmin=0, vmax=vocab_size - 1, interpolation="nearest")
+    rows, cols = math.ceil(n / 8), min(n, 8)  # up to 8 grids per row
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.6 * rows), squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
+    for ax, t in zip(axes.flat, tokens.cpu()):
+        ax.imshow(t.numpy(), cmap="viridis", vmin=0, vmax=vocab_size - 1, interpolation="nearest")
     tmp = f"{path}.tmp.{os.getpid()}.png"
     fig.savefig(tmp, dpi=80)
     plt.close(fig)

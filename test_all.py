@@ -948,6 +948,7 @@ def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
     sample.main(["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--n", "3", "--steps", "5", "--out", out,
                  "--outdir", str(tmp_path / "each"), "--trajectory", str(tmp_path / "traj.png")])
     assert Image.open(out).size[0] > 32 and len(os.listdir(tmp_path / "each")) == 3 and os.path.isfile(tmp_path / "traj.png")
+    assert all(Image.open(tmp_path / "each" / f).size == (32, 32) for f in os.listdir(tmp_path / "each"))  # no border
     inpaint.main(["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--steps", "5", "--samples", "2", "--out", str(tmp_path / "i.png")])
     assert Image.open(tmp_path / "i.png").size[1] > 4 * 32
     face = vqgan.toy_faces(1, 48, seed=9)[0]
@@ -958,6 +959,128 @@ def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
     inpaint.main(["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--steps", "5", "--samples", "3", "--image",
                   str(tmp_path / "face.png"), "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "m.png")])
     assert Image.open(tmp_path / "m.png").size[0] > 5 * 32  # original, masked, 3 inpaintings
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bring your own tokenizer and latents: taming-transformers checkpoints in, token grids out
+
+
+def taming_vqmodel_state_dict():
+    """A random tiny taming VQModel built from taming's own module code (a test-only oracle that .ci/run installs
+    with --no-deps; it needs only torch, numpy and einops). Returns (state_dict, the taming modules)."""
+    model = pytest.importorskip("taming.modules.diffusionmodules.model")
+    quantize = pytest.importorskip("taming.modules.vqvae.quantize")
+    torch.manual_seed(0)
+    dd = dict(double_z=False, z_channels=8, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+              num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
+    mods = dict(encoder=model.Encoder(**dd), decoder=model.Decoder(**dd), quantize=quantize.VectorQuantizer2(16, 4, 0.25),
+                quant_conv=nn.Conv2d(8, 4, 1), post_quant_conv=nn.Conv2d(4, 8, 1))
+    sd = {}
+    for name, m in mods.items():  # perturb every weight (GroupNorm affines too) so a wrong mapping shows
+        for k, v in m.state_dict().items():
+            sd[f"{name}.{k}"] = v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")})
+        m.eval()
+    return sd, mods
+
+
+def test_taming_checkpoints_load_and_convert_exactly(tmp_path, capsys):
+    import argparse
+    sd, t = taming_vqmodel_state_dict()
+    lightning, legacy = str(tmp_path / "last.ckpt"), str(tmp_path / "net2net.ckpt")
+    # a Lightning .ckpt pickles more than tensors (here an argparse.Namespace): refused without --trust_checkpoint
+    torch.save({"state_dict": {**sd, "loss.logvar": torch.zeros(())}, "hyper_parameters": argparse.Namespace(lr=1)}, lightning)
+    torch.save({"state_dict": {**{"first_stage_model." + k: v for k, v in sd.items()}, "transformer.w": torch.zeros(2)}}, legacy)
+    with pytest.raises(ValueError, match="--trust_checkpoint"):
+        vqgan.load_vqgan(lightning, size=16)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z_q, _, (_, _, ref_idx) = t["quantize"](t["quant_conv"](t["encoder"](x)))
+        ref_img = t["decoder"](t["post_quant_conv"](z_q))
+    for model in (vqgan.load_vqgan(lightning, size=16, trust=True), vqgan.load_vqgan(legacy, size=16)):
+        assert (model.config.dec_res_blocks, model.config.embed_dim, model.config.attn_resolutions) == (2, 4, (8,))
+        with torch.no_grad():
+            idx = model.encode(x)
+            assert torch.equal(idx.flatten(), ref_idx.flatten())  # the same token ids as taming's modules
+            assert (model.decode(idx) - ref_img).abs().max() < 1e-4  # and the same pixels
+    out = str(tmp_path / "converted.pt")
+    vqgan.main(["--convert", lightning, "--out", out, "--size", "16", "--trust_checkpoint"])
+    ckpt = torch.load(out, weights_only=True)  # a native checkpoint: tensors and plain types only
+    assert ckpt["kind"] == "vqgan" and "converted from" not in capsys.readouterr().out
+    with torch.no_grad():
+        assert (vqgan.load_vqgan(out).decode(ref_idx.reshape(3, 8, 8)) - ref_img).abs().max() < 1e-4
+
+
+def test_taming_lpips_weights_convert_to_our_layout(tmp_path):
+    torch.manual_seed(0)
+    ours = vqgan.LPIPS()
+    for p in ours.parameters():
+        p.data.normal_(0, 0.1)
+    slices = [range(0, 4), range(4, 9), range(9, 16), range(16, 23), range(23, 30)]  # taming's vgg16 slices
+    taming = {"loss.perceptual_loss.scaling_layer.shift": ours.shift, "loss.perceptual_loss.scaling_layer.scale": ours.scale}
+    for k, v in ours.state_dict().items():
+        p = k.split(".")
+        if p[0] == "features":
+            s = next(i for i, r in enumerate(slices) if int(p[1]) in r)
+            taming[f"loss.perceptual_loss.net.slice{s + 1}.{p[1]}.{p[2]}"] = v
+        elif p[0] == "lins":
+            taming[f"loss.perceptual_loss.lin{p[1]}.model.1.{p[2]}"] = v
+    converted = vqgan.taming_lpips({"state_dict": taming})
+    other = vqgan.LPIPS()
+    other.load_state_dict(converted)
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    assert torch.allclose(other(x, y), ours(x, y))
+
+
+@pytest.fixture(scope="session")
+def foreign(tmp_path_factory):
+    """A SUNDAE model trained on latents no VQ-GAN of ours wrote: 8x8 grids, V = 17 (as 8x8 digits would be)."""
+    d = tmp_path_factory.mktemp("foreign")
+    rng = np.random.default_rng(0)
+    lat = np.clip(np.add.outer(np.arange(8), np.arange(8))[None] + rng.integers(-2, 3, (40, 8, 8)), 0, 16)
+    np.save(d / "digits.npy", lat.astype(np.int64))
+    sd = str(d / "sundae.pt")
+    sundae.main(["--data", str(d / "digits.npy"), "--vocab_size", "17", "--max_steps", "3", "--out", sd] + TINY_SUNDAE)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return {"dir": d, "sundae": sd}
+
+
+def test_sample_writes_token_grids_without_a_vqgan(foreign):
+    d = foreign["dir"]
+    sample.main(["--sundae", foreign["sundae"], "--vqgan", "", "--tokens", str(d / "s.npy"), "--n", "5", "--steps", "4",
+                 "--out", str(d / "s.png")])
+    toks = np.load(d / "s.npy")
+    assert toks.shape == (5, 8, 8) and toks.dtype == np.uint16 and toks.max() < 17 and os.path.isfile(d / "s.png")
+
+
+def test_vqgan_decode_writes_one_png_per_grid(pipeline, tmp_path):
+    lat = np.load(pipeline["latents"])[:3]
+    np.save(tmp_path / "t.npy", lat)
+    vqgan.main(["--decode", str(tmp_path / "t.npy"), "--ckpt", pipeline["vqgan"], "--outdir", str(tmp_path / "png"),
+                "--out", str(tmp_path / "grid.png")])
+    files = sorted(os.listdir(tmp_path / "png"))
+    assert files == ["000000.png", "000001.png", "000002.png"] and Image.open(tmp_path / "png" / files[0]).size == (32, 32)
+    with torch.no_grad():  # the PNG is the decoder's image
+        img = vqgan.load_vqgan(pipeline["vqgan"]).decode(torch.from_numpy(lat[:1].astype(np.int64)))
+    ref = ((img.clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0).numpy()
+    assert np.abs(np.asarray(Image.open(tmp_path / "png" / files[0])).astype(float) - ref).max() <= 1
+    assert os.path.isfile(tmp_path / "grid.png")
+
+
+def test_token_inpainting_keeps_known_tokens_for_several_samples(foreign):
+    d = foreign["dir"]
+    grids = np.load(d / "digits.npy")[:2].astype(np.uint16)
+    known = np.ones((2, 8, 8), np.uint8)
+    known[:, 2:6, 3:7] = 0  # a 4x4 hole
+    np.save(d / "g.npy", grids)
+    np.save(d / "k.npy", known)
+    inpaint.main(["--sundae", foreign["sundae"], "--tokens", str(d / "g.npy"), "--known", str(d / "k.npy"),
+                  "--out", str(d / "f.npy"), "--samples", "3", "--steps", "10"])
+    filled = np.load(d / "f.npy").reshape(2, 3, 8, 8)
+    k = known.astype(bool)[:, None].repeat(3, 1)
+    assert (filled[k] == grids[:, None].repeat(3, 1)[k]).all()  # bit-identical where known
+    assert (filled[~k] != grids[:, None].repeat(3, 1)[~k]).any() and filled.max() < 17
+    assert not (filled[:, 0] == filled[:, 1]).all()  # several different fillings
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1019,7 +1142,27 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "bad box": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--box", "9,9,2,2"], "--box"),
         "--device cuda without a GPU": (S("--device", "cuda"), "no CUDA GPU"),
         "resume without a checkpoint": (["sundae.py", "--data", p["latents"], "--resume", "--out", str(t / "no.pt")], "no checkpoint"),
+        "decode float tokens": (["vqgan.py", "--decode", str(t / "float.npy"), "--ckpt", p["vqgan"]], "not integer"),
+        "decode ids out of range": (["vqgan.py", "--decode", str(t / "big.npy"), "--ckpt", p["vqgan"]], "outside"),
+        "decode a grid of another size": (["vqgan.py", "--decode", str(t / "grid8.npy"), "--ckpt", p["vqgan"]], "grids are"),
+        "decode a missing file": (["vqgan.py", "--decode", str(t / "none.npy"), "--ckpt", p["vqgan"]], "cannot read"),
+        "convert a file that is not taming": (["vqgan.py", "--convert", str(t / "rank2.npy")], "not a readable"),
+        "convert a dict without a VQModel": (["vqgan.py", "--convert", str(t / "plain.pt")], "taming"),
+        "convert a pickle without trust": (["vqgan.py", "--convert", str(t / "pickled.ckpt")], "--trust_checkpoint"),
+        "convert onto itself": (["vqgan.py", "--convert", str(t / "plain.pt"), "--out", str(t / "plain.pt")], "being converted"),
+        "no decoder but --eval": (S("--vqgan", "", "--eval", "4"), "need --vqgan"),
+        "sample output onto a checkpoint": (S("--out", p["vqgan"]), "input checkpoints"),
+        "token inpainting without --known": (["inpaint.py", "--sundae", p["sundae"], "--tokens", str(t / "big.npy")], "--known"),
+        "known mask of another shape": (["inpaint.py", "--sundae", p["sundae"], "--tokens", p["latents"], "--known",
+                                         str(t / "grid8.npy"), "--out", str(t / "f.npy")], "must match"),
+        "known mask not 0/1": (["inpaint.py", "--sundae", p["sundae"], "--tokens", str(t / "tok4.npy"), "--known",
+                                str(t / "tok4.npy"), "--out", str(t / "f.npy")], "0/1"),
     }
+    np.save(t / "grid8.npy", np.zeros((2, 8, 8), np.int64))
+    np.save(t / "tok4.npy", np.full((2, 4, 4), 3, np.int64))
+    torch.save({"weights": torch.zeros(2)}, t / "plain.pt")
+    import argparse
+    torch.save({"state_dict": {}, "hp": argparse.Namespace(a=1)}, t / "pickled.ckpt")
     if torch.cuda.is_available():
         del cases["--device cuda without a GPU"]
     # a VQ-GAN of another vocabulary, for the mismatch case

@@ -18,6 +18,7 @@ import argparse
 import inspect
 import math
 import os
+import pickle
 import re
 import signal
 import sys
@@ -45,8 +46,10 @@ class ModelConfig:
     ch: int = 16  # channels at full resolution
     ch_mult: tuple = (1, 2, 4)  # channel multiplier per level; f = 2**(levels - 1)
     num_res_blocks: int = 1  # ResNet blocks per level
+    dec_res_blocks: int = 0  # ResNet blocks per decoder level; 0 = num_res_blocks (taming's decoder has one more)
     attn_resolutions: tuple = (8,)  # feature-map sides (in pixels) that get a self-attention block
     z_channels: int = 64  # channels of the encoder output / decoder input
+    embed_dim: int = 0  # channels of the quantized latents (taming's embed_dim); 0 = z_channels
     quantizer: str = "vq"  # "vq" (codebook lookup) or "lfq" (lookup-free, sign per bit)
     codebook_size: int = 256  # V, the number of token ids (a power of two for lfq)
     code_dim: int = 16  # look codes up in a projected space of this size (ViT-VQGAN); 0 = off
@@ -429,8 +432,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         chs = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(3, chs[0], 3, padding=1)
-        self.levels, res, cin = nn.ModuleList(), cfg.size, chs[0]
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)  # the first level's blocks widen to ch * ch_mult[0]
+        self.levels, res, cin = nn.ModuleList(), cfg.size, cfg.ch
         for i, c in enumerate(chs):
             blocks = []
             for _ in range(cfg.num_res_blocks):
@@ -462,7 +465,7 @@ class Decoder(nn.Module):
         self.levels, cin = nn.ModuleList(), chs[0]
         for i, c in enumerate(chs):
             blocks = []
-            for _ in range(cfg.num_res_blocks):
+            for _ in range(cfg.dec_res_blocks or cfg.num_res_blocks):
                 blocks += [ResBlock(cin, c)] + ([AttnBlock(c)] if res in cfg.attn_resolutions else [])
                 cin = c
             if i < len(chs) - 1:  # nearest-neighbour upsampling then a conv (no checkerboard artefacts)
@@ -496,8 +499,9 @@ class VQGAN(nn.Module):
                 raise ValueError(f"lfq needs a power-of-two codebook_size, got {cfg.codebook_size}")
             self.quantize, qdim = LookupFreeQuantizer(bits, beta=cfg.beta), bits
         else:
-            self.quantize, qdim = VectorQuantizer(cfg.codebook_size, cfg.z_channels, cfg.beta, cfg.l2_norm,
-                                                  cfg.code_dim or None, cfg.restart_after), cfg.z_channels
+            qdim = cfg.embed_dim or cfg.z_channels
+            self.quantize = VectorQuantizer(cfg.codebook_size, qdim, cfg.beta, cfg.l2_norm, cfg.code_dim or None,
+                                            cfg.restart_after)
         self.quant_conv = nn.Conv2d(cfg.z_channels, qdim, 1)  # 1x1 convs into and out of the quantizer
         self.post_quant_conv = nn.Conv2d(qdim, cfg.z_channels, 1)
         self.codebook_size = cfg.codebook_size
@@ -617,15 +621,184 @@ def load_checkpoint(path, kind, device="cpu"):
     return ckpt
 
 
-def load_vqgan(path, device="cpu"):
-    """Rebuild the VQ-GAN from its checkpoint alone (the config travels inside), in eval mode."""
-    ckpt = load_checkpoint(path, "vqgan", device)
-    model = VQGAN(ModelConfig(**ckpt["model_config"])).to(device)
+def load_vqgan(path, device="cpu", size=256, trust=False):
+    """Rebuild the VQ-GAN from its checkpoint alone (the config travels inside), in eval mode.
+
+    Also takes a taming-transformers checkpoint (see from_taming); size is then its image side, which taming
+    keeps in a YAML file, not in the weights, and trust allows a Lightning file that pickles Python objects."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} not found; train one first (python vqgan.py) or pass its path")
     try:
-        model.load_state_dict(ckpt["model"])
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain types and tensors only
+    except pickle.UnpicklingError:
+        ckpt = None  # pickles objects: perhaps a Lightning (taming) checkpoint; read_taming decides
+    except Exception as e:  # torch raises several types for foreign or damaged files
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); re-train or pass another file")
+    if not (isinstance(ckpt, dict) and "kind" in ckpt):  # not written by this project: a taming VQModel?
+        cfg, sd = read_taming(path, size, trust, ckpt)
+    elif ckpt["kind"] != "vqgan":
+        raise ValueError(f"{path!r} is a {ckpt['kind']} checkpoint, not a vqgan one; pass the vqgan checkpoint")
+    else:
+        cfg, sd = ModelConfig(**ckpt["model_config"]), ckpt["model"]
+    model = VQGAN(cfg)
+    try:
+        model.load_state_dict(sd)
     except RuntimeError as e:
         raise ValueError(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
-    return model.eval()
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pretrained taming-transformers VQ-GANs (paper §3.1: "where such models are available, we use pretrained
+# VQ-GANs"). Their layout differs from ours only in names, fused q/k/v and the decoder's extra ResNet block per
+# level; the architecture is read from the weight shapes, so any taming VQModel checkpoint converts.
+
+
+class _Placeholder:
+    """Stands in for a class a trusted checkpoint pickles but this machine lacks (e.g. a Lightning callback)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):  # pytorch_lightning, omegaconf, ...: not needed for the weights
+            return _Placeholder
+
+
+def read_foreign(path, trust=False):
+    """torch.load a checkpoint from elsewhere: tensors and plain types only, unless the user trusts its source
+    (unpickling arbitrary objects can run arbitrary code, so we never do it silently)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e):  # not a refused class: a damaged file
+            raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); pass a .ckpt or .pt file")
+        if not trust:
+            raise ValueError(f"{path!r} pickles Python objects beyond tensors (Lightning checkpoints do), and loading "
+                             f"them can run code; if you trust its source, pass --trust_checkpoint")
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); pass a .ckpt or .pt file")
+    lenient = type(sys)("lenient_pickle")  # a pickle module whose Unpickler tolerates missing classes
+    lenient.__dict__.update(vars(pickle), Unpickler=_LenientUnpickler)
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=lenient)
+
+
+def taming_state_dict(ckpt):
+    """The VQModel weights in a taming checkpoint: a Lightning state_dict, or its first_stage_model.* part
+    (a Net2NetTransformer checkpoint, the authors' --legacy-cfg case); None if there are none."""
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    for prefix in ("", "first_stage_model."):
+        if isinstance(sd, dict) and prefix + "quantize.embedding.weight" in sd:
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return None
+
+
+def taming_config(sd, size):
+    """Our ModelConfig for a taming VQModel, inferred from its weight shapes alone (plus the image side)."""
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    ch, levels = sd["encoder.conv_in.weight"].shape[0], count("encoder.down.")
+    embed_dim, z_channels = sd["quant_conv.weight"].shape[:2]
+    if sd["encoder.conv_out.weight"].shape[0] != z_channels:
+        raise ValueError("the encoder's output does not feed quant_conv (double_z?); not a taming VQModel")
+    if size % 2 ** (levels - 1):
+        raise ValueError(f"--size {size} is not divisible by this model's downsample factor {2 ** (levels - 1)}")
+    return ModelConfig(
+        size=size, ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+        num_res_blocks=count("encoder.down.0.block."), dec_res_blocks=count("decoder.up.0.block."),
+        attn_resolutions=tuple(size // 2**i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd),
+        z_channels=z_channels, embed_dim=embed_dim, quantizer="vq", codebook_size=sd["quantize.embedding.weight"].shape[0],
+        code_dim=0, l2_norm=False, restart_after=0)  # taming: plain Euclidean lookup, no projection, no restarts
+
+
+def from_taming(sd, cfg):
+    """Rename taming's weights into this file's layout (and fuse its separate q, k, v 1x1 convs into our qkv).
+
+    taming: encoder.down.{i}.block.{j} / .attn.{j} / .downsample.conv; decoder.up.{t} counts levels from the
+    finest, ours from the coarsest. Within a level our ModuleList holds block, [attn], block, [attn], ..., resample."""
+    L, out = len(cfg.ch_mult), {}
+    renames = {"nin_shortcut": "skip", "proj_out": "proj", "block_1": "0", "attn_1": "1", "block_2": "2"}
+    for key, v in sd.items():
+        p = key.split(".")
+        if p[0] not in ("encoder", "decoder", "quant_conv", "post_quant_conv", "quantize"):
+            continue  # the loss (discriminator, LPIPS) and anything else
+        if p[0] == "quantize":
+            out["quantize.codebook"] = v
+            continue
+        if p[0] in ("encoder", "decoder") and p[1] in ("down", "up"):
+            t = int(p[2])  # taming's level, counted from the finest resolution
+            i = t if p[0] == "encoder" else L - 1 - t
+            per = 1 + ((cfg.size >> t) in cfg.attn_resolutions)  # modules per ResNet block: itself and its attention
+            n = cfg.num_res_blocks if p[0] == "encoder" else (cfg.dec_res_blocks or cfg.num_res_blocks)
+            if p[3] in ("downsample", "upsample"):  # ours: Sequential(pad or upsample, conv)
+                p = [p[0], "levels", str(i), str(n * per), "1"] + p[5:]
+            else:
+                p = [p[0], "levels", str(i), str(int(p[4]) * per + (p[3] == "attn"))] + p[5:]
+        elif p[0] == "encoder" and p[1] in ("norm_out", "conv_out"):
+            p = ["encoder", "out", "0" if p[1] == "norm_out" else "2"] + p[2:]
+        out[".".join(renames.get(x, x) for x in p)] = v
+    for key in [k for k in out if k.endswith((".q.weight", ".q.bias"))]:  # fuse q, k, v along the output channels
+        stem, kind = key.rsplit(".q.", 1)
+        out[f"{stem}.qkv.{kind}"] = torch.cat([out.pop(f"{stem}.{c}.{kind}") for c in "qkv"])
+    out["quantize.unused_steps"] = torch.zeros(cfg.codebook_size, dtype=torch.long)
+    return out
+
+
+def read_taming(path, size=256, trust=False, ckpt=None):
+    """A taming-transformers checkpoint (or its already loaded contents) -> (our ModelConfig, our state_dict)."""
+    sd = taming_state_dict(read_foreign(path, trust) if ckpt is None else ckpt)
+    if sd is None:
+        raise ValueError(f"{path!r} is neither a checkpoint of this project nor a taming-transformers VQModel "
+                         f"(no quantize.embedding.weight); pass a vqgan.pt or a taming .ckpt")
+    cfg = taming_config(sd, size)
+    out = from_taming(sd, cfg)
+    missing = set(VQGAN(cfg).state_dict()) ^ set(out)
+    if missing:
+        raise ValueError(f"{path!r}: taming weights do not map onto the inferred layout ({sorted(missing)[:3]} ...)")
+    return cfg, out
+
+
+def taming_lpips(ckpt):
+    """taming's LPIPS weights (loss.perceptual_loss.*) in our LPIPS layout, or None: VGG slices keep the
+    torchvision feature indices (net.slice2.5 -> features.5), lin{k}.model.1 -> lins.{k}."""
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
+    pre = "loss.perceptual_loss."
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith(pre):
+            continue
+        p = k[len(pre):].split(".")
+        if p[0] == "net":
+            out[f"features.{p[2]}.{p[3]}"] = v
+        elif p[0].startswith("lin"):
+            out[f"lins.{p[0][3:]}.{p[-1]}"] = v
+        elif p[0] == "scaling_layer":
+            out[p[1]] = v
+    return out if len(out) == len(LPIPS().state_dict()) else None
+
+
+def convert_taming(path, out, size=256, trust=False):
+    """Write a taming checkpoint as a native vqgan.pt (weights_only-loadable, config inside), and its LPIPS
+    weights, if it carries them, as lpips.pt next to it."""
+    ckpt = read_foreign(path, trust)
+    cfg, sd = read_taming(path, size, trust, ckpt)
+    save_atomic({"kind": "vqgan", "model_config": asdict(cfg), "train_config": asdict(TrainConfig(out=out)),
+                 "model": sd, "step": 0, "history": {}, "converted_from": os.path.abspath(path)}, out)
+    f = 2 ** (len(cfg.ch_mult) - 1)
+    print(f"wrote {out}: taming VQ-GAN {size}px -> {size // f}x{size // f} tokens, V={cfg.codebook_size}, ch {cfg.ch} "
+          f"x {cfg.ch_mult}, {cfg.num_res_blocks}/{cfg.dec_res_blocks} ResNet blocks per encoder/decoder level, "
+          f"attention at {cfg.attn_resolutions}, z {cfg.z_channels}, embed {cfg.embed_dim}")
+    lp = taming_lpips(ckpt)
+    if lp is not None:
+        lp_path = os.path.join(os.path.dirname(out) or ".", "lpips.pt")
+        save_atomic(lp, lp_path)
+        print(f"wrote {lp_path}: the checkpoint's LPIPS weights (use with --lpips {lp_path} --perceptual_weight 1.0)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -669,15 +842,16 @@ def pick_device(name):
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def save_png(images, path, nrow):
-    """Save (N, 3, H, W) images in [-1, 1] as one grid PNG, atomically."""
+def save_png(images, path, nrow, pad=2):
+    """Save (N, 3, H, W) images in [-1, 1] as one grid PNG with pad-pixel white gaps, atomically (pad=0 and one
+    image: the image itself, e.g. for FID tools)."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
     N, C, H, W = x.shape
     ncol = math.ceil(N / nrow)
-    grid = torch.full((C, ncol * (H + 2) + 2, nrow * (W + 2) + 2), 255, dtype=torch.uint8)
+    grid = torch.full((C, ncol * (H + pad) + pad, nrow * (W + pad) + pad), 255, dtype=torch.uint8)
     for i in range(N):
         r, c = divmod(i, nrow)
-        grid[:, 2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = x[i]
+        grid[:, pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = x[i]
     tmp = f"{path}.tmp.{os.getpid()}.png"
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
     os.replace(tmp, path)
@@ -941,6 +1115,45 @@ def encode_dataset(model, data, device, flip=True, batch=64):
     return ids.astype(np.uint16 if model.codebook_size <= 65536 else np.int32)
 
 
+def check_tokens(array, vocab_size, h, w, name):
+    """A token array (n, h, w) (or one (h, w) grid) of integer ids in [0, V) -> int64 tensor; ValueError otherwise."""
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} has dtype {array.dtype}, not integer token ids; save them as uint16 or int64")
+    array = array[None] if array.ndim == 2 else array
+    if array.ndim != 3 or array.shape[1:] != (h, w) or len(array) == 0:
+        raise ValueError(f"{name} has shape {tuple(array.shape)}, but this model's grids are (n, {h}, {w})")
+    lo, hi = int(array.min()), int(array.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name} holds ids in [{lo}, {hi}], outside this model's vocabulary [0, {vocab_size})")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+@torch.no_grad()
+def decode_tokens(path, ckpt, outdir, grid_png, size, trust, device, batch=16):
+    """vqgan.py --decode: any token array -> one PNG per grid in outdir (and a grid PNG), in batches."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except Exception as e:  # missing file, not an .npy
+        raise ValueError(f"cannot read token array {path!r} ({type(e).__name__}); pass an .npy of shape (n, h, w)")
+    model = load_vqgan(ckpt, device, size, trust)
+    h = model.config.size // model.downsample_factor
+    tokens = check_tokens(array, model.codebook_size, h, h, f"token array {path!r}")
+    os.makedirs(outdir, exist_ok=True)
+    images, t0 = [], time.time()
+    for i in range(0, len(tokens), batch):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            x = model.decode(tokens[i:i + batch].to(device)).float().clamp(-1, 1).cpu()
+        for j, img in enumerate(x):
+            save_png(img[None], os.path.join(outdir, f"{i + j:06d}.png"), nrow=1, pad=0)
+        if grid_png:
+            images.append(x)
+        done = min(len(tokens), i + batch)
+        print(f"decoded {done}/{len(tokens)} grids | {done / (time.time() - t0):.1f} grids/s", flush=True)
+    if grid_png:
+        save_png(torch.cat(images), grid_png, nrow=min(8, len(tokens)))
+    print(f"wrote {len(tokens)} PNGs ({model.config.size}x{model.config.size}) to {outdir}/" + (f" and {grid_png}" if grid_png else ""))
+
+
 def save_npy_atomic(array, path):
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a bare name
@@ -1002,13 +1215,30 @@ def main(argv=None):
     parser.add_argument("--ckpt", default="vqgan.pt", help="VQ-GAN checkpoint to encode with (--encode)")
     parser.add_argument("--benchmark", action="store_true", help="time training steps (G + D) on random images, no data")
     parser.add_argument("--mem_cap_gb", type=float, default=0.0, help="--benchmark on CUDA: cap this process at N GiB")
+    parser.add_argument("--convert", default="", help="taming-transformers .ckpt -> a vqgan.pt at --out (image side --size, default 256)")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="allow loading a foreign checkpoint that pickles Python objects (Lightning .ckpt); only for trusted files")
+    parser.add_argument("--decode", default="", help="token array (.npy, (n, h, w)) -> one PNG per grid in --outdir, with --ckpt")
+    parser.add_argument("--outdir", default="", help="--decode: folder for the PNGs (default: decoded/)")
     add_flags(parser, ModelConfig)
     add_flags(parser, TrainConfig)
     args = parser.parse_args(argv)
 
+    if args.convert:
+        out = args.out or "vqgan.pt"
+        if os.path.abspath(out) == os.path.abspath(args.convert):
+            fail(f"--out {out!r} is the checkpoint being converted; write the converted one to another path")
+        return convert_taming(args.convert, out, args.size or 256, args.trust_checkpoint)
+    if args.decode:
+        return decode_tokens(args.decode, args.ckpt, args.outdir or "decoded", args.out, args.size or 256,
+                             args.trust_checkpoint, pick_device(args.device or "auto"))
     if args.encode:
-        model = load_vqgan(args.ckpt)
-        mcfg, tcfg = model.config, TrainConfig(**load_checkpoint(args.ckpt, "vqgan")["train_config"])
+        model = load_vqgan(args.ckpt, size=args.size or 256, trust=args.trust_checkpoint)
+        try:
+            tcfg = TrainConfig(**load_checkpoint(args.ckpt, "vqgan")["train_config"])
+        except ValueError:  # a taming checkpoint used directly: default data settings
+            tcfg = TrainConfig()
+        mcfg = model.config
         data = args.data or tcfg.data
         out = args.out or "latents.npy"
         device = pick_device(args.device or "auto")
