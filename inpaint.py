@@ -90,7 +90,7 @@ def inpaint_tokens(args, device):
     rep = lambda t: t.repeat_interleave(args.samples, 0).to(device)
     gen = torch.Generator(device).manual_seed(args.seed)
     filled = inpaint(model, rep(tokens), rep(known), steps=args.steps, temperature=args.temperature,
-                     proportion=args.proportion, generator=gen)
+                     proportion=args.proportion, generator=gen, bf16=args.bf16)
     assert torch.equal(filled[rep(known)], rep(tokens)[rep(known)]), "known tokens changed"
     vqgan.save_npy_atomic(filled.cpu().numpy().astype(token_dtype(model.vocab_size)), args.out)
     print(f"wrote {args.out}: {tuple(filled.shape)} = {len(tokens)} grid(s) x {args.samples} fillings | "
@@ -117,8 +117,10 @@ def main(argv=None):
                                                "with --tokens the filled grids as (B * samples, h, w) .npy")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
     args = p.parse_args(argv)
     device = vqgan.pick_device(args.device)
+    args.bf16 = vqgan.use_bf16(args.dtype, device)
     if args.samples < 1:
         fail("--samples must be at least 1")
     if args.tokens or args.known:
@@ -172,9 +174,9 @@ def main(argv=None):
     rep = lambda t: t.repeat_interleave(args.samples, 0)
     gen = torch.Generator(device).manual_seed(args.seed)
     filled = inpaint(model, rep(tokens), rep(known), steps=args.steps, temperature=args.temperature,
-                     proportion=args.proportion, generator=gen)
+                     proportion=args.proportion, generator=gen, bf16=args.bf16)
     assert torch.equal(filled[rep(known)], rep(tokens)[rep(known)]), "known tokens changed"
-    outs = decode(vq, filled).reshape(B, args.samples, 3, size, size)
+    outs = decode(vq, filled, bf16=args.bf16).reshape(B, args.samples, 3, size, size)
     # what the model was given: known token cells in colour, the rest grey
     keep = known.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None]  # (B, 1, H, W)
     masked = torch.where(keep, x, torch.zeros_like(x))

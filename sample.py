@@ -47,7 +47,7 @@ def check_schedule(name, start_end, lo, hi):
 
 @torch.no_grad()
 def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_steps=10, init=None, known=None,
-           generator=None, trajectory=None, device=None):
+           generator=None, trajectory=None, device=None, bf16=None):
     """Draw n token grids; returns (tokens (n, h, w), steps_used (n,)).
 
     model: any module with vocab_size, height, width that maps (B, h, w) ids to (B, h, w, V) logits.
@@ -56,7 +56,8 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_ste
     init: starting tokens (n, h, w) (default uniform random). known: bool or 0/1 (n, h, w); those positions
     always keep their init token (inpainting, paper §3.6). trajectory: a list that receives the whole batch's
     tokens at the start and after every step (for the paper's Figure 2). device: where to sample when no init
-    is given (default: the generator's device, else the model's, else the CPU; a parameter-free model works)."""
+    is given (default: the generator's device, else the model's, else the CPU; a parameter-free model works).
+    bf16: run the network under bf16 autocast (default: on CUDA only); the logits stay fp32."""
     V, h, w = model.vocab_size, model.height, model.width
     proportion = default_proportion(steps) if proportion is None else tuple(proportion)
     check_schedule("temperature", tuple(temperature), 0.0, math.inf)
@@ -67,6 +68,7 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_ste
         device = init.device if init is not None else generator.device if generator is not None else \
             next(model.parameters(), torch.empty(0)).device
     device = torch.device(device)
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     if init is None:
         if known is not None:
             raise ValueError("known positions need init tokens to keep")
@@ -90,7 +92,7 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_ste
         tau = temperature[0] + (temperature[1] - temperature[0]) * frac  # annealed temperature (paper §3.5)
         p = proportion[0] + (proportion[1] - proportion[0]) * frac  # share of positions that take their new draw
         xa = x[active]  # (b, h, w)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with vqgan.autocast(device, bf16):
             logits = model(xa)
         if tau > 0:
             probs = torch.softmax(logits.float() / tau, dim=-1).reshape(-1, V)  # (b*h*w, V)
@@ -119,11 +121,12 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_ste
 
 
 @torch.no_grad()
-def decode(vq, tokens, batch=16):
+def decode(vq, tokens, batch=16, bf16=None):
     """Token grids -> images (n, 3, H, W) in [-1, 1], in batches (a 1024x1024 decode holds GBs of activations)."""
     out = []
+    bf16 = tokens.device.type == "cuda" if bf16 is None else bf16
     for i in range(0, len(tokens), batch):
-        with torch.autocast(tokens.device.type, torch.bfloat16, enabled=tokens.device.type == "cuda"):
+        with vqgan.autocast(tokens.device, bf16):
             out.append(vq.decode(tokens[i:i + batch]).float().clamp(-1, 1))
     return torch.cat(out)
 
@@ -243,7 +246,7 @@ def save_trajectory(vq, trajectory, path, cols=8):
 # benchmark
 
 
-def benchmark(preset, batches, steps, device):
+def benchmark(preset, batches, steps, device, bf16):
     """Seconds per image and images/s at random weights, latent sampling and decoding timed apart."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -254,7 +257,7 @@ def benchmark(preset, batches, steps, device):
     vq = vqgan.VQGAN(vcfg).to(device).eval()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name} | preset {preset}: {vcfg.size}px, {h}x{h} tokens, V={vcfg.codebook_size} | {steps} steps, "
-          f"no early stopping | {'bf16' if device.type == 'cuda' else 'fp32'}")
+          f"no early stopping | {'bf16' if bf16 else 'fp32'}")
     one = torch.randint(vcfg.codebook_size, (1, h, h), device=device)
     # FLOPs of one network call and one decode, counted by PyTorch: with the device's peak they give the floor
     # no implementation can beat, so the measured time says how far from the hardware we are
@@ -268,15 +271,15 @@ def benchmark(preset, batches, steps, device):
     peak = next((v for k, v in sundae.PEAK_BF16_FLOPS.items() if k in name), None)
     for b in batches:
         gen = torch.Generator(device).manual_seed(0)
-        sample(model, b, 2, min_steps=2, generator=gen)  # warm-up
-        decode(vq, one.repeat(b, 1, 1), batch=b)
+        sample(model, b, 2, min_steps=2, generator=gen, bf16=bf16)  # warm-up
+        decode(vq, one.repeat(b, 1, 1), batch=b, bf16=bf16)
         sync(device)
         t = time.perf_counter()
-        toks, used = sample(model, b, steps, min_steps=steps, generator=gen)  # min_steps=steps: no early exit
+        toks, used = sample(model, b, steps, min_steps=steps, generator=gen, bf16=bf16)  # min_steps=steps: no early exit
         sync(device)
         t_s = time.perf_counter() - t
         t = time.perf_counter()
-        decode(vq, toks, batch=b)
+        decode(vq, toks, batch=b, bf16=bf16)
         sync(device)
         t_d = time.perf_counter() - t
         floor = f" | FLOP floor at peak {(steps * f_step + f_dec) * b / peak * 1e3:.1f} ms" if peak else ""
@@ -316,13 +319,15 @@ def main(argv=None):
     p.add_argument("--eval", type=int, default=0, help="Frechet distance of N samples to N held-out images")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
     p.add_argument("--benchmark", action="store_true", help="time sampling and decoding at random weights")
     p.add_argument("--preset", default="", help="benchmark preset (default ffhq1024 on CUDA, tiny on CPU)")
     args = p.parse_args(argv)
     device = vqgan.pick_device(args.device)
+    bf16 = vqgan.use_bf16(args.dtype, device)
     if args.benchmark:
         preset = args.preset or ("ffhq1024" if device.type == "cuda" else "tiny")
-        return benchmark(preset, [1, 32] if device.type == "cuda" else [1, 16], args.steps, device)
+        return benchmark(preset, [1, 32] if device.type == "cuda" else [1, 16], args.steps, device, bf16)
     if args.n < 1 or args.steps < 1:
         fail("--n and --steps must be at least 1")
     if not args.vqgan and (args.eval or args.outdir or args.trajectory):
@@ -333,7 +338,7 @@ def main(argv=None):
     model, vq = load_pair(args.sundae, args.vqgan, device)
     if args.eval:
         return evaluate(model, vq, args.vqgan, args.eval, args.seed, args.batch, steps=args.steps,
-                        temperature=args.temperature, proportion=args.proportion, min_steps=args.min_steps)
+                        temperature=args.temperature, proportion=args.proportion, min_steps=args.min_steps, bf16=bf16)
 
     gen = torch.Generator(device).manual_seed(args.seed)  # one generator for all batches: --seed fixes the whole run
     traj = [] if args.trajectory else None
@@ -342,7 +347,7 @@ def main(argv=None):
     toks, used = [], []
     for i in range(0, args.n, args.batch):
         tk, u = sample(model, min(args.batch, args.n - i), args.steps, args.temperature, args.proportion,
-                       args.min_steps, generator=gen, trajectory=traj if i == 0 else None)
+                       args.min_steps, generator=gen, trajectory=traj if i == 0 else None, bf16=bf16)
         toks.append(tk)
         used.append(u)
     toks, used = torch.cat(toks), torch.cat(used)
@@ -358,7 +363,7 @@ def main(argv=None):
               f"({t_sample / args.n * 1e3:.1f} ms/sample) | {device}")
         return
     t = time.perf_counter()
-    images = decode(vq, toks)
+    images = decode(vq, toks, bf16=bf16)
     sync(device)
     t_decode = time.perf_counter() - t
     vqgan.save_png(images, args.out, nrow=min(8, args.n))

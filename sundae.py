@@ -11,7 +11,8 @@ for T unrolled steps (feeding it its own detached samples), and averages the T c
     python sundae.py --benchmark --preset ffhq1024 --batch_size 16                            # no data
 
 Any (N, h, w) integer array works as data; the vocabulary is max id + 1 unless --vocab_size or --vqgan
-says otherwise. Imports hourglass.py; with --vqgan it also imports vqgan.py, only to decode progress pictures.
+says otherwise. Imports hourglass.py, and vqgan.py for the bf16 autocast helpers and, with --vqgan, to decode
+progress pictures.
 """
 import argparse
 import inspect
@@ -30,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import vqgan
 from hourglass import HourglassTransformer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,6 +73,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu" or "cuda"
     compile: bool = False  # torch.compile the model
     grad_ckpt: bool = False  # activation checkpointing per block
+    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32", on any device
     seed: int = 0  # random seed; data order and noise follow (seed, step), so runs and resumes repeat exactly
 
 
@@ -160,7 +163,7 @@ def load_latents(path, vocab_size=0):
 def split_indices(n, val_fraction=0.05, seed=0):
     """Deterministic train/val split that keeps rows (2i, 2i+1), an image and its flip, on the same side.
 
-    Twin of vqgan.split_indices (sundae.py imports nothing from vqgan.py for training); see SPEC §7.6."""
+    Twin of vqgan.split_indices."""
     pairs = (n + 1) // 2
     perm = torch.randperm(pairs, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(pairs * val_fraction)) if pairs > 1 else 0
@@ -352,10 +355,10 @@ def train(mcfg, tcfg, resume_ckpt=None):
         model = torch.compile(model)
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = vqgan.use_bf16(tcfg.dtype, device)
+    autocast = lambda: vqgan.autocast(device, bf16)  # the head, softmax and cross-entropy stay fp32 inside
     decoder = None
     if master and tcfg.vqgan:
-        import vqgan  # only to decode progress pictures into images
         decoder = vqgan.load_vqgan(tcfg.vqgan, device)
 
     def save(path):
@@ -444,7 +447,6 @@ def train(mcfg, tcfg, resume_ckpt=None):
                 toks = progress_samples(raw_model, 8, 32, torch.Generator(device).manual_seed(step))
                 picture = os.path.splitext(tcfg.out)[0] + "_samples.png"
                 if decoder is not None:
-                    import vqgan
                     vqgan.save_png(decoder.decode(toks).float(), picture, nrow=8)
                 else:
                     save_token_picture(toks, V, picture)
@@ -494,7 +496,8 @@ def benchmark(mcfg, tcfg, steps=10):
     model = HourglassTransformer(V, h, w, mcfg.dim, mcfg.heads, mcfg.depth, mcfg.shorten, tcfg.grad_ckpt).to(device)
     opt = make_optimizer(model, tcfg)
     fwd = torch.compile(model) if tcfg.compile else model
-    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = vqgan.use_bf16(tcfg.dtype, device)
+    autocast = lambda: vqgan.autocast(device, bf16)
     tokens = torch.randint(V, (tcfg.batch_size, h, w), device=device)
 
     def one_step():
@@ -525,7 +528,7 @@ def benchmark(mcfg, tcfg, steps=10):
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     mfu = f"{flops / dt / peak * 100:.1f}%" if peak else "n/a (no known peak for this device)"
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a on cpu"
-    print(f"device {name} | {'bf16' if device.type == 'cuda' else 'fp32'} | compile {tcfg.compile} | grad_ckpt {tcfg.grad_ckpt}")
+    print(f"device {name} | {'bf16' if bf16 else 'fp32'} | compile {tcfg.compile} | grad_ckpt {tcfg.grad_ckpt}")
     print(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, depth {mcfg.depth}, {h}x{w} tokens, "
           f"V={V}, batch {tcfg.batch_size}, T={tcfg.unroll_steps}")
     print(f"{dt * 1e3:.1f} ms/step | {tcfg.batch_size * h * w / dt / 1e3:.1f}k tok/s | {flops / 1e12:.2f} TFLOP/step | "

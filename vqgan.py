@@ -87,6 +87,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu" or "cuda"
     compile: bool = False  # torch.compile the model
     grad_ckpt: bool = False  # activation checkpointing per block (less memory, ~30% slower)
+    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32", on any device
     seed: int = 0  # random seed (each process adds its rank)
     workers: int = 8  # threads decoding image files
 
@@ -842,6 +843,20 @@ def pick_device(name):
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def use_bf16(dtype, device):
+    """--dtype: "auto" = bf16 autocast on CUDA (tensor cores), fp32 on the CPU; "bf16" and "fp32" force it on any
+    device. bf16 autocast runs on the CPU too, only slower: that is how the GPU's code path is tested without one."""
+    if dtype not in ("auto", "bf16", "fp32"):
+        fail(f"--dtype must be auto, bf16 or fp32, not {dtype!r}")
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+
+
+def autocast(device, bf16):
+    """The bf16 autocast context (or a no-op). What must stay fp32 (quantizer distances, the adaptive GAN weight,
+    the transformer's head, the losses) turns it off locally or upcasts; sundae.py and sample.py use this too."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+
+
 def save_png(images, path, nrow, pad=2):
     """Save (N, 3, H, W) images in [-1, 1] as one grid PNG with pad-pixel white gaps, atomically (pad=0 and one
     image: the image itself, e.g. for FID tools)."""
@@ -880,13 +895,13 @@ def plot_curves(curves, path, title):
 
 
 @torch.no_grad()
-def evaluate(model, data, device, batch=64):
+def evaluate(model, data, device, batch=64, bf16=False):
     """Reconstruction PSNR (dB, images in [0, 1]) and codebook usage over the whole held-out set."""
     model.eval()
     mse, all_idx = [], []
     for i in range(0, len(data), batch):
         x = data.batch(list(range(i, min(len(data), i + batch)))).to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, bf16):
             x_rec, idx, _ = model(x)
         mse.append(((x_rec.float().clamp(-1, 1) - x) / 2).pow(2).mean((1, 2, 3)).cpu())
         all_idx.append(idx.cpu())
@@ -901,13 +916,13 @@ def evaluate(model, data, device, batch=64):
 
 
 def generator_loss(model, disc, last_layer, x, gan_on, disc_weight, lpips=None, perceptual_weight=0.0,
-                   autocast=nullcontext):
+                   amp=nullcontext):
     """The autoencoder's loss for one batch: L1 (+ LPIPS) + quantizer loss (+ lambda * GAN generator loss).
 
     Returns (loss, stats, x_rec, indices). D's parameters are frozen while its logits are computed, so the
     generator's backward pass leaves no gradient on D (its own step follows, on x_rec.detach()). Pass the plain
     discriminator, not its DDP wrapper: no gradient of D is produced here, so there is nothing to all-reduce."""
-    with autocast():
+    with amp():  # the bf16 autocast context, or none
         x_rec, indices, q_loss = model(x)
     rec = (x - x_rec.float()).abs().mean()  # L1 reconstruction
     if lpips is not None:
@@ -915,7 +930,7 @@ def generator_loss(model, disc, last_layer, x, gan_on, disc_weight, lpips=None, 
     loss, stats = rec + q_loss, {"rec": rec.item(), "q": q_loss.item()}
     if gan_on:
         disc.requires_grad_(False)
-        with autocast():
+        with amp():
             g_loss = -disc(x_rec).float().mean()  # the generator wants D(x_hat) large
         lam = adaptive_weight(rec, g_loss, last_layer) * disc_weight
         disc.requires_grad_(True)
@@ -924,6 +939,12 @@ def generator_loss(model, disc, last_layer, x, gan_on, disc_weight, lpips=None, 
     return loss, stats, x_rec, indices
 
 
+
+
+def compile_for_adaptive_weight():
+    """The adaptive GAN weight differentiates the loss twice through the same graph (retain_graph=True), which a
+    compiled backward that donates (frees) its buffers refuses; keep them. Found by the slow-tier compile test."""
+    torch._functorch.config.donated_buffer = False
 
 
 def lr_at(step, tcfg):
@@ -974,11 +995,13 @@ def train(mcfg, tcfg, resume_ckpt=None):
     model.set_grad_ckpt(tcfg.grad_ckpt)
     raw_model, raw_disc = model, disc  # keep the plain modules: checkpoints are saved from these
     if tcfg.compile:
+        compile_for_adaptive_weight()
         model, disc = torch.compile(model), torch.compile(disc)
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         disc = nn.parallel.DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = use_bf16(tcfg.dtype, device)
+    amp = lambda: autocast(device, bf16)
 
     def save(path):
         if master:
@@ -1020,7 +1043,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
             sync = m == tcfg.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
             with (model.no_sync() if ddp and not sync else nullcontext()):
                 loss, st, x_rec, indices = generator_loss(model, raw_disc, raw_model.last_layer(), x, gan_on,
-                                                          tcfg.disc_weight, lpips, tcfg.perceptual_weight, autocast)
+                                                          tcfg.disc_weight, lpips, tcfg.perceptual_weight, amp)
                 for k in st:
                     win[k] += st[k] / tcfg.grad_accum
                 if not torch.isfinite(loss):
@@ -1038,7 +1061,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
             for m, (x, x_rec) in enumerate(xs):
                 sync = m == len(xs) - 1
                 with (disc.no_sync() if ddp and not sync else nullcontext()):
-                    with autocast():
+                    with amp():
                         d_loss = hinge_d_loss(disc(x).float(), disc(x_rec).float())
                     (d_loss / tcfg.grad_accum).backward()
                 win["d"] += d_loss.item() / tcfg.grad_accum
@@ -1080,7 +1103,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
             dist.destroy_process_group()
         sys.exit(130)
     if master:
-        psnr, usage, ppl = evaluate(raw_model, val_data, device)
+        psnr, usage, ppl = evaluate(raw_model, val_data, device, bf16=bf16)
         history["val_psnr"].append((step, psnr))
         save(tcfg.out)
         plot_curves({k: history[k] for k in ("rec", "q", "d")}, os.path.splitext(tcfg.out)[0] + "_loss.png", "VQ-GAN training")
@@ -1097,13 +1120,13 @@ def train(mcfg, tcfg, resume_ckpt=None):
 
 
 @torch.no_grad()
-def encode_dataset(model, data, device, flip=True, batch=64):
+def encode_dataset(model, data, device, flip=True, batch=64, bf16=False):
     """All images -> (N or 2N, h, w) ids; with flip each image is followed by its mirror image."""
     out = []
     t0 = time.time()
     for i in range(0, len(data), batch):
         x = data.batch(list(range(i, min(len(data), i + batch)))).to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, bf16):
             ids = model.encode(x)
             if flip:  # interleave (image, flipped image): split_indices keeps each pair together
                 ids = torch.stack([ids, model.encode(x.flip(3))], 1).flatten(0, 1)
@@ -1141,7 +1164,7 @@ def decode_tokens(path, ckpt, outdir, grid_png, size, trust, device, batch=16):
     os.makedirs(outdir, exist_ok=True)
     images, t0 = [], time.time()
     for i in range(0, len(tokens), batch):
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, device.type == "cuda"):
             x = model.decode(tokens[i:i + batch].to(device)).float().clamp(-1, 1).cpu()
         for j, img in enumerate(x):
             save_png(img[None], os.path.join(outdir, f"{i + j:06d}.png"), nrow=1, pad=0)
@@ -1175,16 +1198,19 @@ def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
     disc = PatchDiscriminator(mcfg.disc_ch, mcfg.disc_layers).to(device, memory_format=torch.channels_last)
     model.set_grad_ckpt(tcfg.grad_ckpt)
     opt_g, opt_d = torch.optim.Adam(model.parameters()), torch.optim.Adam(disc.parameters())
+    if tcfg.compile:
+        compile_for_adaptive_weight()
     fwd = torch.compile(model) if tcfg.compile else model
-    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = use_bf16(tcfg.dtype, device)
+    amp = lambda: autocast(device, bf16)
     x = (torch.rand(tcfg.batch_size, 3, mcfg.size, mcfg.size, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
 
     def one_step():
-        loss, _, x_rec, _ = generator_loss(fwd, disc, model.last_layer(), x, True, tcfg.disc_weight, autocast=autocast)
+        loss, _, x_rec, _ = generator_loss(fwd, disc, model.last_layer(), x, True, tcfg.disc_weight, amp=amp)
         loss.backward()
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-        with autocast():
+        with amp():
             d_loss = hinge_d_loss(disc(x).float(), disc(x_rec.detach()).float())
         d_loss.backward()
         opt_d.step()
@@ -1203,7 +1229,7 @@ def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a on cpu"
     cap = f" (capped at {mem_cap_gb:g} GiB)" if device.type == "cuda" and mem_cap_gb > 0 else ""
-    print(f"device {name} | {'bf16' if device.type == 'cuda' else 'fp32'} | {mcfg.size}px, f={model.downsample_factor}, "
+    print(f"device {name} | {'bf16' if bf16 else 'fp32'} | {mcfg.size}px, f={model.downsample_factor}, "
           f"V={mcfg.codebook_size} | batch {tcfg.batch_size} | grad_ckpt {tcfg.grad_ckpt} | compile {tcfg.compile}")
     print(f"{dt * 1e3:.0f} ms/step (G + D) | {tcfg.batch_size / dt:.2f} images/s | peak memory {mem}{cap}")
 
@@ -1247,7 +1273,7 @@ def main(argv=None):
         if images.paths is not None:  # a folder: encode all of it; sundae.py makes its own split
             images.paths = list_images(data, mcfg.size)
         flip = tcfg.flip if args.flip is None else args.flip
-        ids = encode_dataset(model, images, device, flip=flip)
+        ids = encode_dataset(model, images, device, flip=flip, bf16=use_bf16(args.dtype or "auto", device))
         save_npy_atomic(ids, out)
         print(f"wrote {out}: {ids.shape} {ids.dtype} (V={model.codebook_size}{', with flipped copies' if flip else ''})")
         return
