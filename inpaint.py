@@ -75,8 +75,7 @@ def inpaint_tokens(args, device):
     The output holds `samples` fillings of each grid: rows b * samples + k, shape (B * samples, h, w)."""
     if not (args.tokens and args.known and args.out):
         fail("token inpainting needs --tokens grid.npy, --known known.npy and --out filled.npy")
-    if os.path.abspath(args.out) in (os.path.abspath(args.tokens), os.path.abspath(args.known)):
-        fail(f"--out {args.out!r} is one of the inputs; choose another output path")
+    vqgan.check_outputs({"--out": args.out}, [args.sundae, args.tokens, args.known])
     model = sundae.load_sundae(args.sundae, device)
     tokens = vqgan.check_tokens(load_array(args.tokens, "--tokens"), model.vocab_size, model.height, model.width,
                                 f"--tokens {args.tokens!r}")
@@ -98,7 +97,7 @@ def inpaint_tokens(args, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Inpaint images with a trained SUNDAE + VQ-GAN.")
+    p = vqgan.Parser(description="Inpaint images with a trained SUNDAE + VQ-GAN.")
     p.add_argument("--sundae", default="sundae.pt", help="SUNDAE checkpoint")
     p.add_argument("--vqgan", default="vqgan.pt", help="VQ-GAN checkpoint")
     p.add_argument("--image", default="", help="image to inpaint (default: 4 held-out toy faces)")
@@ -126,6 +125,11 @@ def main(argv=None):
     if args.tokens or args.known:
         return inpaint_tokens(args, device)
     args.out = args.out or "inpaint.png"
+    if sum(map(bool, (args.mask, args.box, args.random_boxes))) > 1:
+        fail("--mask, --box and --random_boxes each choose the region to fill in; pass only one of them")
+    if args.random_boxes < 0 or args.steps < 1:
+        fail(f"--random_boxes must be >= 0 and --steps >= 1, got {args.random_boxes} and {args.steps}")
+    vqgan.check_outputs({"--out": args.out}, [args.sundae, args.vqgan, args.image, args.mask])  # before any work
     model, vq = load_pair(args.sundae, args.vqgan, device)
     size, f = vq.config.size, vq.downsample_factor
 
@@ -147,7 +151,7 @@ def main(argv=None):
         if mask_size != orig_size:
             fail(f"mask {args.mask!r} is {mask_size[0]}x{mask_size[1]} but the image is {orig_size[0]}x{orig_size[1]}; "
                  f"make the mask the same size as the image")
-        unknown[:] = vqgan.load_image(args.mask, size).mean(-1) > 127  # same resize and crop as the image
+        unknown[:] = vqgan.load_mask(args.mask, size)  # same resize and crop as the image; no hole vanishes
     elif args.box:
         try:
             x0, y0, x1, y1 = (int(v) for v in args.box.split(","))

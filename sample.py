@@ -283,8 +283,8 @@ def benchmark(preset, batches, steps, device, bf16):
         sync(device)
         t_d = time.perf_counter() - t
         floor = f" | FLOP floor at peak {(steps * f_step + f_dec) * b / peak * 1e3:.1f} ms" if peak else ""
-        print(f"batch {b:3d}: sampling {t_s:.3f} s + decoding {t_d:.3f} s = {(t_s + t_d) / b:.4f} s/image | "
-              f"{b / (t_s + t_d):.2f} images/s{floor}")
+        print(f"batch {b:3d}: sampling {t_s:.3f} s ({t_s / steps * 1e3:.1f} ms/step) + decoding {t_d:.3f} s = "
+              f"{(t_s + t_d) / b:.4f} s/image | {b / (t_s + t_d):.2f} images/s{floor} | peak memory {vqgan.peak_memory(device)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def pair(s):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample images from a trained SUNDAE + VQ-GAN.")
+    p = vqgan.Parser(description="Sample images from a trained SUNDAE + VQ-GAN.")
     p.add_argument("--sundae", default="sundae.pt", help="SUNDAE checkpoint")
     p.add_argument("--vqgan", default="vqgan.pt", help="VQ-GAN checkpoint (decoder); '' = none: write token pictures")
     p.add_argument("--tokens", default="", help="also write the sampled grids here as an (n, h, w) .npy")
@@ -327,14 +327,16 @@ def main(argv=None):
     bf16 = vqgan.use_bf16(args.dtype, device)
     if args.benchmark:
         preset = args.preset or ("ffhq1024" if device.type == "cuda" else "tiny")
-        return benchmark(preset, [1, 32] if device.type == "cuda" else [1, 16], args.steps, device, bf16)
+        # batches: a GPU's small and large; on the CPU batch 1 at megapixel presets (a 1024² decode holds GBs)
+        batches = [1, 32] if device.type == "cuda" else [1, 16] if preset == "tiny" else [1]
+        return benchmark(preset, batches, args.steps, device, bf16)
     if args.n < 1 or args.steps < 1:
         fail("--n and --steps must be at least 1")
     if not args.vqgan and (args.eval or args.outdir or args.trajectory):
         fail("--eval, --outdir and --trajectory show decoded images and need --vqgan; with --vqgan '' use --tokens")
-    for flag in ("tokens", "out", "outdir", "trajectory"):  # never write over a checkpoint this run reads
-        if getattr(args, flag) and os.path.abspath(getattr(args, flag)) in (os.path.abspath(args.sundae), os.path.abspath(args.vqgan or args.sundae)):
-            fail(f"--{flag} {getattr(args, flag)!r} is one of the input checkpoints; choose another output path")
+    if not (args.benchmark or args.eval):  # outputs checked before any work: never an input, always writable
+        vqgan.check_outputs({"--out": args.out, "--tokens": args.tokens, "--trajectory": args.trajectory},
+                            [args.sundae, args.vqgan])
     model, vq = load_pair(args.sundae, args.vqgan, device)
     if args.eval:
         return evaluate(model, vq, args.vqgan, args.eval, args.seed, args.batch, steps=args.steps,

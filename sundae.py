@@ -70,6 +70,7 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints
     out: str = "sundae.pt"  # checkpoint path
     resume: bool = False  # continue from --out
+    overwrite: bool = False  # replace an existing --out (a checkpoint of another run) instead of refusing
     device: str = "auto"  # "auto", "cpu" or "cuda"
     compile: bool = False  # torch.compile the model
     grad_ckpt: bool = False  # activation checkpointing per block
@@ -184,13 +185,6 @@ def get_batch(array, idx, device):
 # checkpoints
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename (twin of vqgan.save_atomic)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def read_checkpoint(path, device="cpu"):
     """A sundae checkpoint as a dict of plain types and tensors; ValueError with the fix if it is not one."""
     if not os.path.isfile(path):
@@ -285,6 +279,21 @@ def fail(msg):
     sys.exit(2)
 
 
+def check_config(mcfg, tcfg):
+    """Nonsense flag values stop here, before any work, with one line naming the flag."""
+    vqgan.check_config(mcfg, positive=("dim", "heads", "shorten"), nonneg=("vocab_size", "height", "width"))
+    vqgan.check_config(tcfg, positive=("unroll_steps", "batch_size", "grad_accum", "lr", "log_every", "val_every",
+                                       "val_batches", "sample_every", "ckpt_every"),
+                       nonneg=("min_lr", "weight_decay", "warmup", "grad_clip", "max_steps"),
+                       fractions=("val_fraction",), choices={"dtype": ("auto", "bf16", "fp32")})
+    if mcfg.dim % mcfg.heads or (mcfg.dim // mcfg.heads) % 4:
+        fail(f"--dim {mcfg.dim} / --heads {mcfg.heads} must give a whole head size divisible by 4 (2D RoPE rotates "
+             f"channel pairs for rows and for columns); e.g. --dim {mcfg.heads * 32}")
+    if len(mcfg.depth) % 2 == 0 or min(mcfg.depth) < 0 or (len(mcfg.depth) > 1 and mcfg.shorten < 2):
+        fail(f"--depth {','.join(map(str, mcfg.depth))} must have odd length (pre, ..., valley, ..., post) with counts "
+             f">= 0, and --shorten >= 2 when it has levels")
+
+
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
@@ -362,11 +371,12 @@ def train(mcfg, tcfg, resume_ckpt=None):
         decoder = vqgan.load_vqgan(tcfg.vqgan, device)
 
     def save(path):
-        # never replace a good checkpoint with weights that an exploding step has already made inf/NaN
+        # never replace a good checkpoint with weights an exploding step has already made inf/NaN; the replaced
+        # one survives as path.prev, for a run that diverges while its numbers stay finite
         if master and all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            save_atomic({"kind": "sundae", "model_config": raw_model.config, "train_config": asdict(tcfg),
+            vqgan.save_atomic({"kind": "sundae", "model_config": raw_model.config, "train_config": asdict(tcfg),
                          "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
-                         "rng": torch.get_rng_state(), "log_window": window}, path)
+                         "rng": torch.get_rng_state(), "log_window": window}, path, keep_prev=True)
 
     @torch.no_grad()
     def validate():
@@ -413,8 +423,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
             window[1] += acc.item() / tcfg.grad_accum
         if not math.isfinite(window[0]):
             if master:
-                print(f"error: loss is {window[0]} at step {step}; stopping. The last good checkpoint {tcfg.out!r} is "
-                      f"kept; lower --lr or check the data", file=sys.stderr)
+                print(f"error: loss is {window[0]} at step {step}; stopping. Checkpoints "
+                      f"{vqgan.kept_checkpoints(tcfg.out)}; lower --lr or check the data", file=sys.stderr)
             sys.exit(1)
         if tcfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
@@ -513,7 +523,7 @@ def benchmark(mcfg, tcfg, steps=10):
         loss.backward()
     opt.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
-    for _ in range(3):  # warm-up (and compilation); the timing below is the twin of vqgan.benchmark's
+    for _ in range(3 if device.type == "cuda" else 1):  # warm-up (and compilation); twin of vqgan.benchmark's
         one_step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -527,7 +537,7 @@ def benchmark(mcfg, tcfg, steps=10):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     mfu = f"{flops / dt / peak * 100:.1f}%" if peak else "n/a (no known peak for this device)"
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a on cpu"
+    mem = vqgan.peak_memory(device)
     print(f"device {name} | {'bf16' if bf16 else 'fp32'} | compile {tcfg.compile} | grad_ckpt {tcfg.grad_ckpt}")
     print(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, depth {mcfg.depth}, {h}x{w} tokens, "
           f"V={V}, batch {tcfg.batch_size}, T={tcfg.unroll_steps}")
@@ -536,9 +546,10 @@ def benchmark(mcfg, tcfg, steps=10):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train SUNDAE (hourglass transformer) on VQ token grids.")
+    parser = vqgan.Parser(description="Train SUNDAE (hourglass transformer) on VQ token grids.")
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training preset")
     parser.add_argument("--benchmark", action="store_true", help="time training steps on random tokens, no data")
+    parser.add_argument("--bench_steps", type=int, default=10, help="--benchmark: timed steps after the warm-up")
     add_flags(parser, ModelConfig)
     add_flags(parser, TrainConfig)
     args = parser.parse_args(argv)
@@ -547,7 +558,9 @@ def main(argv=None):
     tcfg = replace(tcfg_p, **overrides(args, TrainConfig))
     if args.benchmark:
         mcfg = replace(mcfg, height=mcfg.height or 8, width=mcfg.width or 8, vocab_size=mcfg.vocab_size or 256) if args.preset == "tiny" else mcfg
-        return benchmark(mcfg, tcfg)
+        if args.bench_steps < 1:
+            fail(f"--bench_steps must be at least 1, got {args.bench_steps}")
+        return benchmark(mcfg, tcfg, args.bench_steps)
     resume_ckpt = None
     if tcfg.resume:
         if not os.path.isfile(tcfg.out):
@@ -561,11 +574,20 @@ def main(argv=None):
     if tcfg.vqgan and not mcfg.vocab_size:
         if not os.path.isfile(tcfg.vqgan):
             fail(f"--vqgan {tcfg.vqgan!r} not found; pass the VQ-GAN checkpoint that wrote the latents")
-        vq = torch.load(tcfg.vqgan, map_location="cpu", weights_only=True)
-        if not isinstance(vq, dict) or vq.get("kind") != "vqgan":
-            fail(f"--vqgan {tcfg.vqgan!r} is not a VQ-GAN checkpoint")
+        vq = vqgan.load_checkpoint(tcfg.vqgan, "vqgan")  # ValueError (one line) for anything else
         mcfg = replace(mcfg, vocab_size=vq["model_config"]["codebook_size"])
-    train(mcfg, tcfg, resume_ckpt)
+    check_config(mcfg, tcfg)
+    # protect what is on disk before any heavy work: no overwriting a trained checkpoint or an input, one writer
+    vqgan.check_outputs({"--out": tcfg.out}, [tcfg.data, tcfg.vqgan], overwrite=tcfg.resume or tcfg.overwrite)
+    lock = None
+    if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
+        vqgan.clean_stale_tmp(tcfg.out)
+        lock = vqgan.lock_output(tcfg.out)
+    try:
+        train(mcfg, tcfg, resume_ckpt)
+    finally:
+        if lock:
+            os.remove(lock)
 
 
 if __name__ == "__main__":

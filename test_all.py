@@ -7,6 +7,7 @@ The proof that every piece is right: each test names the property it checks and 
 Sections follow the pipeline: vqgan.py, hourglass.py, sundae.py, sample.py / inpaint.py, then the command
 lines as a user meets them (bad input, interrupted training).
 """
+import hashlib
 import math
 import os
 import signal
@@ -669,7 +670,7 @@ def test_logged_loss_is_the_mean_over_the_steps_in_the_window(pipeline):
     common = ["--data", pipeline["latents"], "--seed", "2", "--max_steps", "7"] + TINY_SUNDAE
     sundae.main(common + ["--out", out, "--log_every", "1"])
     every = dict(torch.load(out, weights_only=True)["history"]["train_loss"])
-    sundae.main(common + ["--out", out, "--log_every", "3"])
+    sundae.main(common + ["--out", out, "--log_every", "3", "--overwrite"])
     signal.signal(signal.SIGINT, signal.default_int_handler)
     logged = dict(torch.load(out, weights_only=True)["history"]["train_loss"])
     for end, steps in ((3, (1, 2, 3)), (6, (4, 5, 6)), (7, (7,))):
@@ -1154,13 +1155,28 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "convert onto itself": (["vqgan.py", "--convert", str(t / "plain.pt"), "--out", str(t / "plain.pt")], "being converted"),
         "no decoder but --eval": (S("--vqgan", "", "--eval", "4"), "need --vqgan"),
         "unknown --dtype": (["sundae.py", "--data", p["latents"], "--dtype", "fp16", "--out", str(t / "d.pt")], "--dtype"),
-        "sample output onto a checkpoint": (S("--out", p["vqgan"]), "input checkpoints"),
+        "fresh vqgan run onto a trained checkpoint": (["vqgan.py", "--max_steps", "0", "--out", str(t / "trained_vq.pt")], "already exists"),
+        "fresh sundae run onto a trained checkpoint": (["sundae.py", "--data", p["latents"], "--out", str(t / "trained_sd.pt")], "already exists"),
+        "encode onto existing latents": (["vqgan.py", "--encode", "--ckpt", p["vqgan"], "--out", str(t / "float.npy")], "already exists"),
+        "sundae --out is its data": (["sundae.py", "--data", str(t / "big.npy"), "--out", str(t / "big.npy"), "--overwrite"], "also an input"),
+        "inpaint --out is the image": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--image", str(t / "img.png"),
+                                        "--out", str(t / "img.png")], "also an input"),
+        "inpaint --out is the mask": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--image", str(t / "img.png"),
+                                       "--mask", str(t / "mask.png"), "--out", str(t / "mask.png")], "also an input"),
+        "output folder missing": (S("--out", str(t / "no_such_dir" / "s.png")), "does not exist"),
+        "output is a directory": (["sundae.py", "--data", p["latents"], "--out", str(t / "empty")], "directory"),
+        "second writer of the same checkpoint": (["sundae.py", "--data", p["latents"], "--out", str(t / "locked.pt")], "another run"),
+        "sample output onto a checkpoint": (S("--out", p["vqgan"]), "also an input"),
         "token inpainting without --known": (["inpaint.py", "--sundae", p["sundae"], "--tokens", str(t / "big.npy")], "--known"),
         "known mask of another shape": (["inpaint.py", "--sundae", p["sundae"], "--tokens", p["latents"], "--known",
                                          str(t / "grid8.npy"), "--out", str(t / "f.npy")], "must match"),
         "known mask not 0/1": (["inpaint.py", "--sundae", p["sundae"], "--tokens", str(t / "tok4.npy"), "--known",
                                 str(t / "tok4.npy"), "--out", str(t / "f.npy")], "0/1"),
     }
+    import shutil
+    shutil.copy(p["vqgan"], t / "trained_vq.pt")
+    shutil.copy(p["sundae"], t / "trained_sd.pt")
+    (t / "locked.pt.lock").write_text(str(os.getppid()))  # held by a live process (pytest's parent)
     np.save(t / "grid8.npy", np.zeros((2, 8, 8), np.int64))
     np.save(t / "tok4.npy", np.full((2, 4, 4), 3, np.int64))
     torch.save({"weights": torch.zeros(2)}, t / "plain.pt")
@@ -1174,6 +1190,12 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     other["model"]["quantize.codebook"] = other["model"]["quantize.codebook"][:16]
     other["model"]["quantize.unused_steps"] = other["model"]["quantize.unused_steps"][:16]
     torch.save(other, t / "other_vq.pt")
+    for i, (args, _) in enumerate(cases.values()):  # training runs write into tmp, never the repository's files
+        if args[0] in ("vqgan.py", "sundae.py") and not {"--out", "--encode", "--decode", "--convert"} & set(args):
+            args += ["--out", str(t / f"run{i}.pt")]
+    digest = lambda: {f: hashlib.sha256(open(os.path.join(r, f), "rb").read()).hexdigest()
+                      for d in (t, p["dir"]) for r, _, fs in os.walk(d) for f in fs}
+    before = digest()
     procs = {name: run(args, HERE) for name, (args, _) in cases.items()}  # in parallel: each pays for `import torch`
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
@@ -1181,6 +1203,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{err}"
         assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err}"
         assert cases[name][1] in lines[0], f"{name}: {lines[0]}"
+    assert digest() == before  # every file already on disk is byte-identical afterwards
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(pipeline, tmp_path):
@@ -1192,6 +1215,48 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(pipeline, tm
     assert "Traceback" not in res.stderr
     if os.path.exists(out):  # whatever was saved before the blow-up holds finite weights
         assert all(torch.isfinite(v).all() for v in torch.load(out, weights_only=True)["model"].values())
+
+
+def test_checkpoints_keep_the_previous_one_and_the_stop_message_is_true(pipeline, tmp_path):
+    out = str(tmp_path / "prev.pt")
+    sundae.main(["--data", pipeline["latents"], "--out", out, "--ckpt_every", "1", "--max_steps", "3"] + TINY_SUNDAE)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert torch.load(out, weights_only=True)["step"] == 3 and torch.load(out + ".prev", weights_only=True)["step"] == 2
+    before = [open(p, "rb").read() for p in (out, out + ".prev")]
+    res = subprocess.run([sys.executable, "sundae.py", "--resume", "--out", out, "--lr", "1e12", "--min_lr", "1e12",
+                          "--grad_clip", "0", "--max_steps", "50", "--ckpt_every", "1000"],
+                         cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "(step 3)" in res.stderr and "(step 2)" in res.stderr, res.stderr
+    assert [open(p, "rb").read() for p in (out, out + ".prev")] == before  # both kept, untouched
+
+
+def test_stale_temporary_files_and_locks_of_killed_runs_are_cleaned(pipeline, tmp_path):
+    out = tmp_path / "s.pt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    for name in (f"s.pt.tmp.{pid}", f"s.pt.prev.tmp.{pid}", f"s.pt.tmp.{os.getpid()}0"):
+        (tmp_path / name).write_bytes(b"partial")
+    (tmp_path / "s.pt.lock").write_text(str(pid))  # a lock whose owner was SIGKILLed
+    sundae.main(["--data", pipeline["latents"], "--out", str(out), "--max_steps", "2"] + TINY_SUNDAE)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    left = sorted(os.listdir(tmp_path))
+    assert f"s.pt.tmp.{pid}" not in left and f"s.pt.prev.tmp.{pid}" not in left and "s.pt.lock" not in left, left
+    assert torch.load(out, weights_only=True)["step"] == 2
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    vqgan.save_atomic({"step": 1}, path)
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        real_save(obj, f)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError):
+        vqgan.save_atomic({"step": 2}, path, keep_prev=True)
+    assert os.listdir(tmp_path) == ["c.pt"] and torch.load(path, weights_only=True)["step"] == 1
 
 
 def test_sigkill_while_checkpointing_keeps_the_previous_checkpoint(pipeline, tmp_path):

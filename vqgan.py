@@ -15,6 +15,7 @@ Everything is in this one file: data, quantizers, encoder/decoder, discriminator
 Importing it does no work.
 """
 import argparse
+import glob
 import inspect
 import math
 import os
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch.utils.checkpoint import checkpoint
 
 
@@ -84,6 +85,7 @@ class TrainConfig:
     ckpt_every: int = 300  # steps between checkpoints
     out: str = "vqgan.pt"  # checkpoint path (training) / latents path (--encode: latents.npy)
     resume: bool = False  # continue from --out
+    overwrite: bool = False  # replace an existing --out (a checkpoint of another run) instead of refusing
     device: str = "auto"  # "auto", "cpu" or "cuda"
     compile: bool = False  # torch.compile the model
     grad_ckpt: bool = False  # activation checkpointing per block (less memory, ~30% slower)
@@ -209,16 +211,38 @@ def list_images(folder, size):
     return good
 
 
+def resize_and_crop(im, size, resample=Image.BICUBIC):
+    """Short side resized to size, then the centre size x size crop (images and masks alike)."""
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def open_upright(im):
+    """Apply the EXIF orientation (phone photos are stored sideways) and bring 16-bit images to 8 bits by scaling
+    (PIL's convert("RGB") would clip every value above 255 to white)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max() > 255):
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return im
+
+
 def load_image(path, size):
-    """One image file -> uint8 (size, size, 3): RGB, short side resized to size, centre crop."""
+    """One image file -> uint8 (size, size, 3): upright, RGB, short side resized to size, centre crop."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = size / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        return np.array(im.crop((left, top, left + size, top + size)))  # a writable copy
+        return np.array(resize_and_crop(open_upright(im).convert("RGB"), size))  # a writable copy
+
+
+def load_mask(path, size):
+    """A mask file (white = fill in) -> bool (size, size), resized and cropped like its image. A pixel is unknown
+    if any unknown source pixel falls in it (box-filtered coverage > 0), so a small hole never vanishes."""
+    with Image.open(path) as im:
+        unknown = np.asarray(open_upright(im).convert("L")) > 127
+    coverage = resize_and_crop(Image.fromarray(unknown.astype(np.float32), mode="F"), size, Image.BOX)
+    return np.asarray(coverage) > 0
 
 
 def split_indices(n, val_fraction=0.05, seed=0):
@@ -249,17 +273,34 @@ class ImageData:
             train, val = split_indices(len(paths), val_fraction=min(0.5, val_n / max(1, len(paths))))
             self.paths = [paths[i] for i in (train if split == "train" else val).tolist()]
             self.images = None
-        self.size, self.pool = size, ThreadPoolExecutor(workers)
+        self.size, self.pool, self.broken = size, ThreadPoolExecutor(workers), set()
 
     def __len__(self):
         return len(self.images) if self.paths is None else len(self.paths)
+
+    def load(self, i):
+        """Image i, or None if its file no longer decodes (a truncated file passes the header-only scan): it is
+        counted, reported once and skipped from then on, instead of killing a long run."""
+        if i in self.broken:
+            return None
+        try:
+            return load_image(self.paths[i], self.size)
+        except Exception as e:  # PIL raises many types for damaged files
+            self.broken.add(i)
+            print(f"warning: skipping {self.paths[i]!r}, which does not decode ({type(e).__name__}); "
+                  f"{len(self.broken)} such file(s) so far", file=sys.stderr)
+            return None
 
     def batch(self, idx, flip=None):
         """uint8 indices -> float (B, 3, size, size) in [-1, 1]; flip: optional bool (B,) tensor."""
         if self.paths is None:
             x = self.images[np.asarray(idx)]
         else:
-            x = np.stack(list(self.pool.map(lambda i: load_image(self.paths[i], self.size), idx)))
+            x = list(self.pool.map(self.load, idx))
+            good = [im for im in x if im is not None]
+            if not good:
+                raise ValueError(f"none of the images of a batch could be decoded (e.g. {self.paths[idx[0]]!r})")
+            x = np.stack([im if im is not None else good[0] for im in x])  # a broken file: another image of the batch
         x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
         if flip is not None:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -601,11 +642,96 @@ class LPIPS(nn.Module):
 # checkpoints
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never corrupts the old checkpoint."""
+def save_atomic(obj, path, keep_prev=False):
+    """torch.save to a temporary file, then rename: a crash mid-write never corrupts the old checkpoint, and a
+    failed write (full disk, Ctrl-C) leaves no partial file. keep_prev: the checkpoint being replaced survives as
+    path + ".prev", so a run that diverges slowly (finite but huge weights) still has the one before."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        if keep_prev and os.path.exists(path):
+            prev_tmp = f"{path}.prev.tmp.{os.getpid()}"
+            os.link(path, prev_tmp)  # a second name for the current file: `path` itself never goes missing
+            os.replace(prev_tmp, path + ".prev")
+        os.replace(tmp, path)
+    finally:
+        for f in (tmp, f"{path}.prev.tmp.{os.getpid()}"):
+            if os.path.exists(f):
+                os.remove(f)
+
+
+def kept_checkpoints(path):
+    """What a stopped run leaves on disk, for a message that is true: the checkpoint and the one before it."""
+    found = []
+    for p in (path, path + ".prev"):
+        try:  # mmap: reads only the small header, even for a GB checkpoint
+            found.append(f"{p!r} (step {torch.load(p, map_location='cpu', weights_only=True, mmap=True)['step']})")
+        except Exception:  # missing or unreadable
+            pass
+    return "kept: " + " and ".join(found) if found else "no checkpoint had been written yet"
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, but belongs to another user
+        return True
+    return True
+
+
+def clean_stale_tmp(path):
+    """Remove the temporary files of `path` (path.tmp.PID[.png], path.prev.tmp.PID) that a killed run left behind:
+    those whose process is gone. At 1024² each is GBs."""
+    for f in glob.glob(glob.escape(path) + ".*tmp.*"):
+        m = re.search(r"\.tmp\.(\d+)(\.png)?$", f)
+        if m and not pid_alive(int(m.group(1))):
+            os.remove(f)
+            print(f"removed {f}, left by a run that was killed", file=sys.stderr)
+
+
+def lock_output(path):
+    """One writer per checkpoint: create path + ".lock" holding our pid, or stop (exit 2) if a live process holds
+    it. A lock whose process is gone (SIGKILL) is stale and taken over. Returns the lock's path; remove it when done."""
+    lock = path + ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: only one process can create it
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and pid_alive(pid):
+                fail(f"another run (pid {pid}) is writing {path!r}; wait for it to finish, or choose another --out")
+            os.remove(lock)  # stale
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return lock
+    fail(f"cannot take the lock {lock!r}; remove it if no run is writing {path!r}")
+
+
+def check_outputs(outputs, inputs, overwrite=True):
+    """Before any heavy work: refuse an output that names an input (it would be destroyed), that cannot be written
+    (missing or read-only folder, a directory), or, with overwrite=False, that already exists (a trained checkpoint
+    of another run). outputs: {flag: path}; inputs: paths this run reads."""
+    same = {os.path.realpath(p) for p in inputs if p}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        if os.path.realpath(path) in same:
+            fail(f"{flag} {path!r} is also an input of this run and would be overwritten; choose another path")
+        if os.path.isdir(path):
+            fail(f"{flag} {path!r} is a directory; pass a file path")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            fail(f"{flag} {path!r}: the folder {folder!r} does not exist or is not writable; create it or choose another path")
+        if not overwrite and os.path.exists(path):
+            fail(f"{flag} {path!r} already exists; continue that run with --resume, replace it with --overwrite, "
+                 f"or choose another {flag}")
 
 
 def load_checkpoint(path, kind, device="cpu"):
@@ -835,6 +961,42 @@ def fail(msg):
     sys.exit(2)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a bad flag is one line and exit status 2, not the whole usage text."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+def check_config(cfg, positive=(), nonneg=(), fractions=(), choices=None):
+    """Refuse nonsense flag values before any work, one line naming the flag, the value and the rule: positive
+    (> 0), nonneg (>= 0; NaN fails both), fractions (strictly between 0 and 1), choices {field: allowed values}."""
+    for name in positive + nonneg:
+        v = getattr(cfg, name)
+        ok = isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if name in positive else v >= 0)
+        if not ok:
+            fail(f"--{name} must be {'> 0' if name in positive else '>= 0'} (and finite), got {v!r}")
+    for name in fractions:
+        v = getattr(cfg, name)
+        if not 0 < v < 1:
+            fail(f"--{name} must be between 0 and 1 (exclusive), got {v!r}")
+    for name, allowed in (choices or {}).items():
+        if getattr(cfg, name) not in allowed:
+            fail(f"--{name} must be one of {', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
+
+
+def check_vqgan_config(mcfg, tcfg):
+    check_config(mcfg, positive=("size", "ch", "z_channels", "codebook_size", "beta", "disc_ch", "disc_layers"),
+                 nonneg=("num_res_blocks", "dec_res_blocks", "embed_dim", "code_dim", "restart_after"),
+                 choices={"quantizer": ("vq", "lfq")})
+    if not mcfg.ch_mult or min(mcfg.ch_mult) < 1:
+        fail(f"--ch_mult needs at least one multiplier, all >= 1, got {','.join(map(str, mcfg.ch_mult)) or 'nothing'}")
+    check_config(tcfg, positive=("toy_n", "batch_size", "grad_accum", "lr", "log_every", "sample_every", "ckpt_every",
+                                 "val_n", "workers"),
+                 nonneg=("min_lr", "warmup", "grad_clip", "max_steps", "disc_start", "disc_weight", "perceptual_weight"),
+                 choices={"dtype": ("auto", "bf16", "fp32")})
+
+
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
@@ -1004,11 +1166,13 @@ def train(mcfg, tcfg, resume_ckpt=None):
     amp = lambda: autocast(device, bf16)
 
     def save(path):
-        if master:
+        # never replace a good checkpoint with weights an exploding step has already made inf/NaN; the replaced
+        # one survives as path.prev, for a run that diverges while its numbers stay finite
+        if master and all(torch.isfinite(p).all() for p in raw_model.parameters()):
             save_atomic({"kind": "vqgan", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
                          "model": raw_model.state_dict(), "disc": raw_disc.state_dict(), "opt_g": opt_g.state_dict(),
                          "opt_d": opt_d.state_dict(), "step": step, "history": history, "rng": torch.get_rng_state(),
-                         "log_window": win}, path)
+                         "log_window": win}, path, keep_prev=True)
 
     # Ctrl-C: finish the current step, write a resumable checkpoint, exit; a second Ctrl-C stops at once.
     # The twin of this block is in sundae.py.
@@ -1047,8 +1211,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
                 for k in st:
                     win[k] += st[k] / tcfg.grad_accum
                 if not torch.isfinite(loss):
-                    print(f"error: loss is {loss.item()} at step {step}; stopping. The last good checkpoint "
-                          f"{tcfg.out!r} is kept; lower --lr or check the data", file=sys.stderr)
+                    print(f"error: loss is {loss.item()} at step {step}; stopping. Checkpoints "
+                          f"{kept_checkpoints(tcfg.out)}; lower --lr or check the data", file=sys.stderr)
                     sys.exit(1)
                 (loss / tcfg.grad_accum).backward()
             win["idx"].append(indices.detach().cpu())
@@ -1188,6 +1352,15 @@ def save_npy_atomic(array, path):
 # benchmark: one full training step (G and D) on random images
 
 
+def peak_memory(device):
+    """This process's peak memory: the CUDA allocator's peak on a GPU, the resident-set high-water mark on the CPU."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA allocator peak)"
+    import resource  # Unix only: ru_maxrss is in KiB on Linux, in bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return f"{rss / 2**30:.2f} GiB (process RSS peak)"
+
+
 def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
     """images/s and peak memory of VQ-GAN training steps with the GAN on, without data."""
     device = pick_device(tcfg.device)
@@ -1227,7 +1400,7 @@ def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / steps
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a on cpu"
+    mem = peak_memory(device)
     cap = f" (capped at {mem_cap_gb:g} GiB)" if device.type == "cuda" and mem_cap_gb > 0 else ""
     print(f"device {name} | {'bf16' if bf16 else 'fp32'} | {mcfg.size}px, f={model.downsample_factor}, "
           f"V={mcfg.codebook_size} | batch {tcfg.batch_size} | grad_ckpt {tcfg.grad_ckpt} | compile {tcfg.compile}")
@@ -1235,12 +1408,13 @@ def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train the VQ-GAN tokenizer, or encode images into latents.")
+    parser = Parser(description="Train the VQ-GAN tokenizer, or encode images into latents.")
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training preset")
     parser.add_argument("--encode", action="store_true", help="encode --data with --ckpt into --out (latents.npy)")
     parser.add_argument("--ckpt", default="vqgan.pt", help="VQ-GAN checkpoint to encode with (--encode)")
     parser.add_argument("--benchmark", action="store_true", help="time training steps (G + D) on random images, no data")
     parser.add_argument("--mem_cap_gb", type=float, default=0.0, help="--benchmark on CUDA: cap this process at N GiB")
+    parser.add_argument("--bench_steps", type=int, default=5, help="--benchmark: timed steps after one warm-up step")
     parser.add_argument("--convert", default="", help="taming-transformers .ckpt -> a vqgan.pt at --out (image side --size, default 256)")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="allow loading a foreign checkpoint that pickles Python objects (Lightning .ckpt); only for trusted files")
@@ -1254,6 +1428,7 @@ def main(argv=None):
         out = args.out or "vqgan.pt"
         if os.path.abspath(out) == os.path.abspath(args.convert):
             fail(f"--out {out!r} is the checkpoint being converted; write the converted one to another path")
+        check_outputs({"--out": out}, [], overwrite=bool(args.overwrite))
         return convert_taming(args.convert, out, args.size or 256, args.trust_checkpoint)
     if args.decode:
         return decode_tokens(args.decode, args.ckpt, args.outdir or "decoded", args.out, args.size or 256,
@@ -1267,6 +1442,7 @@ def main(argv=None):
         mcfg = model.config
         data = args.data or tcfg.data
         out = args.out or "latents.npy"
+        check_outputs({"--out": out}, [args.ckpt], overwrite=bool(args.overwrite))
         device = pick_device(args.device or "auto")
         model.to(device)
         images = ImageData(data, mcfg.size, "train", tcfg.toy_n, tcfg.val_n, tcfg.workers)
@@ -1282,7 +1458,9 @@ def main(argv=None):
     mcfg = replace(mcfg_p, **overrides(args, ModelConfig))
     tcfg = replace(tcfg_p, **overrides(args, TrainConfig))
     if args.benchmark:
-        return benchmark(mcfg, tcfg, mem_cap_gb=args.mem_cap_gb)
+        if args.bench_steps < 1:
+            fail(f"--bench_steps must be at least 1, got {args.bench_steps}")
+        return benchmark(mcfg, tcfg, args.bench_steps, mem_cap_gb=args.mem_cap_gb)
     resume_ckpt = None
     if tcfg.resume:
         if not os.path.isfile(tcfg.out):
@@ -1292,14 +1470,26 @@ def main(argv=None):
         mcfg = ModelConfig(**resume_ckpt["model_config"])
         tcfg = replace(TrainConfig(**resume_ckpt["train_config"]), **overrides(args, TrainConfig))
         print(f"resuming from {tcfg.out!r} at step {resume_ckpt['step']}")
+    check_vqgan_config(mcfg, tcfg)
     if tcfg.data != "toy" and not os.path.isdir(tcfg.data):
-        fail(f"data folder {tcfg.data!r} does not exist; pass --data DIR with images, or --data toy")
+        kind = "is a file, not a folder" if os.path.isfile(tcfg.data) else "does not exist"
+        fail(f"--data {tcfg.data!r} {kind}; pass --data DIR with images (searched recursively), or --data toy")
     f = 2 ** (len(mcfg.ch_mult) - 1)
     if mcfg.size % f:
         fail(f"--size {mcfg.size} is not divisible by the downsample factor f={f}; use a multiple of {f}")
     if tcfg.data == "toy" and not 16 <= mcfg.size <= 1024:
         fail(f"toy faces come in sizes 16..1024, not {mcfg.size}")
-    train(mcfg, tcfg, resume_ckpt)
+    # protect what is on disk before any heavy work: no overwriting a trained checkpoint or an input, one writer
+    check_outputs({"--out": tcfg.out}, [tcfg.lpips], overwrite=tcfg.resume or tcfg.overwrite)
+    lock = None
+    if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
+        clean_stale_tmp(tcfg.out)
+        lock = lock_output(tcfg.out)
+    try:
+        train(mcfg, tcfg, resume_ckpt)
+    finally:
+        if lock:
+            os.remove(lock)
 
 
 if __name__ == "__main__":
