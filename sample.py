@@ -151,6 +151,9 @@ def load_pair(sundae_path, vqgan_path, device):
     if model.vocab_size != vq.codebook_size:
         raise ValueError(f"{sundae_path!r} models V={model.vocab_size} tokens but {vqgan_path!r} has "
                          f"{vq.codebook_size} codes; pass the VQ-GAN whose latents trained this model")
+    if getattr(model, "vqgan_id", None) and model.vqgan_id != vqgan.fingerprint(vq.state_dict()):
+        raise ValueError(f"{sundae_path!r} was trained on latents of another VQ-GAN than {vqgan_path!r} (same V, other "
+                         f"codes); pass the VQ-GAN whose latents trained this model")
     g = vq.config.size // vq.downsample_factor
     if (model.height, model.width) != (g, g):
         raise ValueError(f"{sundae_path!r} models {model.height}x{model.width} token grids but {vqgan_path!r} makes "
@@ -198,7 +201,11 @@ def eval_features(vq, images, batch=64):
 def evaluate(model, vq, vqgan_path, n, seed, batch, **sample_kwargs):
     """Frechet distances of samples, decoded random tokens and reconstructions to n held-out images."""
     tcfg = vqgan.TrainConfig(**vqgan.load_checkpoint(vqgan_path, "vqgan")["train_config"])  # where the data is
-    held = vqgan.ImageData(tcfg.data, vq.config.size, "val", tcfg.toy_n, n, tcfg.workers)  # never seen in training
+    # never seen in training: toy faces from another seed (any number), or the VQ-GAN's own held-out files
+    held = vqgan.ImageData(tcfg.data, vq.config.size, "val", tcfg.toy_n, n if tcfg.data == "toy" else tcfg.val_n,
+                           tcfg.workers)
+    if n > len(held):
+        print(f"warning: only {len(held)} held-out images; comparing {len(held)} samples", file=sys.stderr)
     n = min(n, len(held))
     real = held.batch(list(range(n)))
     device = next(model.parameters()).device

@@ -16,6 +16,7 @@ progress pictures.
 """
 import argparse
 import inspect
+import json
 import math
 import os
 import re
@@ -161,6 +162,15 @@ def load_latents(path, vocab_size=0):
     return array, check_latents(array, vocab_size, name=f"latents in {path!r}")
 
 
+def latents_meta(path):
+    """What vqgan.py --encode wrote next to the latents (path + ".json"): {"vocab_size", "vqgan_id"}; {} if none."""
+    try:
+        with open(path + ".json") as f:
+            return json.load(f)
+    except (OSError, ValueError):  # no sidecar (the user's own latents) or an unreadable one
+        return {}
+
+
 def split_indices(n, val_fraction=0.05, seed=0):
     """Deterministic train/val split that keeps rows (2i, 2i+1), an image and its flip, on the same side.
 
@@ -203,6 +213,7 @@ def load_sundae(path, device="cpu"):
     """Rebuild the SUNDAE model from its checkpoint alone, in eval mode."""
     ckpt = read_checkpoint(path, device)
     model = HourglassTransformer(**ckpt["model_config"]).to(device)
+    model.vqgan_id = ckpt.get("vqgan_id")  # the VQ-GAN whose latents trained it, if known
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -344,10 +355,23 @@ def train(mcfg, tcfg, resume_ckpt=None):
     torch.manual_seed(tcfg.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast may use TF32 tensor cores
 
-    array, V = load_latents(tcfg.data, mcfg.vocab_size)
+    meta = latents_meta(tcfg.data)  # V and the VQ-GAN's id, when vqgan.py --encode wrote the latents
+    array, V = load_latents(tcfg.data, mcfg.vocab_size or meta.get("vocab_size", 0))
     N, h, w = array.shape
+    vqgan_id = meta.get("vqgan_id")
+    if tcfg.vqgan:
+        vq_id = vqgan.fingerprint(vqgan.load_checkpoint(tcfg.vqgan, "vqgan")["model"])
+        if vqgan_id and vq_id != vqgan_id:
+            raise ValueError(f"latents {tcfg.data!r} were encoded by another VQ-GAN than --vqgan {tcfg.vqgan!r}; pass the "
+                             f"VQ-GAN that wrote them")
+        vqgan_id = vq_id
+    if resume_ckpt is not None and (h, w) != (mcfg.height, mcfg.width):
+        raise ValueError(f"--resume: the checkpoint models {mcfg.height}x{mcfg.width} grids but {tcfg.data!r} holds "
+                         f"{h}x{w}; resume with the latents it was trained on")
     mcfg = replace(mcfg, vocab_size=V, height=h, width=w)
     train_idx, val_idx = split_indices(N, tcfg.val_fraction)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise ValueError(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split needs at least 3")
     model = HourglassTransformer(V, h, w, mcfg.dim, mcfg.heads, mcfg.depth, mcfg.shorten, tcfg.grad_ckpt).to(device)
     opt = make_optimizer(model, tcfg)
     step, history = 0, {"train_loss": [], "val_loss": [], "val_acc": []}
@@ -376,7 +400,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
         if master and all(torch.isfinite(p).all() for p in raw_model.parameters()):
             vqgan.save_atomic({"kind": "sundae", "model_config": raw_model.config, "train_config": asdict(tcfg),
                          "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
-                         "rng": torch.get_rng_state(), "log_window": window}, path, keep_prev=True)
+                         "rng": torch.get_rng_state(), "log_window": window, "vqgan_id": vqgan_id}, path, keep_prev=True)
 
     @torch.no_grad()
     def validate():
@@ -567,6 +591,10 @@ def main(argv=None):
             fail(f"--resume: no checkpoint at {tcfg.out!r}; train without --resume first")
         resume_ckpt = read_checkpoint(tcfg.out)
         # the checkpoint's configs win, except what this command line sets explicitly (e.g. --max_steps)
+        ignored = overrides(args, ModelConfig)
+        if ignored:
+            print(f"warning: {', '.join('--' + k for k in ignored)} ignored: a resumed model keeps its checkpoint's shape",
+                  file=sys.stderr)
         mc = resume_ckpt["model_config"]
         mcfg = ModelConfig(mc["dim"], mc["heads"], tuple(mc["depth"]), mc["shorten"], mc["vocab_size"], mc["height"], mc["width"])
         tcfg = replace(TrainConfig(**resume_ckpt["train_config"]), **overrides(args, TrainConfig))

@@ -8,6 +8,7 @@ Sections follow the pipeline: vqgan.py, hourglass.py, sundae.py, sample.py / inp
 lines as a user meets them (bad input, interrupted training).
 """
 import hashlib
+import json
 import math
 import os
 import signal
@@ -654,7 +655,7 @@ def test_resume_matches_an_uninterrupted_run(pipeline, monkeypatch):
     monkeypatch.undo()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     assert e.value.code == 130 and torch.load(b, weights_only=True)["step"] == 5
-    sundae.main(["--resume", "--out", b])
+    sundae.main(["--resume", "--out", b, "--dim", "64"])
     signal.signal(signal.SIGINT, signal.default_int_handler)
     ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert cb["step"] == 7 and [s for s, _ in ca["history"]["train_loss"]] == [3, 6, 7]
@@ -1165,6 +1166,22 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
                                        "--mask", str(t / "mask.png"), "--out", str(t / "mask.png")], "also an input"),
         "output folder missing": (S("--out", str(t / "no_such_dir" / "s.png")), "does not exist"),
         "output is a directory": (["sundae.py", "--data", p["latents"], "--out", str(t / "empty")], "directory"),
+        "prior of another VQ-GAN with the same V": (S("--vqgan", str(t / "same_v_vq.pt")), "another VQ-GAN"),
+        "resume on latents of another grid": (["sundae.py", "--resume", "--out", str(t / "trained_sd.pt"), "--data",
+                                               str(t / "grid8.npy")], "resume with the latents"),
+        "too few latents to split": (["sundae.py", "--data", str(t / "tok4.npy"), "--vocab_size", "8"], "at least 3"),
+        "argparse type error": (S("--n", "abc"), "invalid int value"),
+        "heads that do not divide": (["sundae.py", "--data", p["latents"], "--dim", "24", "--heads", "4"], "divisible by 4"),
+        "negative grad_accum": (["sundae.py", "--data", p["latents"], "--grad_accum", "-1"], "--grad_accum"),
+        "quantizer in capitals": (["vqgan.py", "--quantizer", "LFQ"], "--quantizer"),
+        "empty ch_mult": (["vqgan.py", "--ch_mult", ""], "--ch_mult"),
+        "--vqgan that is not a checkpoint": (["sundae.py", "--data", p["latents"], "--vqgan", str(t / "mask.png")], "not a readable"),
+        "--data that is a file": (["vqgan.py", "--data", str(t / "img.png")], "is a file"),
+        "mask and box together": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--image", str(t / "img.png"),
+                                   "--mask", str(t / "mask.png"), "--box", "1,1,4,4"], "only one"),
+        "negative random boxes": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--random_boxes", "-2"], "--random_boxes"),
+        "negative temperature": (S("--temperature", "-1,0.5"), "--temperature"),
+        "proportion above 1": (S("--proportion", "0.5,1.5"), "--proportion"),
         "second writer of the same checkpoint": (["sundae.py", "--data", p["latents"], "--out", str(t / "locked.pt")], "another run"),
         "sample output onto a checkpoint": (S("--out", p["vqgan"]), "also an input"),
         "token inpainting without --known": (["inpaint.py", "--sundae", p["sundae"], "--tokens", str(t / "big.npy")], "--known"),
@@ -1176,7 +1193,10 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     import shutil
     shutil.copy(p["vqgan"], t / "trained_vq.pt")
     shutil.copy(p["sundae"], t / "trained_sd.pt")
-    (t / "locked.pt.lock").write_text(str(os.getppid()))  # held by a live process (pytest's parent)
+    (t / "locked.pt.lock").write_text(str(os.getppid()))
+    same_v = torch.load(p["vqgan"], weights_only=True)  # same V, other codes: ids mean other things
+    same_v["model"]["quantize.codebook"] = torch.randn_like(same_v["model"]["quantize.codebook"])
+    torch.save(same_v, t / "same_v_vq.pt")  # held by a live process (pytest's parent)
     np.save(t / "grid8.npy", np.zeros((2, 8, 8), np.int64))
     np.save(t / "tok4.npy", np.full((2, 4, 4), 3, np.int64))
     torch.save({"weights": torch.zeros(2)}, t / "plain.pt")
@@ -1215,6 +1235,45 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(pipeline, tm
     assert "Traceback" not in res.stderr
     if os.path.exists(out):  # whatever was saved before the blow-up holds finite weights
         assert all(torch.isfinite(v).all() for v in torch.load(out, weights_only=True)["model"].values())
+
+
+def test_latents_carry_their_vocabulary_and_vqgan_identity(pipeline, tmp_path):
+    meta = json.load(open(pipeline["latents"] + ".json"))
+    assert meta["vocab_size"] == 32 and meta["vqgan_id"] == vqgan.fingerprint(vqgan.load_vqgan(pipeline["vqgan"]).state_dict())
+    out = str(tmp_path / "no_flag.pt")  # the quick start's order: no --vqgan, V still the codebook's, not max id + 1
+    sundae.main(["--data", pipeline["latents"], "--out", out, "--max_steps", "1"] + TINY_SUNDAE)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    m = sundae.load_sundae(out)
+    assert m.vocab_size == 32 and m.vqgan_id == meta["vqgan_id"]
+    sample.load_pair(out, pipeline["vqgan"], torch.device("cpu"))  # the right pair is accepted
+
+
+def test_masks_keep_small_holes_and_images_load_upright_and_unclipped(tmp_path):
+    mask = np.zeros((256, 256), np.uint8)
+    mask[100:106, 60:66] = 255  # a 6x6 px hole in a 256 px image, for a 32 px model
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    unknown = vqgan.load_mask(str(tmp_path / "m.png"), 32)
+    assert unknown.sum() >= 1 and (~inpaint.pixel_to_token_mask(torch.from_numpy(~unknown)[None], 4)).sum() >= 1
+    Image.fromarray(np.full((40, 40), 30000, np.uint16)).save(tmp_path / "deep.png")  # 16-bit grey, 46% bright
+    assert abs(int(vqgan.load_image(str(tmp_path / "deep.png"), 32)[0, 0, 0]) - round(30000 / 257)) <= 1
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :20, 0] = 255  # red on the left of a wide image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    Image.fromarray(img).save(tmp_path / "side.png", exif=exif)
+    Image.fromarray(np.rot90(img, -1).copy()).save(tmp_path / "upright.png")
+    assert np.array_equal(vqgan.load_image(str(tmp_path / "side.png"), 20), vqgan.load_image(str(tmp_path / "upright.png"), 20))
+
+
+def test_a_file_that_stops_decoding_is_skipped_not_fatal(tmp_path, capsys):
+    for i, face in enumerate(vqgan.toy_faces(4, 32, seed=3)):
+        Image.fromarray(face).save(tmp_path / f"{i}.png")
+    data = open(tmp_path / "1.png", "rb").read()
+    (tmp_path / "1.png").write_bytes(data[: len(data) // 2])  # truncated: the header still reads
+    images = vqgan.ImageData(str(tmp_path), 32, "train", val_n=1, workers=1)
+    images.paths = vqgan.list_images(str(tmp_path), 32)  # all four, the truncated one included (as --encode does)
+    x = images.batch(list(range(len(images))))
+    assert x.shape[0] == len(images) and torch.isfinite(x).all() and "does not decode" in capsys.readouterr().err
 
 
 def test_checkpoints_keep_the_previous_one_and_the_stop_message_is_true(pipeline, tmp_path):

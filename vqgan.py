@@ -16,7 +16,9 @@ Importing it does no work.
 """
 import argparse
 import glob
+import hashlib
 import inspect
+import json
 import math
 import os
 import pickle
@@ -1341,6 +1343,24 @@ def decode_tokens(path, ckpt, outdir, grid_png, size, trust, device, batch=16):
     print(f"wrote {len(tokens)} PNGs ({model.config.size}x{model.config.size}) to {outdir}/" + (f" and {grid_png}" if grid_png else ""))
 
 
+def fingerprint(state_dict):
+    """A short identity of a VQ-GAN's token meaning: a hash of its quantizer and post-quantizer weights. Latents and
+    SUNDAE checkpoints carry it, so a prior is never paired with a VQ-GAN of the same V whose ids mean other things."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        if k.startswith(("quantize.", "post_quant_conv.")) and state_dict[k].is_floating_point():
+            h.update(k.encode() + state_dict[k].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def write_latents_meta(path, vocab_size, vqgan_id):
+    """The sidecar path + ".json" next to encoded latents: V (a grid may not use every code) and the VQ-GAN's id."""
+    tmp = f"{path}.json.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"vocab_size": int(vocab_size), "vqgan_id": vqgan_id}, f)
+    os.replace(tmp, path + ".json")
+
+
 def save_npy_atomic(array, path):
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a bare name
@@ -1451,7 +1471,9 @@ def main(argv=None):
         flip = tcfg.flip if args.flip is None else args.flip
         ids = encode_dataset(model, images, device, flip=flip, bf16=use_bf16(args.dtype or "auto", device))
         save_npy_atomic(ids, out)
-        print(f"wrote {out}: {ids.shape} {ids.dtype} (V={model.codebook_size}{', with flipped copies' if flip else ''})")
+        write_latents_meta(out, model.codebook_size, fingerprint(model.state_dict()))
+        print(f"wrote {out} (+ {out}.json: V and the VQ-GAN's id): {ids.shape} {ids.dtype} (V={model.codebook_size}"
+              f"{', with flipped copies' if flip else ''})")
         return
 
     mcfg_p, tcfg_p = PRESETS[args.preset]
@@ -1466,6 +1488,10 @@ def main(argv=None):
         if not os.path.isfile(tcfg.out):
             fail(f"--resume: no checkpoint at {tcfg.out!r}; train without --resume first")
         resume_ckpt = load_checkpoint(tcfg.out, "vqgan")
+        ignored = overrides(args, ModelConfig)
+        if ignored:
+            print(f"warning: {', '.join('--' + k for k in ignored)} ignored: a resumed model keeps its checkpoint's shape",
+                  file=sys.stderr)
         # the checkpoint's configs win, except what this command line sets explicitly (e.g. --max_steps)
         mcfg = ModelConfig(**resume_ckpt["model_config"])
         tcfg = replace(TrainConfig(**resume_ckpt["train_config"]), **overrides(args, TrainConfig))
