@@ -1110,6 +1110,43 @@ def run(args, cwd):
     return subprocess.Popen([sys.executable] + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+# Runs each command line as `python script.py args` would (runpy as __main__, so its error handling is the real
+# one), capturing exit status and stderr, in two interpreters that import torch once each, not once per case.
+DRIVER = """
+import contextlib, io, json, runpy, sys, traceback
+results = {}
+for name, args in json.load(sys.stdin).items():
+    err, code = io.StringIO(), 0
+    sys.argv = args
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_path(args[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            code = 1
+            err.write(traceback.format_exc())
+    results[name] = (code, err.getvalue())
+print(json.dumps(results))
+"""
+
+
+def run_scripts(cases, workers=2):
+    """{name: [script.py, *args]} -> {name: (exit status, stderr)}."""
+    names = list(cases)
+    procs = []
+    for k in range(workers):
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        procs.append((proc, json.dumps({n: cases[n] for n in names[k::workers]})))
+    results = {}
+    for proc, todo in procs:
+        out, err = proc.communicate(todo, timeout=300)
+        assert proc.returncode == 0, err
+        results.update(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
 def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     t, p = tmp_path, pipeline
     (t / "empty").mkdir()
@@ -1216,11 +1253,10 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     digest = lambda: {f: hashlib.sha256(open(os.path.join(r, f), "rb").read()).hexdigest()
                       for d in (t, p["dir"]) for r, _, fs in os.walk(d) for f in fs}
     before = digest()
-    procs = {name: run(args, HERE) for name, (args, _) in cases.items()}  # in parallel: each pays for `import torch`
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
+    results = run_scripts({name: args for name, (args, _) in cases.items()})
+    for name, (code, err) in results.items():
         lines = [l for l in err.strip().splitlines() if not l.startswith("warning:")]
-        assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{err}"
+        assert code == 2, f"{name}: exit {code}\n{err}"
         assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err}"
         assert cases[name][1] in lines[0], f"{name}: {lines[0]}"
     assert digest() == before  # every file already on disk is byte-identical afterwards
