@@ -31,7 +31,7 @@ def pixel_to_token_mask(known_pixels, f):
     known (logical AND over the cell, paper §3.6), so no unknown pixel is ever covered by a kept token."""
     B, H, W = known_pixels.shape
     if H % f or W % f:
-        raise ValueError(f"a {H}x{W} mask does not divide into {f}x{f} token cells")
+        raise vqgan.BadInput(f"a {H}x{W} mask does not divide into {f}x{f} token cells")
     cells = known_pixels.reshape(B, H // f, f, W // f, f)  # (B, h, f, w, f): each token's cell
     return cells.all(dim=4).all(dim=2)  # (B, h, w)
 
@@ -39,7 +39,7 @@ def pixel_to_token_mask(known_pixels, f):
 def inpaint(model, tokens, known, **sample_kwargs):
     """tokens (B, h, w), known bool (B, h, w) -> tokens with the unknown positions sampled, known ones unchanged."""
     if known.shape != tokens.shape:
-        raise ValueError(f"mask has shape {tuple(known.shape)} but the tokens {tuple(tokens.shape)}; they must match")
+        raise vqgan.BadInput(f"mask has shape {tuple(known.shape)} but the tokens {tuple(tokens.shape)}; they must match")
     gen = sample_kwargs.get("generator")
     noise = torch.randint(model.vocab_size, tokens.shape, generator=gen, device=tokens.device)
     init = torch.where(known, tokens, noise)  # unknown tokens start uniformly random, like unconditional sampling
@@ -193,5 +193,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # bad input below main (checkpoints, masks): one line, exit 2
+    except vqgan.BadInput as e:  # bad input below main (checkpoints, masks): one line, exit 2
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C: nothing half-written (outputs are written atomically)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

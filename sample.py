@@ -42,7 +42,7 @@ def default_proportion(steps):
 def check_schedule(name, start_end, lo, hi):
     """A (start, end) schedule with both ends finite and in [lo, hi]; ValueError naming the flag otherwise."""
     if len(start_end) != 2 or not all(math.isfinite(v) and lo <= v <= hi for v in start_end):
-        raise ValueError(f"--{name} {','.join(map(str, start_end))}: both ends must be in [{lo}, {hi}]")
+        raise vqgan.BadInput(f"--{name} {','.join(map(str, start_end))}: both ends must be in [{lo}, {hi}]")
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_ste
     check_schedule("temperature", tuple(temperature), 0.0, math.inf)
     check_schedule("proportion", proportion, 0.0, 1.0)
     if steps < 1 or n < 1:
-        raise ValueError(f"need at least one sample and one step, got n={n}, steps={steps}")
+        raise vqgan.BadInput(f"need at least one sample and one step, got n={n}, steps={steps}")
     if device is None:
         device = init.device if init is not None else generator.device if generator is not None else \
             next(model.parameters(), torch.empty(0)).device
@@ -71,16 +71,16 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_ste
     bf16 = device.type == "cuda" if bf16 is None else bf16
     if init is None:
         if known is not None:
-            raise ValueError("known positions need init tokens to keep")
+            raise vqgan.BadInput("known positions need init tokens to keep")
         x = torch.randint(V, (n, h, w), generator=generator, device=device)
     else:
         if tuple(init.shape) != (n, h, w):
-            raise ValueError(f"init tokens have shape {tuple(init.shape)}, expected (n, h, w) = {(n, h, w)}")
+            raise vqgan.BadInput(f"init tokens have shape {tuple(init.shape)}, expected (n, h, w) = {(n, h, w)}")
         x = init.to(device).long().clone()
     free = torch.ones(n, dtype=torch.bool, device=device)  # samples with at least one position that may change
     if known is not None:
         if tuple(known.shape) != tuple(x.shape):
-            raise ValueError(f"known mask has shape {tuple(known.shape)}, the tokens {tuple(x.shape)}")
+            raise vqgan.BadInput(f"known mask has shape {tuple(known.shape)}, the tokens {tuple(x.shape)}")
         known = known.to(device).bool()  # a 0/1 integer mask works too
         free = (~known).flatten(1).any(1)
     if trajectory is not None:
@@ -149,14 +149,14 @@ def load_pair(sundae_path, vqgan_path, device):
         return model, None
     vq = vqgan.load_vqgan(vqgan_path, device)
     if model.vocab_size != vq.codebook_size:
-        raise ValueError(f"{sundae_path!r} models V={model.vocab_size} tokens but {vqgan_path!r} has "
+        raise vqgan.BadInput(f"{sundae_path!r} models V={model.vocab_size} tokens but {vqgan_path!r} has "
                          f"{vq.codebook_size} codes; pass the VQ-GAN whose latents trained this model")
     if getattr(model, "vqgan_id", None) and model.vqgan_id != vqgan.fingerprint(vq.state_dict()):
-        raise ValueError(f"{sundae_path!r} was trained on latents of another VQ-GAN than {vqgan_path!r} (same V, other "
+        raise vqgan.BadInput(f"{sundae_path!r} was trained on latents of another VQ-GAN than {vqgan_path!r} (same V, other "
                          f"codes); pass the VQ-GAN whose latents trained this model")
     g = vq.config.size // vq.downsample_factor
     if (model.height, model.width) != (g, g):
-        raise ValueError(f"{sundae_path!r} models {model.height}x{model.width} token grids but {vqgan_path!r} makes "
+        raise vqgan.BadInput(f"{sundae_path!r} models {model.height}x{model.width} token grids but {vqgan_path!r} makes "
                          f"{g}x{g}; pass the VQ-GAN whose latents trained this model")
     return model, vq
 
@@ -210,7 +210,11 @@ def evaluate(model, vq, vqgan_path, n, seed, batch, **sample_kwargs):
     real = held.batch(list(range(n)))
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
-    toks = torch.cat([sample(model, min(batch, n - i), generator=gen, **sample_kwargs)[0] for i in range(0, n, batch)])
+    toks = []
+    for i in range(0, n, batch):
+        toks.append(sample(model, min(batch, n - i), generator=gen, **sample_kwargs)[0])
+        print(f"sampled {min(n, i + batch)}/{n} for the evaluation", flush=True)
+    toks = torch.cat(toks)
     # two reference points put the samples' number on a scale: decoded uniform-random tokens (what the prior
     # starts from, the "no model" distance) and reconstructions of the held-out images (the VQ-GAN's floor)
     rand = torch.randint(vq.codebook_size, toks.shape, generator=gen, device=device)
@@ -337,8 +341,18 @@ def main(argv=None):
         # batches: a GPU's small and large; on the CPU batch 1 at megapixel presets (a 1024² decode holds GBs)
         batches = [1, 32] if device.type == "cuda" else [1, 16] if preset == "tiny" else [1]
         return benchmark(preset, batches, args.steps, device, bf16)
-    if args.n < 1 or args.steps < 1:
-        fail("--n and --steps must be at least 1")
+    for flag, value, least in (("--n", args.n, 1), ("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                               ("--min_steps", args.min_steps, 0), ("--eval", args.eval, 0), ("--seed", args.seed, 0)):
+        if value < least or value >= 2**63:
+            fail(f"{flag} must be at least {least}, got {value}")
+    if args.eval == 1:
+        fail("--eval needs at least 2 samples to fit a covariance (use 256 or more for a stable number)")
+    for name in ("temperature", "proportion"):
+        try:
+            if getattr(args, name) is not None:
+                check_schedule(name, getattr(args, name), 0.0, math.inf if name == "temperature" else 1.0)
+        except vqgan.BadInput as e:
+            fail(str(e))
     if not args.vqgan and (args.eval or args.outdir or args.trajectory):
         fail("--eval, --outdir and --trajectory show decoded images and need --vqgan; with --vqgan '' use --tokens")
     if not (args.benchmark or args.eval):  # outputs checked before any work: never an input, always writable
@@ -359,6 +373,9 @@ def main(argv=None):
                        args.min_steps, generator=gen, trajectory=traj if i == 0 else None, bf16=bf16)
         toks.append(tk)
         used.append(u)
+        if args.n > args.batch:  # long runs report progress
+            done = min(args.n, i + args.batch)
+            print(f"sampled {done}/{args.n} | {(time.perf_counter() - t) / done * 1e3:.1f} ms/sample", flush=True)
     toks, used = torch.cat(toks), torch.cat(used)
     sync(device)
     t_sample = time.perf_counter() - t
@@ -392,5 +409,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # bad input: checkpoints of the wrong kind or that do not belong together
+    except vqgan.BadInput as e:  # bad input: checkpoints of the wrong kind or that do not belong together
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C: nothing half-written (outputs are written atomically)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -134,31 +134,38 @@ def unrolled_loss(model, tokens, vocab_size, unroll_steps=2, generator=None):
 # data
 
 
+MAX_VOCAB = 2**20  # the largest vocabulary accepted (the biggest VQ-GAN codebooks are 2**18 = 262144)
+
+
 def check_latents(array, vocab_size=0, name="latents"):
     """Validate an (N, h, w) integer token array; returns V (given, or max id + 1). Raises ValueError."""
     if array.ndim != 3:
-        raise ValueError(f"{name} must be an (N, h, w) array of token ids, got shape {tuple(array.shape)}; "
+        raise vqgan.BadInput(f"{name} must be an (N, h, w) array of token ids, got shape {tuple(array.shape)}; "
                          f"write them with vqgan.py --encode or reshape to (N, h, w)")
     if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{name} have dtype {array.dtype}, not an integer type; save token ids as int64/uint16")
+        raise vqgan.BadInput(f"{name} have dtype {array.dtype}, not an integer type; save token ids as int64/uint16")
     if len(array) == 0:
-        raise ValueError(f"{name} hold no sequences (shape {tuple(array.shape)})")
+        raise vqgan.BadInput(f"{name} hold no sequences (shape {tuple(array.shape)})")
     lo, hi = int(array.min()), int(array.max())  # one pass over the (memory-mapped) file
     if lo < 0:
-        raise ValueError(f"{name} contain negative ids (min {lo}); token ids must be in [0, V)")
+        raise vqgan.BadInput(f"{name} contain negative ids (min {lo}); token ids must be in [0, V)")
+    if hi >= MAX_VOCAB:  # an embedding table this large would not fit anywhere: not token ids
+        raise vqgan.BadInput(f"{name} contain id {hi}; token ids must be below {MAX_VOCAB:,} (a codebook, not raw values)")
     if vocab_size and hi >= vocab_size:
-        raise ValueError(f"{name} contain id {hi} >= vocabulary size {vocab_size}; pass the right --vocab_size or --vqgan")
+        raise vqgan.BadInput(f"{name} contain id {hi} >= vocabulary size {vocab_size}; pass the right --vocab_size or --vqgan")
     return vocab_size or hi + 1
 
 
 def load_latents(path, vocab_size=0):
     """Memory-map an .npy of token ids (nothing is read until used) and validate it."""
     if not os.path.isfile(path):
-        raise ValueError(f"latents file {path!r} not found; make one with python vqgan.py --encode, or pass --data PATH")
+        raise vqgan.BadInput(f"latents file {path!r} not found; make one with python vqgan.py --encode, or pass --data PATH")
     try:
         array = np.load(path, mmap_mode="r")
     except Exception as e:  # numpy raises several types for non-.npy files
-        raise ValueError(f"{path!r} is not a readable .npy array ({type(e).__name__}); save latents with np.save")
+        raise vqgan.BadInput(f"{path!r} is not a readable .npy array ({type(e).__name__}); save latents with np.save")
+    if not isinstance(array, np.ndarray):  # an .npz archive of several arrays
+        raise vqgan.BadInput(f"{path!r} is an .npz archive; save the (N, h, w) token array alone with np.save")
     return array, check_latents(array, vocab_size, name=f"latents in {path!r}")
 
 
@@ -198,14 +205,14 @@ def get_batch(array, idx, device):
 def read_checkpoint(path, device="cpu"):
     """A sundae checkpoint as a dict of plain types and tensors; ValueError with the fix if it is not one."""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} not found; train one with python sundae.py --data latents.npy")
+        raise vqgan.BadInput(f"checkpoint {path!r} not found; train one with python sundae.py --data latents.npy")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # foreign or damaged file
-        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); re-train or pass another file")
+        raise vqgan.BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); re-train or pass another file")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "sundae":
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise ValueError(f"{path!r} is a {found} checkpoint, not a sundae one; pass the file sundae.py wrote")
+        raise vqgan.BadInput(f"{path!r} is a {found} checkpoint, not a sundae one; pass the file sundae.py wrote")
     return ckpt
 
 
@@ -217,7 +224,7 @@ def load_sundae(path, device="cpu"):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise ValueError(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
+        raise vqgan.BadInput(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
     return model.eval()
 
 
@@ -295,7 +302,7 @@ def check_config(mcfg, tcfg):
     vqgan.check_config(mcfg, positive=("dim", "heads", "shorten"), nonneg=("vocab_size", "height", "width"))
     vqgan.check_config(tcfg, positive=("unroll_steps", "batch_size", "grad_accum", "lr", "log_every", "val_every",
                                        "val_batches", "sample_every", "ckpt_every"),
-                       nonneg=("min_lr", "weight_decay", "warmup", "grad_clip", "max_steps"),
+                       nonneg=("min_lr", "weight_decay", "warmup", "grad_clip", "max_steps", "seed"),
                        fractions=("val_fraction",), choices={"dtype": ("auto", "bf16", "fp32")})
     if mcfg.dim % mcfg.heads or (mcfg.dim // mcfg.heads) % 4:
         fail(f"--dim {mcfg.dim} / --heads {mcfg.heads} must give a whole head size divisible by 4 (2D RoPE rotates "
@@ -362,17 +369,20 @@ def train(mcfg, tcfg, resume_ckpt=None):
     if tcfg.vqgan:
         vq_id = vqgan.fingerprint(vqgan.load_checkpoint(tcfg.vqgan, "vqgan")["model"])
         if vqgan_id and vq_id != vqgan_id:
-            raise ValueError(f"latents {tcfg.data!r} were encoded by another VQ-GAN than --vqgan {tcfg.vqgan!r}; pass the "
+            raise vqgan.BadInput(f"latents {tcfg.data!r} were encoded by another VQ-GAN than --vqgan {tcfg.vqgan!r}; pass the "
                              f"VQ-GAN that wrote them")
         vqgan_id = vq_id
     if resume_ckpt is not None and (h, w) != (mcfg.height, mcfg.width):
-        raise ValueError(f"--resume: the checkpoint models {mcfg.height}x{mcfg.width} grids but {tcfg.data!r} holds "
+        raise vqgan.BadInput(f"--resume: the checkpoint models {mcfg.height}x{mcfg.width} grids but {tcfg.data!r} holds "
                          f"{h}x{w}; resume with the latents it was trained on")
     mcfg = replace(mcfg, vocab_size=V, height=h, width=w)
     train_idx, val_idx = split_indices(N, tcfg.val_fraction)
     if len(val_idx) == 0 or len(train_idx) == 0:
-        raise ValueError(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split needs at least 3")
-    model = HourglassTransformer(V, h, w, mcfg.dim, mcfg.heads, mcfg.depth, mcfg.shorten, tcfg.grad_ckpt).to(device)
+        raise vqgan.BadInput(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split needs at least 3")
+    try:
+        model = HourglassTransformer(V, h, w, mcfg.dim, mcfg.heads, mcfg.depth, mcfg.shorten, tcfg.grad_ckpt).to(device)
+    except ValueError as e:  # a grid the hourglass cannot shorten: the user's data or flags
+        raise vqgan.BadInput(str(e))
     opt = make_optimizer(model, tcfg)
     step, history = 0, {"train_loss": [], "val_loss": [], "val_acc": []}
     if resume_ckpt is not None:
@@ -621,5 +631,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # bad input found below main (latents, shapes, checkpoints): one line, exit 2
+    except vqgan.BadInput as e:  # bad input found below main (latents, shapes, checkpoints): one line, exit 2
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C: nothing half-written (outputs are written atomically)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1219,6 +1219,14 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "negative random boxes": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--random_boxes", "-2"], "--random_boxes"),
         "negative temperature": (S("--temperature", "-1,0.5"), "--temperature"),
         "proportion above 1": (S("--proportion", "0.5,1.5"), "--proportion"),
+        "npz latents": (["sundae.py", "--data", str(t / "lat.npz")], ".npz archive"),
+        "an id of 2**40": (["sundae.py", "--data", str(t / "huge.npy")], "must be below"),
+        "--eval 1": (S("--eval", "1"), "at least 2"),
+        "--eval=-5": (S("--eval=-5"), "--eval"),
+        "--batch 0": (S("--batch", "0"), "--batch"),
+        "a seed beyond 64 bits": (["sundae.py", "--data", p["latents"], "--seed", str(2**70)], "--seed"),
+        "encode at another size": (["vqgan.py", "--encode", "--ckpt", p["vqgan"], "--size", "64", "--out", str(t / "e.npy")], "--size"),
+        "inpaint with zero steps": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--steps", "0"], "--steps"),
         "second writer of the same checkpoint": (["sundae.py", "--data", p["latents"], "--out", str(t / "locked.pt")], "another run"),
         "sample output onto a checkpoint": (S("--out", p["vqgan"]), "also an input"),
         "token inpainting without --known": (["inpaint.py", "--sundae", p["sundae"], "--tokens", str(t / "big.npy")], "--known"),
@@ -1235,6 +1243,8 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     same_v["model"]["quantize.codebook"] = torch.randn_like(same_v["model"]["quantize.codebook"])
     torch.save(same_v, t / "same_v_vq.pt")  # held by a live process (pytest's parent)
     np.save(t / "grid8.npy", np.zeros((2, 8, 8), np.int64))
+    np.savez(t / "lat.npz", a=np.zeros((4, 4, 4), np.int64))
+    np.save(t / "huge.npy", np.full((4, 4, 4), 2**40, np.uint64))
     np.save(t / "tok4.npy", np.full((2, 4, 4), 3, np.int64))
     torch.save({"weights": torch.zeros(2)}, t / "plain.pt")
     import argparse

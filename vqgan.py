@@ -190,10 +190,10 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 def list_images(folder, size):
     """Sorted image paths under folder (recursive) that open and are at least size on their short side."""
     if not os.path.isdir(folder):
-        raise ValueError(f"data folder {folder!r} does not exist; pass --data DIR with images, or --data toy")
+        raise BadInput(f"data folder {folder!r} does not exist; pass --data DIR with images, or --data toy")
     paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {folder!r}; point --data at a folder of images")
+        raise BadInput(f"no images ({', '.join(IMAGE_EXTS)}) under {folder!r}; point --data at a folder of images")
     good, unreadable, small = [], 0, 0
     for p in paths:
         try:
@@ -209,7 +209,7 @@ def list_images(folder, size):
     if unreadable or small:
         print(f"warning: skipped {unreadable} unreadable images and {small} smaller than {size}px in {folder!r}", file=sys.stderr)
     if not good:
-        raise ValueError(f"none of the {len(paths)} images in {folder!r} is readable and at least {size}px; use --size {size // 2} or other images")
+        raise BadInput(f"none of the {len(paths)} images in {folder!r} is readable and at least {size}px; use --size {size // 2} or other images")
     return good
 
 
@@ -301,7 +301,7 @@ class ImageData:
             x = list(self.pool.map(self.load, idx))
             good = [im for im in x if im is not None]
             if not good:
-                raise ValueError(f"none of the images of a batch could be decoded (e.g. {self.paths[idx[0]]!r})")
+                raise BadInput(f"none of the images of a batch could be decoded (e.g. {self.paths[idx[0]]!r})")
             x = np.stack([im if im is not None else good[0] for im in x])  # a broken file: another image of the batch
         x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
         if flip is not None:
@@ -535,12 +535,12 @@ class VQGAN(nn.Module):
         self.config = cfg = config if isinstance(config, ModelConfig) else ModelConfig(**config)
         self.downsample_factor = 2 ** (len(cfg.ch_mult) - 1)
         if cfg.size % self.downsample_factor:
-            raise ValueError(f"size {cfg.size} is not divisible by the downsample factor f={self.downsample_factor}")
+            raise BadInput(f"size {cfg.size} is not divisible by the downsample factor f={self.downsample_factor}")
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         if cfg.quantizer == "lfq":
             bits = int(math.log2(cfg.codebook_size))
             if 2**bits != cfg.codebook_size:
-                raise ValueError(f"lfq needs a power-of-two codebook_size, got {cfg.codebook_size}")
+                raise BadInput(f"lfq needs a power-of-two codebook_size, got {cfg.codebook_size}")
             self.quantize, qdim = LookupFreeQuantizer(bits, beta=cfg.beta), bits
         else:
             qdim = cfg.embed_dim or cfg.z_channels
@@ -644,6 +644,11 @@ class LPIPS(nn.Module):
 # checkpoints
 
 
+class BadInput(ValueError):
+    """Input the user can fix (a file, a flag, a checkpoint): the scripts print its message as one line and exit 2.
+    Any other exception is a bug and keeps its traceback."""
+
+
 def save_atomic(obj, path, keep_prev=False):
     """torch.save to a temporary file, then rename: a crash mid-write never corrupts the old checkpoint, and a
     failed write (full disk, Ctrl-C) leaves no partial file. keep_prev: the checkpoint being replaced survives as
@@ -739,14 +744,14 @@ def check_outputs(outputs, inputs, overwrite=True):
 def load_checkpoint(path, kind, device="cpu"):
     """Load a checkpoint written by this project and check that it is of the expected kind."""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} not found; train one first (python {kind}.py) or pass its path")
+        raise BadInput(f"checkpoint {path!r} not found; train one first (python {kind}.py) or pass its path")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)  # plain types and tensors only
     except Exception as e:  # torch raises several types for foreign or damaged files
-        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); re-train or pass another file")
+        raise BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); re-train or pass another file")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise ValueError(f"{path!r} is a {found} checkpoint, not a {kind} one; pass the {kind} checkpoint")
+        raise BadInput(f"{path!r} is a {found} checkpoint, not a {kind} one; pass the {kind} checkpoint")
     return ckpt
 
 
@@ -756,24 +761,24 @@ def load_vqgan(path, device="cpu", size=256, trust=False):
     Also takes a taming-transformers checkpoint (see from_taming); size is then its image side, which taming
     keeps in a YAML file, not in the weights, and trust allows a Lightning file that pickles Python objects."""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} not found; train one first (python vqgan.py) or pass its path")
+        raise BadInput(f"checkpoint {path!r} not found; train one first (python vqgan.py) or pass its path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain types and tensors only
     except pickle.UnpicklingError:
         ckpt = None  # pickles objects: perhaps a Lightning (taming) checkpoint; read_taming decides
     except Exception as e:  # torch raises several types for foreign or damaged files
-        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); re-train or pass another file")
+        raise BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); re-train or pass another file")
     if not (isinstance(ckpt, dict) and "kind" in ckpt):  # not written by this project: a taming VQModel?
         cfg, sd = read_taming(path, size, trust, ckpt)
     elif ckpt["kind"] != "vqgan":
-        raise ValueError(f"{path!r} is a {ckpt['kind']} checkpoint, not a vqgan one; pass the vqgan checkpoint")
+        raise BadInput(f"{path!r} is a {ckpt['kind']} checkpoint, not a vqgan one; pass the vqgan checkpoint")
     else:
         cfg, sd = ModelConfig(**ckpt["model_config"]), ckpt["model"]
     model = VQGAN(cfg)
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise ValueError(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
+        raise BadInput(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
     return model.to(device).eval()
 
 
@@ -808,12 +813,12 @@ def read_foreign(path, trust=False):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "global" not in str(e):  # not a refused class: a damaged file
-            raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); pass a .ckpt or .pt file")
+            raise BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); pass a .ckpt or .pt file")
         if not trust:
-            raise ValueError(f"{path!r} pickles Python objects beyond tensors (Lightning checkpoints do), and loading "
+            raise BadInput(f"{path!r} pickles Python objects beyond tensors (Lightning checkpoints do), and loading "
                              f"them can run code; if you trust its source, pass --trust_checkpoint")
     except Exception as e:
-        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); pass a .ckpt or .pt file")
+        raise BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); pass a .ckpt or .pt file")
     lenient = type(sys)("lenient_pickle")  # a pickle module whose Unpickler tolerates missing classes
     lenient.__dict__.update(vars(pickle), Unpickler=_LenientUnpickler)
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=lenient)
@@ -835,9 +840,9 @@ def taming_config(sd, size):
     ch, levels = sd["encoder.conv_in.weight"].shape[0], count("encoder.down.")
     embed_dim, z_channels = sd["quant_conv.weight"].shape[:2]
     if sd["encoder.conv_out.weight"].shape[0] != z_channels:
-        raise ValueError("the encoder's output does not feed quant_conv (double_z?); not a taming VQModel")
+        raise BadInput("the encoder's output does not feed quant_conv (double_z?); not a taming VQModel")
     if size % 2 ** (levels - 1):
-        raise ValueError(f"--size {size} is not divisible by this model's downsample factor {2 ** (levels - 1)}")
+        raise BadInput(f"--size {size} is not divisible by this model's downsample factor {2 ** (levels - 1)}")
     return ModelConfig(
         size=size, ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
         num_res_blocks=count("encoder.down.0.block."), dec_res_blocks=count("decoder.up.0.block."),
@@ -883,13 +888,13 @@ def read_taming(path, size=256, trust=False, ckpt=None):
     """A taming-transformers checkpoint (or its already loaded contents) -> (our ModelConfig, our state_dict)."""
     sd = taming_state_dict(read_foreign(path, trust) if ckpt is None else ckpt)
     if sd is None:
-        raise ValueError(f"{path!r} is neither a checkpoint of this project nor a taming-transformers VQModel "
+        raise BadInput(f"{path!r} is neither a checkpoint of this project nor a taming-transformers VQModel "
                          f"(no quantize.embedding.weight); pass a vqgan.pt or a taming .ckpt")
     cfg = taming_config(sd, size)
     out = from_taming(sd, cfg)
     missing = set(VQGAN(cfg).state_dict()) ^ set(out)
     if missing:
-        raise ValueError(f"{path!r}: taming weights do not map onto the inferred layout ({sorted(missing)[:3]} ...)")
+        raise BadInput(f"{path!r}: taming weights do not map onto the inferred layout ({sorted(missing)[:3]} ...)")
     return cfg, out
 
 
@@ -975,7 +980,7 @@ def check_config(cfg, positive=(), nonneg=(), fractions=(), choices=None):
     (> 0), nonneg (>= 0; NaN fails both), fractions (strictly between 0 and 1), choices {field: allowed values}."""
     for name in positive + nonneg:
         v = getattr(cfg, name)
-        ok = isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if name in positive else v >= 0)
+        ok = isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if name in positive else v >= 0) and v < 2**63
         if not ok:
             fail(f"--{name} must be {'> 0' if name in positive else '>= 0'} (and finite), got {v!r}")
     for name in fractions:
@@ -995,7 +1000,8 @@ def check_vqgan_config(mcfg, tcfg):
         fail(f"--ch_mult needs at least one multiplier, all >= 1, got {','.join(map(str, mcfg.ch_mult)) or 'nothing'}")
     check_config(tcfg, positive=("toy_n", "batch_size", "grad_accum", "lr", "log_every", "sample_every", "ckpt_every",
                                  "val_n", "workers"),
-                 nonneg=("min_lr", "warmup", "grad_clip", "max_steps", "disc_start", "disc_weight", "perceptual_weight"),
+                 nonneg=("min_lr", "warmup", "grad_clip", "max_steps", "disc_start", "disc_weight", "perceptual_weight",
+                         "seed"),
                  choices={"dtype": ("auto", "bf16", "fp32")})
 
 
@@ -1307,13 +1313,13 @@ def encode_dataset(model, data, device, flip=True, batch=64, bf16=False):
 def check_tokens(array, vocab_size, h, w, name):
     """A token array (n, h, w) (or one (h, w) grid) of integer ids in [0, V) -> int64 tensor; ValueError otherwise."""
     if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{name} has dtype {array.dtype}, not integer token ids; save them as uint16 or int64")
+        raise BadInput(f"{name} has dtype {array.dtype}, not integer token ids; save them as uint16 or int64")
     array = array[None] if array.ndim == 2 else array
     if array.ndim != 3 or array.shape[1:] != (h, w) or len(array) == 0:
-        raise ValueError(f"{name} has shape {tuple(array.shape)}, but this model's grids are (n, {h}, {w})")
+        raise BadInput(f"{name} has shape {tuple(array.shape)}, but this model's grids are (n, {h}, {w})")
     lo, hi = int(array.min()), int(array.max())
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{name} holds ids in [{lo}, {hi}], outside this model's vocabulary [0, {vocab_size})")
+        raise BadInput(f"{name} holds ids in [{lo}, {hi}], outside this model's vocabulary [0, {vocab_size})")
     return torch.from_numpy(array.astype(np.int64))
 
 
@@ -1323,7 +1329,7 @@ def decode_tokens(path, ckpt, outdir, grid_png, size, trust, device, batch=16):
     try:
         array = np.load(path, mmap_mode="r")
     except Exception as e:  # missing file, not an .npy
-        raise ValueError(f"cannot read token array {path!r} ({type(e).__name__}); pass an .npy of shape (n, h, w)")
+        raise BadInput(f"cannot read token array {path!r} ({type(e).__name__}); pass an .npy of shape (n, h, w)")
     model = load_vqgan(ckpt, device, size, trust)
     h = model.config.size // model.downsample_factor
     tokens = check_tokens(array, model.codebook_size, h, h, f"token array {path!r}")
@@ -1457,9 +1463,12 @@ def main(argv=None):
         model = load_vqgan(args.ckpt, size=args.size or 256, trust=args.trust_checkpoint)
         try:
             tcfg = TrainConfig(**load_checkpoint(args.ckpt, "vqgan")["train_config"])
-        except ValueError:  # a taming checkpoint used directly: default data settings
+        except BadInput:  # a taming checkpoint used directly: default data settings
             tcfg = TrainConfig()
         mcfg = model.config
+        if args.size and args.size != mcfg.size:
+            fail(f"--size {args.size}: this VQ-GAN works on {mcfg.size}px images; drop --size (images are resized to it)")
+        tcfg = replace(tcfg, toy_n=args.toy_n or tcfg.toy_n)
         data = args.data or tcfg.data
         out = args.out or "latents.npy"
         check_outputs({"--out": out}, [args.ckpt], overwrite=bool(args.overwrite))
@@ -1521,5 +1530,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # bad input found below main (data folder, checkpoint): one line, exit 2
+    except BadInput as e:  # bad input found below main (data folder, checkpoint): one line, exit 2
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves and exits 130 itself), e.g. during --encode
+        print("interrupted: nothing was written", file=sys.stderr)
+        sys.exit(130)
