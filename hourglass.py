@@ -38,7 +38,7 @@ def rope_2d(x, h, w, stride=1, base=10000.0):
     """Rotate queries or keys by their 2D grid position (RoFormer, Su et al.; 2D as in Biderman et al.).
 
     x: (B, heads, h*w, head_dim) in raster order, already split into heads, so every head gets positions
-    (the authors' code rotated before the head split, so only head 0 did: SPEC §7.1). The first half of each
+    (the authors' code rotated before the head split, so only head 0 did). The first half of each
     head's channels is rotated by the row position, the second half by the column position, in pairs
     (x[2j], x[2j+1]) by angle pos * base**(-j / n_pairs). Then <rope(q, p), rope(k, p')> depends on p' - p only.
     stride: at a coarse level a token stands for a stride x stride patch; we place it at the patch centre in
@@ -100,7 +100,7 @@ class Downsample2D(nn.Module):
     """Merge each k x k patch of the grid into one token: concatenate the k^2 vectors, Linear(k^2 D -> D).
 
     The paper's fix (§3.2): a fine token influences only the coarse token of its own 2D patch. The authors'
-    attention resampling grouped k^2 consecutive raster tokens, a row strip, instead (SPEC §7.2)."""
+    attention resampling grouped k^2 consecutive raster tokens, a row strip, instead."""
 
     def __init__(self, dim, k):
         super().__init__()
@@ -284,14 +284,12 @@ def main(argv=None):
           f"{'bf16' if device.type == 'cuda' else 'fp32'} | batch {args.batch} | {args.height}x{args.width} tokens | preset {args.preset}")
     res = {}
     for name, m in (("hourglass", hourglass), ("flat", flat)):
-        if args.compile:
-            m = torch.compile(m)
-        t = forward_time(m, tokens, args.reps, device)
+        t = forward_time(torch.compile(m) if args.compile else m, tokens, args.reps, device)
         res[name] = t
-        print(f"{name:9s} depth {str(m.config['depth'] if hasattr(m, 'config') else ''):14s} "
+        print(f"{name:9s} depth {str(m.config['depth']):14s} "
               f"{sum(q.numel() for q in m.parameters()) / 1e6:7.1f}M params | forward {t * 1e3:8.1f} ms | "
               f"{args.batch * args.height * args.width / t / 1e3:8.1f}k tok/s")
-    print(f"hourglass / flat time ratio: {res['hourglass'] / res['flat']:.3f} (target <= 0.55, SPEC §4)")
+    print(f"hourglass / flat time ratio: {res['hourglass'] / res['flat']:.3f} (the project's target: <= 0.55)")
 
 
 if __name__ == "__main__":

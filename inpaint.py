@@ -13,8 +13,6 @@ sample.py:sample while the known ones are held fixed and give the model its cont
 
 Imports sample.py, sundae.py and vqgan.py; importing it does no work.
 """
-import argparse
-import os
 import sys
 
 import numpy as np

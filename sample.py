@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import sundae
 import vqgan
+from vqgan import fail
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,12 +144,6 @@ def decode(vq, tokens, batch=16, bf16=None):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def fail(msg):
-    """Bad input: one line on stderr, exit status 2, no traceback (twin of vqgan.fail)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def load_pair(sundae_path, vqgan_path, device):

@@ -14,17 +14,14 @@ Any (N, h, w) integer array works as data; the vocabulary is max id + 1 unless -
 says otherwise. Imports hourglass.py, and vqgan.py for the bf16 autocast helpers and, with --vqgan, to decode
 progress pictures.
 """
-import argparse
-import inspect
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -34,6 +31,7 @@ import torch.nn.functional as F
 
 import vqgan
 from hourglass import HourglassTransformer
+from vqgan import BadInput, add_flags, fail, lr_at, overrides, pick_device, split_indices  # one copy of the plumbing
 
 # ----------------------------------------------------------------------------------------------------------
 # config
@@ -140,32 +138,32 @@ MAX_VOCAB = 2**20  # the largest vocabulary accepted (the biggest VQ-GAN codeboo
 def check_latents(array, vocab_size=0, name="latents"):
     """Validate an (N, h, w) integer token array; returns V (given, or max id + 1). Raises ValueError."""
     if array.ndim != 3:
-        raise vqgan.BadInput(f"{name} must be an (N, h, w) array of token ids, got shape {tuple(array.shape)}; "
+        raise BadInput(f"{name} must be an (N, h, w) array of token ids, got shape {tuple(array.shape)}; "
                          f"write them with vqgan.py --encode or reshape to (N, h, w)")
     if not np.issubdtype(array.dtype, np.integer):
-        raise vqgan.BadInput(f"{name} have dtype {array.dtype}, not an integer type; save token ids as int64/uint16")
+        raise BadInput(f"{name} have dtype {array.dtype}, not an integer type; save token ids as int64/uint16")
     if len(array) == 0:
-        raise vqgan.BadInput(f"{name} hold no sequences (shape {tuple(array.shape)})")
+        raise BadInput(f"{name} hold no sequences (shape {tuple(array.shape)})")
     lo, hi = int(array.min()), int(array.max())  # one pass over the (memory-mapped) file
     if lo < 0:
-        raise vqgan.BadInput(f"{name} contain negative ids (min {lo}); token ids must be in [0, V)")
+        raise BadInput(f"{name} contain negative ids (min {lo}); token ids must be in [0, V)")
     if hi >= MAX_VOCAB:  # an embedding table this large would not fit anywhere: not token ids
-        raise vqgan.BadInput(f"{name} contain id {hi}; token ids must be below {MAX_VOCAB:,} (a codebook, not raw values)")
+        raise BadInput(f"{name} contain id {hi}; token ids must be below {MAX_VOCAB:,} (a codebook, not raw values)")
     if vocab_size and hi >= vocab_size:
-        raise vqgan.BadInput(f"{name} contain id {hi} >= vocabulary size {vocab_size}; pass the right --vocab_size or --vqgan")
+        raise BadInput(f"{name} contain id {hi} >= vocabulary size {vocab_size}; pass the right --vocab_size or --vqgan")
     return vocab_size or hi + 1
 
 
 def load_latents(path, vocab_size=0):
     """Memory-map an .npy of token ids (nothing is read until used) and validate it."""
     if not os.path.isfile(path):
-        raise vqgan.BadInput(f"latents file {path!r} not found; make one with python vqgan.py --encode, or pass --data PATH")
+        raise BadInput(f"latents file {path!r} not found; make one with python vqgan.py --encode, or pass --data PATH")
     try:
         array = np.load(path, mmap_mode="r")
     except Exception as e:  # numpy raises several types for non-.npy files
-        raise vqgan.BadInput(f"{path!r} is not a readable .npy array ({type(e).__name__}); save latents with np.save")
+        raise BadInput(f"{path!r} is not a readable .npy array ({type(e).__name__}); save latents with np.save")
     if not isinstance(array, np.ndarray):  # an .npz archive of several arrays
-        raise vqgan.BadInput(f"{path!r} is an .npz archive; save the (N, h, w) token array alone with np.save")
+        raise BadInput(f"{path!r} is an .npz archive; save the (N, h, w) token array alone with np.save")
     return array, check_latents(array, vocab_size, name=f"latents in {path!r}")
 
 
@@ -176,20 +174,6 @@ def latents_meta(path):
             return json.load(f)
     except (OSError, ValueError):  # no sidecar (the user's own latents) or an unreadable one
         return {}
-
-
-def split_indices(n, val_fraction=0.05, seed=0):
-    """Deterministic train/val split that keeps rows (2i, 2i+1), an image and its flip, on the same side.
-
-    Twin of vqgan.split_indices."""
-    pairs = (n + 1) // 2
-    perm = torch.randperm(pairs, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, round(pairs * val_fraction)) if pairs > 1 else 0
-    val_pairs = torch.zeros(pairs, dtype=torch.bool)
-    val_pairs[perm[:n_val]] = True
-    is_val = val_pairs.repeat_interleave(2)[:n]
-    idx = torch.arange(n)
-    return idx[~is_val], idx[is_val]
 
 
 def get_batch(array, idx, device):
@@ -205,14 +189,14 @@ def get_batch(array, idx, device):
 def read_checkpoint(path, device="cpu"):
     """A sundae checkpoint as a dict of plain types and tensors; ValueError with the fix if it is not one."""
     if not os.path.isfile(path):
-        raise vqgan.BadInput(f"checkpoint {path!r} not found; train one with python sundae.py --data latents.npy")
+        raise BadInput(f"checkpoint {path!r} not found; train one with python sundae.py --data latents.npy")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # foreign or damaged file
-        raise vqgan.BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); re-train or pass another file")
+        raise BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); re-train or pass another file")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "sundae":
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise vqgan.BadInput(f"{path!r} is a {found} checkpoint, not a sundae one; pass the file sundae.py wrote")
+        raise BadInput(f"{path!r} is a {found} checkpoint, not a sundae one; pass the file sundae.py wrote")
     return ckpt
 
 
@@ -224,7 +208,7 @@ def load_sundae(path, device="cpu"):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise vqgan.BadInput(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
+        raise BadInput(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
     return model.eval()
 
 
@@ -266,35 +250,7 @@ def save_token_picture(tokens, vocab_size, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# command line: flags generated from the dataclasses; the twin of this block is in vqgan.py
-
-
-def field_help(cls):
-    """The trailing comment of each dataclass field, used as its --help text (one source of truth)."""
-    found = re.findall(r"^\s+(\w+):.*?  # (.*)$", inspect.getsource(cls), re.M)
-    return {name: text.replace("%", "%%") for name, text in found}  # argparse %-formats help text
-
-
-def add_flags(parser, cls):
-    helps = field_help(cls)
-    for f in fields(cls):
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=helps[f.name])
-        elif f.type is tuple:
-            parser.add_argument(f"--{f.name}", type=lambda s: tuple(int(v) for v in s.split(",") if v), default=None,
-                                help=helps[f.name] + f" (comma-separated, default {','.join(map(str, f.default))})")
-        else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=None, help=f"{helps[f.name]} (default {f.default!r})")
-
-
-def overrides(args, cls):
-    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
-
-
-def fail(msg):
-    """Bad input: one line on stderr, exit status 2, no traceback (SPEC §5)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+# command line (the generic plumbing, flags from dataclass fields, fail, devices, lr schedule, lives in vqgan.py)
 
 
 def check_config(mcfg, tcfg):
@@ -310,22 +266,6 @@ def check_config(mcfg, tcfg):
     if len(mcfg.depth) % 2 == 0 or min(mcfg.depth) < 0 or (len(mcfg.depth) > 1 and mcfg.shorten < 2):
         fail(f"--depth {','.join(map(str, mcfg.depth))} must have odd length (pre, ..., valley, ..., post) with counts "
              f">= 0, and --shorten >= 2 when it has levels")
-
-
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if name not in ("auto", "cpu", "cuda"):
-        fail(f"--device must be auto, cpu or cuda, not {name!r}")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def lr_at(step, tcfg):
-    """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
-    if step < tcfg.warmup:
-        return tcfg.lr * (step + 1) / tcfg.warmup
-    progress = min(1.0, (step - tcfg.warmup) / max(1, tcfg.max_steps - tcfg.warmup))
-    return tcfg.min_lr + 0.5 * (tcfg.lr - tcfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model, tcfg):
@@ -369,20 +309,20 @@ def train(mcfg, tcfg, resume_ckpt=None):
     if tcfg.vqgan:
         vq_id = vqgan.fingerprint(vqgan.load_checkpoint(tcfg.vqgan, "vqgan")["model"])
         if vqgan_id and vq_id != vqgan_id:
-            raise vqgan.BadInput(f"latents {tcfg.data!r} were encoded by another VQ-GAN than --vqgan {tcfg.vqgan!r}; pass the "
+            raise BadInput(f"latents {tcfg.data!r} were encoded by another VQ-GAN than --vqgan {tcfg.vqgan!r}; pass the "
                              f"VQ-GAN that wrote them")
         vqgan_id = vq_id
     if resume_ckpt is not None and (h, w) != (mcfg.height, mcfg.width):
-        raise vqgan.BadInput(f"--resume: the checkpoint models {mcfg.height}x{mcfg.width} grids but {tcfg.data!r} holds "
+        raise BadInput(f"--resume: the checkpoint models {mcfg.height}x{mcfg.width} grids but {tcfg.data!r} holds "
                          f"{h}x{w}; resume with the latents it was trained on")
     mcfg = replace(mcfg, vocab_size=V, height=h, width=w)
     train_idx, val_idx = split_indices(N, tcfg.val_fraction)
     if len(val_idx) == 0 or len(train_idx) == 0:
-        raise vqgan.BadInput(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split needs at least 3")
+        raise BadInput(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split needs at least 3")
     try:
         model = HourglassTransformer(V, h, w, mcfg.dim, mcfg.heads, mcfg.depth, mcfg.shorten, tcfg.grad_ckpt).to(device)
     except ValueError as e:  # a grid the hourglass cannot shorten: the user's data or flags
-        raise vqgan.BadInput(str(e))
+        raise BadInput(str(e))
     opt = make_optimizer(model, tcfg)
     step, history = 0, {"train_loss": [], "val_loss": [], "val_acc": []}
     if resume_ckpt is not None:

@@ -467,7 +467,7 @@ def test_every_head_receives_positions(monkeypatch):
     x = torch.randn(1, 32).expand(1, 16, 32).clone()  # the same content at all 16 positions
     attn(x, 4, 4, 1)
     logits = seen["q"] @ seen["k"].transpose(-1, -2)  # (1, heads, 16, 16)
-    for head in range(4):  # without positions every logit of a head would be equal (SPEC §7.1: only head 0 had them)
+    for head in range(4):  # without positions every logit of a head would be equal (the authors' code gave them to head 0 only)
         assert logits[0, head, 0].std() > 1e-3, f"head {head} does not see key positions"
 
 
@@ -494,7 +494,7 @@ def test_resampling_is_2d_local():
         changed = (down(x2, h, w) - down(x, h, w)).abs().sum(-1)[0].reshape(h // k, w // k) > 1e-6
         expect = torch.zeros(h // k, w // k, dtype=torch.bool)
         expect[r // k, c // k] = True
-        assert torch.equal(changed, expect)  # only its own coarse token (not a row strip, SPEC §7.2)
+        assert torch.equal(changed, expect)  # only its own coarse token (not a row strip, as the authors' resampling did)
     y = torch.randn(1, (h // k) * (w // k), D)
     for i, j in [(0, 0), (2, 3), (1, 2)]:
         y2 = y.clone()
@@ -1120,6 +1120,15 @@ def test_readme_figures_exist():
     readme = open(os.path.join(HERE, "README.md")).read()
     figures = re.findall(r"\]\((assets/[^)]+)\)", readme)
     assert figures and all(os.path.isfile(os.path.join(HERE, f)) for f in figures), figures
+
+
+def test_readme_file_table_line_counts_are_current():
+    import re
+    readme = open(os.path.join(HERE, "README.md")).read()
+    rows = re.findall(r"^\| `(\w+\.py)` \| (\d+) \|", readme, re.M)
+    assert len(rows) == 6, rows
+    for name, count in rows:
+        assert int(count) == sum(1 for _ in open(os.path.join(HERE, name))), f"README says {name} has {count} lines"
 
 
 @pytest.mark.parametrize("module", [vqgan, hourglass, sundae, sample, inpaint])

@@ -97,10 +97,10 @@ class TrainConfig:
 
 
 PRESETS = {
-    # CPU demo: 32x32 toy faces -> 8x8 tokens (f = 4), ~3.5 minutes on 2 cores. SPEC says 64x64; at 64x64 (f = 8)
+    # CPU demo: 32x32 toy faces -> 8x8 tokens (f = 4), ~3.5 minutes on 2 cores. The first design said 64x64; at 64x64 (f = 8)
     # the same CPU time gave 17.5 dB held-out PSNR against 23.7 dB here, so the demo uses 32x32 (README)
     "tiny": (ModelConfig(), TrainConfig()),
-    # FFHQ-256: f = 16, V = 1024, 16x16 tokens (SPEC §2.1)
+    # FFHQ-256: f = 16, V = 1024, 16x16 tokens (the paper's FFHQ-256 setting)
     "ffhq256": (
         ModelConfig(size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
                     z_channels=256, codebook_size=1024, code_dim=32, l2_norm=True, restart_after=1000,
@@ -251,7 +251,7 @@ def split_indices(n, val_fraction=0.05, seed=0):
     """Deterministic train/val split of n items that keeps rows (2i, 2i+1) on the same side.
 
     vqgan.py --encode writes an image and its flipped copy next to each other, so a split over pairs never
-    puts an image in training and its mirror image in validation (the authors' defect, SPEC §7.6)."""
+    puts an image in training and its mirror image in validation (a defect of the authors' code)."""
     pairs = (n + 1) // 2
     perm = torch.randperm(pairs, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(pairs * val_fraction)) if pairs > 1 else 0
@@ -318,7 +318,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, codebook_size, dim, beta=0.25, l2_norm=False, code_dim=None, restart_after=0):
         super().__init__()
-        self.codebook_size, self.dim, self.beta, self.l2_norm = codebook_size, dim, beta, l2_norm
+        self.codebook_size, self.beta, self.l2_norm = codebook_size, beta, l2_norm
         # ViT-VQGAN (Yu et al. 2022): look codes up in a small space; a low-dimensional, normalised lookup
         # uses far more of the codebook than a 256-d Euclidean one
         self.code_dim = code_dim or dim
@@ -345,7 +345,7 @@ class VectorQuantizer(nn.Module):
             indices = dist2.argmin(1)  # (N,)
             e_sel = e[indices]  # (N, code_dim)
             # codebook term pulls codes to the (frozen) encoder outputs; the commitment term, weighted by beta,
-            # pulls the encoder to its (frozen) code. Taming's "legacy" quantizer put beta on the wrong term (SPEC §7.5)
+            # pulls the encoder to its (frozen) code. Taming's "legacy" quantizer put beta on the wrong term
             loss = F.mse_loss(e_sel, ze.detach()) + self.beta * F.mse_loss(ze, e_sel.detach())
             # straight-through estimator: the forward value is the code, the backward pass copies the gradient
             # from z_q to z unchanged, as if quantization were the identity (VQ-VAE §3.2)
@@ -377,15 +377,14 @@ class VectorQuantizer(nn.Module):
         self.unused_steps[dead] = 0
 
     def lookup(self, indices):
-        B, h, w = indices.shape
         zq = self.proj_out(self.codes()[indices])  # (B, h, w, D)
         return zq.permute(0, 3, 1, 2)  # (B, D, h, w)
 
 
 class LookupFreeQuantizer(nn.Module):
-    """Lookup-free quantization (MAGVIT-v2, Yu et al. 2023; the lecture's LFQ): each channel is one bit, q = sign(z).
+    """Lookup-free quantization (MAGVIT-v2, Yu et al. 2023): each channel is one bit, q = sign(z).
 
-    The lecture slide writes sign(z) = 1[z <= 0] - 1[z > 0], i.e. with the sign flipped; we use the usual
+    Some write sign(z) = 1[z <= 0] - 1[z > 0], i.e. with the sign flipped; we use the usual
     sign(z) = +1 for z > 0, else -1. Either way the 2**bits codes are the corners of the {-1, +1} cube."""
 
     def __init__(self, bits, beta=0.25, entropy_weight=0.1, temperature=0.1):
@@ -609,8 +608,9 @@ def adaptive_weight(rec_loss, g_loss, last_layer):
 class LPIPS(nn.Module):
     """Learned perceptual distance (Zhang et al. 2018) on VGG16 features, written in plain torch.
 
-    Layer names match torchvision's vgg16().features and the LPIPS "lin" layers, so their weights load
-    directly; the README shows how to make the weights file once. Nothing is downloaded here."""
+    The VGG layers keep torchvision's vgg16().features indices (features.N); the LPIPS linear layers are
+    lins.0..4. Published LPIPS files name them differently (lin0.model.1, taming's net.sliceK.N): taming_lpips
+    renames them, and vqgan.py --convert writes them as lpips.pt from any taming checkpoint. Nothing is downloaded."""
 
     def __init__(self):
         super().__init__()
@@ -963,7 +963,7 @@ def overrides(args, cls):
 
 
 def fail(msg):
-    """Bad input: one line on stderr and exit status 2, no traceback (SPEC §5)."""
+    """Bad input: one line on stderr and exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
