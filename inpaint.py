@@ -21,7 +21,7 @@ from PIL import Image
 
 import sundae
 import vqgan
-from sample import decode, fail, load_pair, pair, sample, token_dtype
+from sample import add_sampling_flags, decode, fail, load_pair, sample, token_dtype
 
 
 def pixel_to_token_mask(known_pixels, f):
@@ -103,11 +103,7 @@ def main(argv=None):
     p.add_argument("--box", default="", help="x0,y0,x1,y1: fill in this box (pixels of the model-sized image)")
     p.add_argument("--random_boxes", type=int, default=0, help="fill in N random boxes per image instead")
     p.add_argument("--samples", type=int, default=4, help="inpaintings per image")
-    p.add_argument("--steps", type=int, default=100, help="maximum denoising steps")
-    p.add_argument("--temperature", type=pair, default=(1.0, 0.7), help="start,end temperature (default 1.0,0.7)")
-    p.add_argument("--proportion", type=pair, default=None,
-                   help="start,end share of positions that take their new draw per step (default 1,1 below 20 steps, "
-                        "as paper §3.5 asks, else 0.5,0.5)")
+    add_sampling_flags(p)
     p.add_argument("--tokens", default="", help="inpaint token grids instead: an (B, h, w) .npy of ids (no VQ-GAN needed)")
     p.add_argument("--known", default="", help="with --tokens: (B, h, w) .npy, bool or 0/1, 1 = keep this token")
     p.add_argument("--out", default="", help="figure: original | masked | inpaintings, a row per image (default inpaint.png); "

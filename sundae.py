@@ -286,21 +286,8 @@ def noise_seed(seed, step, micro):
 
 
 def train(mcfg, tcfg, resume_ckpt=None):
-    # DDP when launched by torchrun (it sets RANK); the twin of this block is in vqgan.py
-    ddp = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = pick_device(tcfg.device)
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ddp, rank, world, device, micro = vqgan.setup_processes(tcfg)  # DDP under torchrun, else one process
     master = rank == 0
-    if tcfg.batch_size % (world * tcfg.grad_accum):
-        fail(f"--batch_size {tcfg.batch_size} must divide by processes x --grad_accum = {world * tcfg.grad_accum}")
-    micro = tcfg.batch_size // (world * tcfg.grad_accum)
-    torch.manual_seed(tcfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast may use TF32 tensor cores
 
     meta = latents_meta(tcfg.data)  # V and the VQ-GAN's id, when vqgan.py --encode wrote the latents
     array, V = load_latents(tcfg.data, mcfg.vocab_size or meta.get("vocab_size", 0))

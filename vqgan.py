@@ -1125,8 +1125,9 @@ def lr_at(step, tcfg):
     return tcfg.min_lr + 0.5 * (tcfg.lr - tcfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def train(mcfg, tcfg, resume_ckpt=None):
-    # DDP when launched by torchrun (it sets RANK); the twin of this block is in sundae.py
+def setup_processes(tcfg):
+    """One process, or DDP when launched by torchrun (it sets RANK). Returns (ddp, rank, world, device, micro), micro
+    being the per-process micro-batch: --batch_size counts all processes and micro-batches. sundae.py uses it too."""
     ddp = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = pick_device(tcfg.device)
@@ -1135,11 +1136,16 @@ def train(mcfg, tcfg, resume_ckpt=None):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
     if tcfg.batch_size % (world * tcfg.grad_accum):
         fail(f"--batch_size {tcfg.batch_size} must divide by processes x --grad_accum = {world * tcfg.grad_accum}")
-    micro = tcfg.batch_size // (world * tcfg.grad_accum)
     torch.manual_seed(tcfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True  # GPU only: fp32 matmuls outside autocast may use TF32 tensor cores
+    return ddp, rank, world, device, tcfg.batch_size // (world * tcfg.grad_accum)
+
+
+def train(mcfg, tcfg, resume_ckpt=None):
+    ddp, rank, world, device, micro = setup_processes(tcfg)
+    master = rank == 0
 
     train_data = ImageData(tcfg.data, mcfg.size, "train", tcfg.toy_n, tcfg.val_n, tcfg.workers)
     val_data = ImageData(tcfg.data, mcfg.size, "val", tcfg.toy_n, tcfg.val_n, tcfg.workers)
