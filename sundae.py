@@ -548,9 +548,11 @@ def main(argv=None):
     if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
         vqgan.clean_stale_tmp(tcfg.out)
         lock = vqgan.lock_output(tcfg.out)
+    handler = signal.getsignal(signal.SIGINT)  # training installs its own Ctrl-C handler: hand the caller's back
     try:
         train(mcfg, tcfg, resume_ckpt)
     finally:
+        signal.signal(signal.SIGINT, handler)
         if lock:
             os.remove(lock)
 

@@ -1526,9 +1526,11 @@ def main(argv=None):
     if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
         clean_stale_tmp(tcfg.out)
         lock = lock_output(tcfg.out)
+    handler = signal.getsignal(signal.SIGINT)  # training installs its own Ctrl-C handler: hand the caller's back
     try:
         train(mcfg, tcfg, resume_ckpt)
     finally:
+        signal.signal(signal.SIGINT, handler)
         if lock:
             os.remove(lock)
 
