@@ -16,17 +16,30 @@ Imports nothing from this project; importing it does no work.
 import argparse
 import math
 import time
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# name: (dim, heads, depth, shorten). Grid size and vocabulary come from the data.
+
+@dataclass
+class HourglassConfig:
+    """The network's whole shape: HourglassTransformer(**asdict(config)). Checkpoints store asdict(config)."""
+    dim: int = 128  # transformer width
+    heads: int = 4  # attention heads (head_dim = dim / heads, a multiple of 4 for 2D RoPE)
+    depth: tuple = (1, 4, 1)  # blocks per hourglass level: (pre, valley, post); (2, 2, 8, 2, 2) nests two levels
+    shorten: int = 2  # k: each level merges k x k patches
+    vocab_size: int = 0  # V; 0 = from the latents' sidecar or --vqgan, else max id in the data + 1
+    height: int = 0  # token grid rows; 0 = from the data
+    width: int = 0  # token grid columns; 0 = from the data
+
+
 PRESETS = {
-    "tiny": dict(dim=128, heads=4, depth=(1, 4, 1), shorten=2),  # CPU demo (sundae.py's tiny preset)
-    "ffhq256": dict(dim=1024, heads=16, depth=(2, 10, 2), shorten=2),  # 16x16 tokens, V = 1024
-    "ffhq1024": dict(dim=1024, heads=16, depth=(2, 12, 2), shorten=2),  # 32x32 tokens, V = 8192
+    "tiny": HourglassConfig(),  # CPU demo: 1.4M params on 8x8 toy-face tokens
+    "ffhq256": HourglassConfig(dim=1024, heads=16, depth=(2, 10, 2), vocab_size=1024, height=16, width=16),
+    "ffhq1024": HourglassConfig(dim=1024, heads=16, depth=(2, 12, 2), vocab_size=8192, height=32, width=32),
 }
 
 
@@ -271,14 +284,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.benchmark:
         for name, p in PRESETS.items():
-            m = HourglassTransformer(args.vocab_size, args.height, args.width, **p)
-            print(f"{name:9s} dim {p['dim']:4d} heads {p['heads']:2d} depth {p['depth']}: "
+            m = HourglassTransformer(**asdict(replace(p, vocab_size=args.vocab_size, height=args.height, width=args.width)))
+            print(f"{name:9s} dim {p.dim:4d} heads {p.heads:2d} depth {p.depth}: "
                   f"{sum(q.numel() for q in m.parameters()) / 1e6:.1f}M params (V={args.vocab_size}, {args.height}x{args.width})")
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    p = PRESETS[args.preset]
-    hourglass = HourglassTransformer(args.vocab_size, args.height, args.width, **p).to(device).eval()
-    flat = HourglassTransformer(args.vocab_size, args.height, args.width, p["dim"], p["heads"], depth=(sum(p["depth"]),)).to(device).eval()
+    p = replace(PRESETS[args.preset], vocab_size=args.vocab_size, height=args.height, width=args.width)
+    hourglass = HourglassTransformer(**asdict(p)).to(device).eval()
+    flat = HourglassTransformer(**asdict(replace(p, depth=(sum(p.depth),)))).to(device).eval()  # same blocks, no levels
     tokens = torch.randint(args.vocab_size, (args.batch, args.height, args.width), device=device)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads) | "
           f"{'bf16' if device.type == 'cuda' else 'fp32'} | batch {args.batch} | {args.height}x{args.width} tokens | preset {args.preset}")

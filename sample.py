@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -268,7 +269,7 @@ def benchmark(preset, batches, steps, device, bf16):
     mc = sundae.PRESETS[preset][0]
     vcfg = vqgan.PRESETS[preset][0]
     h = vcfg.size // 2 ** (len(vcfg.ch_mult) - 1)
-    model = sundae.HourglassTransformer(vcfg.codebook_size, h, h, mc.dim, mc.heads, mc.depth, mc.shorten).to(device).eval()
+    model = sundae.HourglassTransformer(**asdict(replace(mc, vocab_size=vcfg.codebook_size, height=h, width=h))).to(device).eval()
     vq = vqgan.VQGAN(vcfg).to(device).eval()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name} | preset {preset}: {vcfg.size}px, {h}x{h} tokens, V={vcfg.codebook_size} | {steps} steps, "

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vqgan
+import hourglass
 from hourglass import HourglassTransformer
 from vqgan import BadInput, add_flags, fail, lr_at, overrides, pick_device, split_indices  # one copy of the plumbing
 
@@ -37,15 +38,7 @@ from vqgan import BadInput, add_flags, fail, lr_at, overrides, pick_device, spli
 # config
 
 
-@dataclass
-class ModelConfig:
-    dim: int = 128  # transformer width
-    heads: int = 4  # attention heads (head_dim = dim / heads, a multiple of 4 for 2D RoPE)
-    depth: tuple = (1, 4, 1)  # blocks per hourglass level: (pre, valley, post); (2, 2, 8, 2, 2) nests two levels
-    shorten: int = 2  # k: each level merges k x k patches
-    vocab_size: int = 0  # V; 0 = from --vqgan, else max id in the data + 1
-    height: int = 0  # token grid rows; 0 = from the data (set for --benchmark)
-    width: int = 0  # token grid columns; 0 = from the data (set for --benchmark)
+ModelConfig = hourglass.HourglassConfig  # the network's shape: one dataclass, owned by hourglass.py
 
 
 @dataclass
@@ -79,13 +72,13 @@ class TrainConfig:
 
 PRESETS = {
     # CPU demo on 8x8 toy-face tokens: 1.4M params, ~4 minutes on 2 cores
-    "tiny": (ModelConfig(), TrainConfig()),
+    "tiny": (hourglass.PRESETS["tiny"], TrainConfig()),
     # FFHQ-256 (16x16 tokens, V = 1024); the authors: AdamW, constant lr 3e-5, batch 64, no warm-up or clipping
-    "ffhq256": (ModelConfig(dim=1024, heads=16, depth=(2, 10, 2), height=16, width=16, vocab_size=1024),
+    "ffhq256": (hourglass.PRESETS["ffhq256"],
                 TrainConfig(batch_size=64, lr=3e-5, min_lr=3e-5, warmup=2000, max_steps=1_000_000, val_every=5000,
                             log_every=100, sample_every=5000, ckpt_every=5000)),
     # FFHQ-1024 (32x32 tokens, V = 8192); the authors used batch 8-16 and lr 3e-5 (5e-6 for one config)
-    "ffhq1024": (ModelConfig(dim=1024, heads=16, depth=(2, 12, 2), height=32, width=32, vocab_size=8192),
+    "ffhq1024": (hourglass.PRESETS["ffhq1024"],
                  TrainConfig(batch_size=16, lr=3e-5, min_lr=3e-5, warmup=2000, max_steps=1_000_000, val_every=5000,
                              log_every=100, sample_every=5000, ckpt_every=5000)),
 }
@@ -307,7 +300,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise BadInput(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split needs at least 3")
     try:
-        model = HourglassTransformer(V, h, w, mcfg.dim, mcfg.heads, mcfg.depth, mcfg.shorten, tcfg.grad_ckpt).to(device)
+        model = HourglassTransformer(**asdict(mcfg), grad_ckpt=tcfg.grad_ckpt).to(device)
     except ValueError as e:  # a grid the hourglass cannot shorten: the user's data or flags
         raise BadInput(str(e))
     opt = make_optimizer(model, tcfg)
@@ -335,7 +328,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
         # never replace a good checkpoint with weights an exploding step has already made inf/NaN; the replaced
         # one survives as path.prev, for a run that diverges while its numbers stay finite
         if master and all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            vqgan.save_atomic({"kind": "sundae", "model_config": raw_model.config, "train_config": asdict(tcfg),
+            vqgan.save_atomic({"kind": "sundae", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
                          "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
                          "rng": torch.get_rng_state(), "log_window": window, "vqgan_id": vqgan_id}, path, keep_prev=True)
 
@@ -464,7 +457,7 @@ def benchmark(mcfg, tcfg, steps=10):
 
     device = pick_device(tcfg.device)
     V, h, w = mcfg.vocab_size or 8192, mcfg.height or 32, mcfg.width or 32
-    model = HourglassTransformer(V, h, w, mcfg.dim, mcfg.heads, mcfg.depth, mcfg.shorten, tcfg.grad_ckpt).to(device)
+    model = HourglassTransformer(**asdict(replace(mcfg, vocab_size=V, height=h, width=w)), grad_ckpt=tcfg.grad_ckpt).to(device)
     opt = make_optimizer(model, tcfg)
     fwd = torch.compile(model) if tcfg.compile else model
     bf16 = vqgan.use_bf16(tcfg.dtype, device)
@@ -533,7 +526,7 @@ def main(argv=None):
             print(f"warning: {', '.join('--' + k for k in ignored)} ignored: a resumed model keeps its checkpoint's shape",
                   file=sys.stderr)
         mc = resume_ckpt["model_config"]
-        mcfg = ModelConfig(mc["dim"], mc["heads"], tuple(mc["depth"]), mc["shorten"], mc["vocab_size"], mc["height"], mc["width"])
+        mcfg = ModelConfig(**{**mc, "depth": tuple(mc["depth"])})
         tcfg = replace(TrainConfig(**resume_ckpt["train_config"]), **overrides(args, TrainConfig))
         print(f"resuming from {tcfg.out!r} at step {resume_ckpt['step']}")
     if tcfg.vqgan and not mcfg.vocab_size:
