@@ -535,19 +535,7 @@ def main(argv=None):
         vq = vqgan.load_checkpoint(tcfg.vqgan, "vqgan")  # ValueError (one line) for anything else
         mcfg = replace(mcfg, vocab_size=vq["model_config"]["codebook_size"])
     check_config(mcfg, tcfg)
-    # protect what is on disk before any heavy work: no overwriting a trained checkpoint or an input, one writer
-    vqgan.check_outputs({"--out": tcfg.out}, [tcfg.data, tcfg.vqgan], overwrite=tcfg.resume or tcfg.overwrite)
-    lock = None
-    if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
-        vqgan.clean_stale_tmp(tcfg.out)
-        lock = vqgan.lock_output(tcfg.out)
-    handler = signal.getsignal(signal.SIGINT)  # training installs its own Ctrl-C handler: hand the caller's back
-    try:
-        train(mcfg, tcfg, resume_ckpt)
-    finally:
-        signal.signal(signal.SIGINT, handler)
-        if lock:
-            os.remove(lock)
+    vqgan.run_guarded(train, mcfg, tcfg, resume_ckpt, inputs=[tcfg.data, tcfg.vqgan])  # what is on disk is safe
 
 
 if __name__ == "__main__":

@@ -975,6 +975,24 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
+def run_guarded(train_fn, mcfg, tcfg, resume_ckpt, inputs):
+    """train_fn(mcfg, tcfg, resume_ckpt) with what is on disk protected, before any heavy work: --out never replaces
+    a checkpoint of another run (unless --resume or --overwrite) nor an input, one writer per checkpoint (a lock),
+    stale temporary files of killed runs removed, and the caller's Ctrl-C handler given back. sundae.py uses it too."""
+    check_outputs({"--out": tcfg.out}, inputs, overwrite=tcfg.resume or tcfg.overwrite)
+    lock = None
+    if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
+        clean_stale_tmp(tcfg.out)
+        lock = lock_output(tcfg.out)
+    handler = signal.getsignal(signal.SIGINT)  # training installs its own Ctrl-C handler
+    try:
+        train_fn(mcfg, tcfg, resume_ckpt)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if lock:
+            os.remove(lock)
+
+
 def check_config(cfg, positive=(), nonneg=(), fractions=(), choices=None):
     """Refuse nonsense flag values before any work, one line naming the flag, the value and the rule: positive
     (> 0), nonneg (>= 0; NaN fails both), fractions (strictly between 0 and 1), choices {field: allowed values}."""
@@ -1520,19 +1538,7 @@ def main(argv=None):
         fail(f"--size {mcfg.size} is not divisible by the downsample factor f={f}; use a multiple of {f}")
     if tcfg.data == "toy" and not 16 <= mcfg.size <= 1024:
         fail(f"toy faces come in sizes 16..1024, not {mcfg.size}")
-    # protect what is on disk before any heavy work: no overwriting a trained checkpoint or an input, one writer
-    check_outputs({"--out": tcfg.out}, [tcfg.lpips], overwrite=tcfg.resume or tcfg.overwrite)
-    lock = None
-    if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
-        clean_stale_tmp(tcfg.out)
-        lock = lock_output(tcfg.out)
-    handler = signal.getsignal(signal.SIGINT)  # training installs its own Ctrl-C handler: hand the caller's back
-    try:
-        train(mcfg, tcfg, resume_ckpt)
-    finally:
-        signal.signal(signal.SIGINT, handler)
-        if lock:
-            os.remove(lock)
+    run_guarded(train, mcfg, tcfg, resume_ckpt, inputs=[tcfg.lpips])
 
 
 if __name__ == "__main__":
