@@ -278,10 +278,9 @@ def noise_seed(seed, step, micro):
 # training
 
 
-def train(mcfg, tcfg, resume_ckpt=None):
-    ddp, rank, world, device, micro = vqgan.setup_processes(tcfg)  # DDP under torchrun, else one process
-    master = rank == 0
-
+def prepare_data(mcfg, tcfg, resume_ckpt=None):
+    """The latents, checked against everything they must agree with -> (array, mcfg with V and the grid filled in,
+    train rows, validation rows, the VQ-GAN's id or None)."""
     meta = latents_meta(tcfg.data)  # V and the VQ-GAN's id, when vqgan.py --encode wrote the latents
     array, V = load_latents(tcfg.data, mcfg.vocab_size or meta.get("vocab_size", 0))
     N, h, w = array.shape
@@ -290,80 +289,103 @@ def train(mcfg, tcfg, resume_ckpt=None):
         vq_id = vqgan.fingerprint(vqgan.load_checkpoint(tcfg.vqgan, "vqgan")["model"])
         if vqgan_id and vq_id != vqgan_id:
             raise BadInput(f"latents {tcfg.data!r} were encoded by another VQ-GAN than --vqgan {tcfg.vqgan!r}; pass the "
-                             f"VQ-GAN that wrote them")
+                           f"VQ-GAN that wrote them")
         vqgan_id = vq_id
     if resume_ckpt is not None and (h, w) != (mcfg.height, mcfg.width):
         raise BadInput(f"--resume: the checkpoint models {mcfg.height}x{mcfg.width} grids but {tcfg.data!r} holds "
-                         f"{h}x{w}; resume with the latents it was trained on")
-    mcfg = replace(mcfg, vocab_size=V, height=h, width=w)
+                       f"{h}x{w}; resume with the latents it was trained on")
     train_idx, val_idx = split_indices(N, tcfg.val_fraction)
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise BadInput(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split needs at least 3")
+    return array, replace(mcfg, vocab_size=V, height=h, width=w), train_idx, val_idx, vqgan_id
+
+
+def build_model(mcfg, tcfg, device, resume_ckpt=None):
+    """The network and its optimizer, fresh or from a checkpoint -> (model, opt, step, history, log window)."""
     try:
         model = HourglassTransformer(**asdict(mcfg), grad_ckpt=tcfg.grad_ckpt).to(device)
     except ValueError as e:  # a grid the hourglass cannot shorten: the user's data or flags
         raise BadInput(str(e))
     opt = make_optimizer(model, tcfg)
-    step, history = 0, {"train_loss": [], "val_loss": [], "val_acc": []}
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        opt.load_state_dict(resume_ckpt["opt"])
-        step, history = resume_ckpt["step"], resume_ckpt["history"]
-        torch.set_rng_state(resume_ckpt["rng"])
-    # the running sums of the current log window (loss, accuracy, steps); a resumed run continues the window, so
-    # its log lines equal an uninterrupted run's
-    window = list(resume_ckpt.get("log_window", (0.0, 0.0, 0))) if resume_ckpt is not None else [0.0, 0.0, 0]
-    raw_model = model  # checkpoints come from the plain module, never the compiled or DDP wrapper
-    if tcfg.compile:
-        model = torch.compile(model)
+    if resume_ckpt is None:
+        return model, opt, 0, {"train_loss": [], "val_loss": [], "val_acc": []}, [0.0, 0.0, 0]
+    model.load_state_dict(resume_ckpt["model"])
+    opt.load_state_dict(resume_ckpt["opt"])
+    torch.set_rng_state(resume_ckpt["rng"])
+    # the open log window (loss sum, accuracy sum, steps) continues, so a resumed run logs what an uninterrupted one does
+    return model, opt, resume_ckpt["step"], resume_ckpt["history"], list(resume_ckpt.get("log_window", (0.0, 0.0, 0)))
+
+
+def save_checkpoint(path, model, opt, mcfg, tcfg, step, history, window, vqgan_id):
+    """Everything a resume needs. Never replaces a good checkpoint with weights an exploding step has already made
+    inf/NaN; the replaced one survives as path.prev, for a run that diverges while its numbers stay finite."""
+    if all(torch.isfinite(p).all() for p in model.parameters()):
+        vqgan.save_atomic({"kind": "sundae", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
+                           "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
+                           "rng": torch.get_rng_state(), "log_window": [float(window[0]), float(window[1]), window[2]],
+                           "vqgan_id": vqgan_id}, path, keep_prev=True)
+
+
+@torch.no_grad()
+def validate(model, array, val_idx, micro, tcfg, autocast):
+    """Unrolled loss and accuracy on the held-out rows, with the same noise every time: comparable numbers."""
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(1234)
+    n = min(len(val_idx), tcfg.val_batches * micro)
+    loss_sum = acc_sum = 0.0
+    for i in range(0, n, micro):
+        tokens = get_batch(array, val_idx[i:i + micro], device)
+        with autocast():
+            loss, acc = unrolled_loss(model, tokens, model.vocab_size, tcfg.unroll_steps, gen)
+        loss_sum, acc_sum = loss_sum + loss.item() * len(tokens), acc_sum + acc.item() * len(tokens)
+    model.train()
+    return loss_sum / n, acc_sum / n
+
+
+@torch.no_grad()
+def save_progress_picture(model, decoder, step, path, autocast):
+    """8 samples from the model so far: decoded images with a VQ-GAN, else token pictures."""
+    model.eval()
+    with autocast():
+        toks = progress_samples(model, 8, 32, torch.Generator(next(model.parameters()).device).manual_seed(step))
+        if decoder is not None:
+            vqgan.save_png(decoder.decode(toks).float(), path, nrow=8)
+        else:
+            save_token_picture(toks, model.vocab_size, path)
+    model.train()
+
+
+def train(mcfg, tcfg, resume_ckpt=None):
+    ddp, rank, world, device, micro = vqgan.setup_processes(tcfg)  # DDP under torchrun, else one process
+    master = rank == 0
+    array, mcfg, train_idx, val_idx, vqgan_id = prepare_data(mcfg, tcfg, resume_ckpt)
+    raw_model, opt, step, history, window = build_model(mcfg, tcfg, device, resume_ckpt)
+    model = torch.compile(raw_model) if tcfg.compile else raw_model  # checkpoints come from raw_model, never a wrapper
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     bf16 = vqgan.use_bf16(tcfg.dtype, device)
     autocast = lambda: vqgan.autocast(device, bf16)  # the head, softmax and cross-entropy stay fp32 inside
-    decoder = None
-    if master and tcfg.vqgan:
-        decoder = vqgan.load_vqgan(tcfg.vqgan, device)
-
-    def save(path):
-        # never replace a good checkpoint with weights an exploding step has already made inf/NaN; the replaced
-        # one survives as path.prev, for a run that diverges while its numbers stay finite
-        if master and all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            vqgan.save_atomic({"kind": "sundae", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
-                         "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
-                         "rng": torch.get_rng_state(), "log_window": window, "vqgan_id": vqgan_id}, path, keep_prev=True)
-
-    @torch.no_grad()
-    def validate():
-        model.eval()
-        gen = torch.Generator(device).manual_seed(1234)  # the same noise every time: comparable numbers
-        n = min(len(val_idx), tcfg.val_batches * micro)
-        losses, accs = [], []
-        for i in range(0, n, micro):
-            tokens = get_batch(array, val_idx[i:i + micro], device)
-            with autocast():
-                loss, acc = unrolled_loss(raw_model, tokens, V, tcfg.unroll_steps, gen)
-            losses.append(loss.item() * len(tokens))
-            accs.append(acc.item() * len(tokens))
-        model.train()
-        return sum(losses) / n, sum(accs) / n
-
-    # Ctrl-C: finish the step, write a resumable checkpoint, exit; twin of the block in vqgan.py
-    stop = []
+    decoder = vqgan.load_vqgan(tcfg.vqgan, device) if master and tcfg.vqgan else None  # for progress pictures
+    save = lambda: master and save_checkpoint(tcfg.out, raw_model, opt, mcfg, tcfg, step, history, window, vqgan_id)
+    stop = []  # Ctrl-C: finish the step, save, exit 130; a second Ctrl-C stops at once (run_guarded restores it)
     signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler(*_))
-
-    tokens_per_step = tcfg.batch_size * h * w
+    V, tokens_per_step = mcfg.vocab_size, tcfg.batch_size * mcfg.height * mcfg.width
     if master:
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"sundae: {n_params / 1e6:.2f}M params | {h}x{w} tokens, V={V} | {len(train_idx)} train / {len(val_idx)} "
-              f"val sequences | batch {tcfg.batch_size} = {world} x {tcfg.grad_accum} x {micro} | T={tcfg.unroll_steps} "
-              f"| {tokens_per_step} tokens/step on {device}", flush=True)
+        print(f"sundae: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params | {mcfg.height}x{mcfg.width} "
+              f"tokens, V={V} | {len(train_idx)} train / {len(val_idx)} val sequences | batch {tcfg.batch_size} = "
+              f"{world} x {tcfg.grad_accum} x {micro} | T={tcfg.unroll_steps} | {tokens_per_step} tokens/step on {device}",
+              flush=True)
+
+    # training loop
     t0 = t_log = time.time()
     start_step = step_log = step
     while step < tcfg.max_steps and not stop:
-        lr = lr_at(step, tcfg)
+        lr = lr_at(step, tcfg)  # warm-up, then cosine decay
         for g in opt.param_groups:
             g["lr"] = lr
-        # the global batch is a function of (seed, step): identical whatever the number of processes
+        # the global batch and its noise are functions of (seed, step, micro-batch): the same computation whatever
+        # the number of processes, and a resumed run repeats exactly what it would have done
         idx = torch.randint(len(train_idx), (tcfg.batch_size,), generator=torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step))
         for m in range(tcfg.grad_accum):
             gm = rank * tcfg.grad_accum + m  # global micro-batch number
@@ -371,15 +393,11 @@ def train(mcfg, tcfg, resume_ckpt=None):
             gen = torch.Generator(device).manual_seed(noise_seed(tcfg.seed, step, gm))
             with model.no_sync() if ddp and m < tcfg.grad_accum - 1 else nullcontext():  # all-reduce once, at the end
                 with autocast():
-                    loss, acc = unrolled_loss(model, tokens, V, tcfg.unroll_steps, gen)
+                    loss, acc = unrolled_loss(model, tokens, V, tcfg.unroll_steps, gen)  # the SUNDAE objective
                 (loss / tcfg.grad_accum).backward()
-            window[0] += loss.item() / tcfg.grad_accum
-            window[1] += acc.item() / tcfg.grad_accum
-        if not math.isfinite(window[0]):
-            if master:
-                print(f"error: loss is {window[0]} at step {step}; stopping. Checkpoints "
-                      f"{vqgan.kept_checkpoints(tcfg.out)}; lower --lr or check the data", file=sys.stderr)
-            sys.exit(1)
+            # statistics stay on the device: reading them (.item()) would wait for the GPU every step
+            window[0] += loss.detach() / tcfg.grad_accum
+            window[1] += acc.detach() / tcfg.grad_accum
         if tcfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
         opt.step()
@@ -387,9 +405,14 @@ def train(mcfg, tcfg, resume_ckpt=None):
         step += 1
         window[2] += 1
 
-        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            n = window[2]  # the steps actually in this window (fewer than log_every at the end or after a resume)
-            stats = torch.tensor([window[0] / n, window[1] / n], device=device)
+        log = step % tcfg.log_every == 0 or step == tcfg.max_steps
+        if (log or step % tcfg.ckpt_every == 0) and not math.isfinite(float(window[0])):  # checked before saving
+            if master:
+                print(f"error: loss is {float(window[0])} at step {step}; stopping. Checkpoints "
+                      f"{vqgan.kept_checkpoints(tcfg.out)}; lower --lr or check the data", file=sys.stderr)
+            sys.exit(1)
+        if log:  # one line per window: the mean over its steps (fewer than log_every at the end or after a resume)
+            stats = torch.stack([torch.as_tensor(window[0]), torch.as_tensor(window[1])]).to(device) / window[2]
             if ddp:
                 dist.all_reduce(stats)  # the logged loss is the mean over all processes
                 stats /= world
@@ -400,40 +423,20 @@ def train(mcfg, tcfg, resume_ckpt=None):
                 print(f"step {step}/{tcfg.max_steps} | loss {stats[0]:.3f} | acc {stats[1]:.3f} | lr {lr:.1e} | "
                       f"{dt * 1e3:.0f} ms | {tokens_per_step / dt / 1e3:.1f}k tok/s | eta {eta / 60:.1f}m", flush=True)
             t_log, step_log, window = time.time(), step, [0.0, 0.0, 0]
-        if master and (step % tcfg.val_every == 0 or step == tcfg.max_steps):
-            vl, va = validate()
+        if master and (step % tcfg.val_every == 0 or step == tcfg.max_steps):  # held-out loss, the number to watch
+            vl, va = validate(raw_model, array, val_idx, micro, tcfg, autocast)
             history["val_loss"].append((step, vl))
             history["val_acc"].append((step, va))
             print(f"step {step}/{tcfg.max_steps} | val loss {vl:.3f} | val acc {va:.3f}", flush=True)
-        if master and (step % tcfg.sample_every == 0 or step == tcfg.max_steps):
-            raw_model.eval()
-            with autocast():
-                toks = progress_samples(raw_model, 8, 32, torch.Generator(device).manual_seed(step))
-                picture = os.path.splitext(tcfg.out)[0] + "_samples.png"
-                if decoder is not None:
-                    vqgan.save_png(decoder.decode(toks).float(), picture, nrow=8)
-                else:
-                    save_token_picture(toks, V, picture)
-            raw_model.train()
+        if master and (step % tcfg.sample_every == 0 or step == tcfg.max_steps):  # what the samples look like
+            save_progress_picture(raw_model, decoder, step, os.path.splitext(tcfg.out)[0] + "_samples.png", autocast)
         if step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
-            save(tcfg.out)
+            save()
 
-    save(tcfg.out)
+    save()
     if master and not stop:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for k in ("train_loss", "val_loss"):
-            if history[k]:
-                ax.plot(*zip(*history[k]), label=k)
-        ax.set(xlabel="step", ylabel="unrolled cross-entropy (nats)", title="SUNDAE training")
-        ax.legend()
-        fig.tight_layout()
-        tmp = os.path.splitext(tcfg.out)[0] + f"_loss.tmp.{os.getpid()}.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, os.path.splitext(tcfg.out)[0] + "_loss.png")
+        vqgan.plot_curves({k: history[k] for k in ("train_loss", "val_loss")}, os.path.splitext(tcfg.out)[0] + "_loss.png",
+                          "SUNDAE training: unrolled cross-entropy (nats)")
         peak = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
         print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min | val loss {history['val_loss'][-1][1]:.3f} | "
               f"val acc {history['val_acc'][-1][1]:.3f}{peak}", flush=True)
