@@ -1161,15 +1161,13 @@ def setup_processes(tcfg):
     return ddp, rank, world, device, tcfg.batch_size // (world * tcfg.grad_accum)
 
 
-def train(mcfg, tcfg, resume_ckpt=None):
-    ddp, rank, world, device, micro = setup_processes(tcfg)
-    master = rank == 0
-
-    train_data = ImageData(tcfg.data, mcfg.size, "train", tcfg.toy_n, tcfg.val_n, tcfg.workers)
-    val_data = ImageData(tcfg.data, mcfg.size, "val", tcfg.toy_n, tcfg.val_n, tcfg.workers)
+def build_training(mcfg, tcfg, device, resume_ckpt=None):
+    """Autoencoder, discriminator, optional LPIPS and their optimizers, fresh or from a checkpoint ->
+    (model, disc, lpips, opt_g, opt_d, step, history, log window)."""
     # channels_last: convolutions run 1.4x faster on CPU (measured, tiny preset) and use tensor cores on GPU
     model = VQGAN(mcfg).to(device, memory_format=torch.channels_last)
     disc = PatchDiscriminator(mcfg.disc_ch, mcfg.disc_layers).to(device, memory_format=torch.channels_last)
+    model.set_grad_ckpt(tcfg.grad_ckpt)
     lpips = None
     if tcfg.perceptual_weight > 0:
         if not os.path.isfile(tcfg.lpips):
@@ -1178,16 +1176,40 @@ def train(mcfg, tcfg, resume_ckpt=None):
         lpips.load_state_dict(torch.load(tcfg.lpips, map_location=device, weights_only=True))
     opt_g = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
     opt_d = torch.optim.Adam(disc.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
-    step, history = 0, {"rec": [], "q": [], "g": [], "d": [], "val_psnr": []}
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        disc.load_state_dict(resume_ckpt["disc"])
-        opt_g.load_state_dict(resume_ckpt["opt_g"])
-        opt_d.load_state_dict(resume_ckpt["opt_d"])
-        step, history = resume_ckpt["step"], resume_ckpt["history"]
-        torch.set_rng_state(resume_ckpt["rng"])
-    model.set_grad_ckpt(tcfg.grad_ckpt)
-    raw_model, raw_disc = model, disc  # keep the plain modules: checkpoints are saved from these
+    if resume_ckpt is None:
+        return model, disc, lpips, opt_g, opt_d, 0, {"rec": [], "q": [], "g": [], "d": [], "val_psnr": []}, new_window()
+    model.load_state_dict(resume_ckpt["model"])
+    disc.load_state_dict(resume_ckpt["disc"])
+    opt_g.load_state_dict(resume_ckpt["opt_g"])
+    opt_d.load_state_dict(resume_ckpt["opt_d"])
+    torch.set_rng_state(resume_ckpt["rng"])
+    # the open log window continues, so a resumed run logs what an uninterrupted one does
+    return (model, disc, lpips, opt_g, opt_d, resume_ckpt["step"], resume_ckpt["history"],
+            resume_ckpt.get("log_window") or new_window())
+
+
+def new_window():
+    """Running sums of one log window: losses, the codebook indices seen (for usage) and the steps in it."""
+    return {"rec": 0.0, "q": 0.0, "g": 0.0, "d": 0.0, "lam": 0.0, "idx": [], "n": 0}
+
+
+def save_vqgan_checkpoint(path, model, disc, opt_g, opt_d, mcfg, tcfg, step, history, window):
+    """Everything a resume needs. Never replaces a good checkpoint with weights an exploding step has already made
+    inf/NaN; the replaced one survives as path.prev, for a run that diverges while its numbers stay finite."""
+    if all(torch.isfinite(p).all() for p in model.parameters()):
+        save_atomic({"kind": "vqgan", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
+                     "model": model.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
+                     "opt_d": opt_d.state_dict(), "step": step, "history": history, "rng": torch.get_rng_state(),
+                     "log_window": window}, path, keep_prev=True)
+
+
+def train(mcfg, tcfg, resume_ckpt=None):
+    ddp, rank, world, device, micro = setup_processes(tcfg)
+    master = rank == 0
+    train_data = ImageData(tcfg.data, mcfg.size, "train", tcfg.toy_n, tcfg.val_n, tcfg.workers)
+    val_data = ImageData(tcfg.data, mcfg.size, "val", tcfg.toy_n, tcfg.val_n, tcfg.workers)
+    raw_model, raw_disc, lpips, opt_g, opt_d, step, history, win = build_training(mcfg, tcfg, device, resume_ckpt)
+    model, disc = raw_model, raw_disc  # checkpoints are saved from the plain modules, never a wrapper
     if tcfg.compile:
         compile_for_adaptive_weight()
         model, disc = torch.compile(model), torch.compile(disc)
@@ -1196,29 +1218,17 @@ def train(mcfg, tcfg, resume_ckpt=None):
         disc = nn.parallel.DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None)
     bf16 = use_bf16(tcfg.dtype, device)
     amp = lambda: autocast(device, bf16)
-
-    def save(path):
-        # never replace a good checkpoint with weights an exploding step has already made inf/NaN; the replaced
-        # one survives as path.prev, for a run that diverges while its numbers stay finite
-        if master and all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            save_atomic({"kind": "vqgan", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
-                         "model": raw_model.state_dict(), "disc": raw_disc.state_dict(), "opt_g": opt_g.state_dict(),
-                         "opt_d": opt_d.state_dict(), "step": step, "history": history, "rng": torch.get_rng_state(),
-                         "log_window": win}, path, keep_prev=True)
-
-    # Ctrl-C: finish the current step, write a resumable checkpoint, exit; a second Ctrl-C stops at once.
-    # The twin of this block is in sundae.py.
-    stop = []
+    save = lambda: master and save_vqgan_checkpoint(tcfg.out, raw_model, raw_disc, opt_g, opt_d, mcfg, tcfg, step,
+                                                    history, win)
+    stop = []  # Ctrl-C: finish the step, save, exit 130; a second Ctrl-C stops at once (run_guarded restores it)
     signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler(*_))
-    # running sums of the current log window; a resumed run continues it, so its log lines equal an uninterrupted run's
-    new_window = lambda: {"rec": 0.0, "q": 0.0, "g": 0.0, "d": 0.0, "lam": 0.0, "idx": [], "n": 0}
-    win = resume_ckpt["log_window"] if resume_ckpt is not None and "log_window" in resume_ckpt else new_window()
-
     if master:
-        n_params = sum(p.numel() for p in raw_model.parameters())
         h = mcfg.size // raw_model.downsample_factor
-        print(f"vqgan: {n_params / 1e6:.2f}M params, {mcfg.size}px -> {h}x{h} tokens, V={mcfg.codebook_size}, "
-              f"{len(train_data)} train / {len(val_data)} val images, batch {tcfg.batch_size} on {world} x {device}")
+        print(f"vqgan: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, {mcfg.size}px -> {h}x{h} "
+              f"tokens, V={mcfg.codebook_size}, {len(train_data)} train / {len(val_data)} val images, batch "
+              f"{tcfg.batch_size} on {world} x {device}")
+
+    # training loop
     t0 = t_log = time.time()
     start_step = step_log = step
     while step < tcfg.max_steps and not stop:
@@ -1242,9 +1252,10 @@ def train(mcfg, tcfg, resume_ckpt=None):
                                                           tcfg.disc_weight, lpips, tcfg.perceptual_weight, amp)
                 for k in st:
                     win[k] += st[k] / tcfg.grad_accum
-                if not torch.isfinite(loss):
-                    print(f"error: loss is {loss.item()} at step {step}; stopping. Checkpoints "
-                          f"{kept_checkpoints(tcfg.out)}; lower --lr or check the data", file=sys.stderr)
+                if not torch.isfinite(loss):  # stop before the update: the last checkpoints stay good
+                    if master:
+                        print(f"error: loss is {loss.item()} at step {step}; stopping. Checkpoints "
+                              f"{kept_checkpoints(tcfg.out)}; lower --lr or check the data", file=sys.stderr)
                     sys.exit(1)
                 (loss / tcfg.grad_accum).backward()
             win["idx"].append(indices.detach().cpu())
@@ -1266,7 +1277,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
         step += 1
         win["n"] += 1
 
-        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+        if step % tcfg.log_every == 0 or step == tcfg.max_steps:  # one line per window: means over its steps
             n = win["n"]  # the steps actually in this window (fewer than log_every at the end or after a resume)
             stats = torch.tensor([win[k] / n for k in ("rec", "q", "g", "d", "lam")], device=device)
             if ddp:
@@ -1283,14 +1294,14 @@ def train(mcfg, tcfg, resume_ckpt=None):
                       f"lam {lam_m:.3f} | usage {usage:.2f} ppl {ppl:.0f} | {(step - step_log) * tcfg.batch_size / dt:.1f} img/s | "
                       f"eta {eta / 60:.1f}m", flush=True)
             t_log, step_log, win = time.time(), step, new_window()
-        if master and (step % tcfg.sample_every == 0 or step == tcfg.max_steps):
+        if master and (step % tcfg.sample_every == 0 or step == tcfg.max_steps):  # real | reconstruction, to look at
             x, x_rec = xs[0]
             k = min(8, len(x))
             save_png(torch.cat([x[:k], x_rec[:k].float()]), os.path.splitext(tcfg.out)[0] + "_recon.png", nrow=k)
         if step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
-            save(tcfg.out)
+            save()
 
-    save(tcfg.out)
+    save()
     if stop:
         if master:
             print(f"interrupted at step {step}: saved {tcfg.out!r}; continue with --resume", flush=True)
@@ -1301,7 +1312,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
     if master:
         psnr, usage, ppl = evaluate(raw_model, val_data, device, bf16=bf16)
         history["val_psnr"].append((step, psnr))
-        save(tcfg.out)
+        save()
         plot_curves({k: history[k] for k in ("rec", "q", "d")}, os.path.splitext(tcfg.out)[0] + "_loss.png", "VQ-GAN training")
         peak = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
         print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min | held-out PSNR {psnr:.2f} dB | "
