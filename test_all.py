@@ -208,6 +208,12 @@ def test_lpips_is_zero_for_identical_images_and_loads_named_weights(tmp_path):
     assert torch.allclose(other(x, y), net(x, y))
 
 
+def test_lfq_takes_its_entropy_weight_from_the_config():
+    m = vqgan.VQGAN(vqgan.ModelConfig(size=16, ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=4, quantizer="lfq",
+                                      codebook_size=16, entropy_weight=0.5))
+    assert m.quantize.entropy_weight == 0.5 and m.quantize.bits == 4
+
+
 def test_lfq_entropy_term_is_per_sample_entropy_minus_batch_entropy():
     # both halves of the term, against the formula: confident assignments (|z| large) lower the loss, and so
     # does spreading the batch over all codes; a flipped sign on either half fails

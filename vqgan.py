@@ -59,6 +59,7 @@ class ModelConfig:
     l2_norm: bool = True  # compare unit vectors (cosine similarity), fights codebook collapse
     beta: float = 0.25  # commitment weight on the encoder term
     restart_after: int = 50  # re-seed codes unused for this many training steps; 0 = off
+    entropy_weight: float = 0.1  # lfq only: weight of its entropy term (confident bits, spread usage)
     disc_ch: int = 32  # PatchGAN discriminator channels
     disc_layers: int = 2  # PatchGAN stride-2 layers
 
@@ -540,7 +541,7 @@ class VQGAN(nn.Module):
             bits = int(math.log2(cfg.codebook_size))
             if 2**bits != cfg.codebook_size:
                 raise BadInput(f"lfq needs a power-of-two codebook_size, got {cfg.codebook_size}")
-            self.quantize, qdim = LookupFreeQuantizer(bits, beta=cfg.beta), bits
+            self.quantize, qdim = LookupFreeQuantizer(bits, beta=cfg.beta, entropy_weight=cfg.entropy_weight), bits
         else:
             qdim = cfg.embed_dim or cfg.z_channels
             self.quantize = VectorQuantizer(cfg.codebook_size, qdim, cfg.beta, cfg.l2_norm, cfg.code_dim or None,
@@ -1012,7 +1013,7 @@ def check_config(cfg, positive=(), nonneg=(), fractions=(), choices=None):
 
 def check_vqgan_config(mcfg, tcfg):
     check_config(mcfg, positive=("size", "ch", "z_channels", "codebook_size", "beta", "disc_ch", "disc_layers"),
-                 nonneg=("num_res_blocks", "dec_res_blocks", "embed_dim", "code_dim", "restart_after"),
+                 nonneg=("num_res_blocks", "dec_res_blocks", "embed_dim", "code_dim", "restart_after", "entropy_weight"),
                  choices={"quantizer": ("vq", "lfq")})
     if not mcfg.ch_mult or min(mcfg.ch_mult) < 1:
         fail(f"--ch_mult needs at least one multiplier, all >= 1, got {','.join(map(str, mcfg.ch_mult)) or 'nothing'}")
@@ -1541,6 +1542,10 @@ def main(argv=None):
         tcfg = replace(TrainConfig(**resume_ckpt["train_config"]), **overrides(args, TrainConfig))
         print(f"resuming from {tcfg.out!r} at step {resume_ckpt['step']}")
     check_vqgan_config(mcfg, tcfg)
+    vq_only = {"code_dim", "l2_norm", "restart_after"} & set(overrides(args, ModelConfig))
+    if mcfg.quantizer == "lfq" and vq_only:
+        print(f"warning: {', '.join('--' + k for k in sorted(vq_only))} ignored: lfq has no codebook to project, "
+              f"normalise or restart", file=sys.stderr)
     if tcfg.data != "toy" and not os.path.isdir(tcfg.data):
         kind = "is a file, not a folder" if os.path.isfile(tcfg.data) else "does not exist"
         fail(f"--data {tcfg.data!r} {kind}; pass --data DIR with images (searched recursively), or --data toy")
