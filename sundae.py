@@ -14,6 +14,7 @@ Any (N, h, w) integer array works as data; the vocabulary is max id + 1 unless -
 says otherwise. Imports hourglass.py, and vqgan.py for the bf16 autocast helpers and, with --vqgan, to decode
 progress pictures.
 """
+import copy
 import json
 import math
 import os
@@ -53,6 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only)
     warmup: int = 100  # linear warm-up steps (the authors had none)
     grad_clip: float = 1.0  # clip the gradient norm; 0 = off (the authors had none)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, used to validate, sample and save; 0 = off
     max_steps: int = 1000  # optimizer steps
     val_fraction: float = 0.05  # share of the latents held out for validation
     val_every: int = 200  # steps between validation passes
@@ -199,7 +201,7 @@ def load_sundae(path, device="cpu"):
     model = HourglassTransformer(**ckpt["model_config"]).to(device)
     model.vqgan_id = ckpt.get("vqgan_id")  # the VQ-GAN whose latents trained it, if known
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights, where training kept them
     except RuntimeError as e:
         raise BadInput(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
     return model.eval()
@@ -269,6 +271,15 @@ def make_optimizer(model, tcfg):
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.99), fused=torch.cuda.is_available())
 
 
+@torch.no_grad()
+def ema_update(ema, model, decay, step):
+    """ema <- ema + (1 - d) (model - ema), with d = min(decay, (1 + step) / (10 + step)): the average starts close to
+    the model (d = 0.1 at step 0) and lengthens its memory up to `decay`, so early checkpoints are not the
+    random initialisation's ghost. Validation, progress samples and the saved model use the average."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+
+
 def noise_seed(seed, step, micro):
     """Seed of the noise for one micro-batch: N processes x 1 micro-batch draw what 1 process x N draws."""
     return (seed * 1_000_003 + step) * 1009 + micro
@@ -301,29 +312,34 @@ def prepare_data(mcfg, tcfg, resume_ckpt=None):
 
 
 def build_model(mcfg, tcfg, device, resume_ckpt=None):
-    """The network and its optimizer, fresh or from a checkpoint -> (model, opt, step, history, log window)."""
+    """The network, its moving average (or None) and optimizer, fresh or from a checkpoint ->
+    (model, ema, opt, step, history, log window)."""
     try:
         model = HourglassTransformer(**asdict(mcfg), grad_ckpt=tcfg.grad_ckpt).to(device)
     except ValueError as e:  # a grid the hourglass cannot shorten: the user's data or flags
         raise BadInput(str(e))
     opt = make_optimizer(model, tcfg)
+    ema = copy.deepcopy(model).requires_grad_(False) if tcfg.ema > 0 else None  # the averaged weights
     if resume_ckpt is None:
-        return model, opt, 0, {"train_loss": [], "val_loss": [], "val_acc": []}, [0.0, 0.0, 0]
+        return model, ema, opt, 0, {"train_loss": [], "val_loss": [], "val_acc": []}, [0.0, 0.0, 0]
     model.load_state_dict(resume_ckpt["model"])
+    if ema is not None:  # a run that switches --ema on at resume starts the average from the current weights
+        ema.load_state_dict(resume_ckpt.get("ema") or resume_ckpt["model"])
     opt.load_state_dict(resume_ckpt["opt"])
     torch.set_rng_state(resume_ckpt["rng"])
     # the open log window (loss sum, accuracy sum, steps) continues, so a resumed run logs what an uninterrupted one does
-    return model, opt, resume_ckpt["step"], resume_ckpt["history"], list(resume_ckpt.get("log_window", (0.0, 0.0, 0)))
+    return (model, ema, opt, resume_ckpt["step"], resume_ckpt["history"],
+            list(resume_ckpt.get("log_window", (0.0, 0.0, 0))))
 
 
-def save_checkpoint(path, model, opt, mcfg, tcfg, step, history, window, vqgan_id):
+def save_checkpoint(path, model, ema, opt, mcfg, tcfg, step, history, window, vqgan_id):
     """Everything a resume needs. Never replaces a good checkpoint with weights an exploding step has already made
     inf/NaN; the replaced one survives as path.prev, for a run that diverges while its numbers stay finite."""
     if all(torch.isfinite(p).all() for p in model.parameters()):
         vqgan.save_atomic({"kind": "sundae", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
                            "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
                            "rng": torch.get_rng_state(), "log_window": [float(window[0]), float(window[1]), window[2]],
-                           "vqgan_id": vqgan_id}, path, keep_prev=True)
+                           "vqgan_id": vqgan_id, "ema": None if ema is None else ema.state_dict()}, path, keep_prev=True)
 
 
 @torch.no_grad()
@@ -360,14 +376,15 @@ def train(mcfg, tcfg, resume_ckpt=None):
     ddp, rank, world, device, micro = vqgan.setup_processes(tcfg)  # DDP under torchrun, else one process
     master = rank == 0
     array, mcfg, train_idx, val_idx, vqgan_id = prepare_data(mcfg, tcfg, resume_ckpt)
-    raw_model, opt, step, history, window = build_model(mcfg, tcfg, device, resume_ckpt)
+    raw_model, ema, opt, step, history, window = build_model(mcfg, tcfg, device, resume_ckpt)
+    eval_model = ema if ema is not None else raw_model  # what validation, progress samples and sampling use
     model = torch.compile(raw_model) if tcfg.compile else raw_model  # checkpoints come from raw_model, never a wrapper
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     bf16 = vqgan.use_bf16(tcfg.dtype, device)
     autocast = lambda: vqgan.autocast(device, bf16)  # the head, softmax and cross-entropy stay fp32 inside
     decoder = vqgan.load_vqgan(tcfg.vqgan, device) if master and tcfg.vqgan else None  # for progress pictures
-    save = lambda: master and save_checkpoint(tcfg.out, raw_model, opt, mcfg, tcfg, step, history, window, vqgan_id)
+    save = lambda: master and save_checkpoint(tcfg.out, raw_model, ema, opt, mcfg, tcfg, step, history, window, vqgan_id)
     stop = []  # Ctrl-C: finish the step, save, exit 130; a second Ctrl-C stops at once (run_guarded restores it)
     signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler(*_))
     V, tokens_per_step = mcfg.vocab_size, tcfg.batch_size * mcfg.height * mcfg.width
@@ -402,6 +419,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
             nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema_update(ema, raw_model, tcfg.ema, step)  # the weights we validate, sample and ship
         step += 1
         window[2] += 1
 
@@ -424,12 +443,12 @@ def train(mcfg, tcfg, resume_ckpt=None):
                       f"{dt * 1e3:.0f} ms | {tokens_per_step / dt / 1e3:.1f}k tok/s | eta {eta / 60:.1f}m", flush=True)
             t_log, step_log, window = time.time(), step, [0.0, 0.0, 0]
         if master and (step % tcfg.val_every == 0 or step == tcfg.max_steps):  # held-out loss, the number to watch
-            vl, va = validate(raw_model, array, val_idx, micro, tcfg, autocast)
+            vl, va = validate(eval_model, array, val_idx, micro, tcfg, autocast)
             history["val_loss"].append((step, vl))
             history["val_acc"].append((step, va))
             print(f"step {step}/{tcfg.max_steps} | val loss {vl:.3f} | val acc {va:.3f}", flush=True)
         if master and (step % tcfg.sample_every == 0 or step == tcfg.max_steps):  # what the samples look like
-            save_progress_picture(raw_model, decoder, step, os.path.splitext(tcfg.out)[0] + "_samples.png", autocast)
+            save_progress_picture(eval_model, decoder, step, os.path.splitext(tcfg.out)[0] + "_samples.png", autocast)
         if step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
             save()
 
@@ -480,17 +499,7 @@ def benchmark(mcfg, tcfg, steps=10):
         loss.backward()
     opt.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
-    for _ in range(3 if device.type == "cuda" else 1):  # warm-up (and compilation); twin of vqgan.benchmark's
-        one_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / steps
+    dt = vqgan.seconds_per_step(one_step, steps, device, warmup=3 if device.type == "cuda" else 1)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     mfu = f"{flops / dt / peak * 100:.1f}%" if peak else "n/a (no known peak for this device)"

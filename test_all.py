@@ -652,7 +652,7 @@ def test_resume_matches_an_uninterrupted_run(pipeline, monkeypatch):
     d = pipeline["dir"]
     a, b = str(d / "straight.pt"), str(d / "resumed.pt")
     common = ["--data", pipeline["latents"], "--seed", "5", "--max_steps", "7", "--ckpt_every", "100"] + TINY_SUNDAE
-    common += ["--log_every", "3"]
+    common += ["--log_every", "3", "--ema", "0.9"]  # the moving average must resume exactly too
     sundae.main(common + ["--out", a])
     interrupt_at(monkeypatch, sundae, 4)
     with pytest.raises(SystemExit) as e:
@@ -665,6 +665,24 @@ def test_resume_matches_an_uninterrupted_run(pipeline, monkeypatch):
     assert ca["history"]["train_loss"] == cb["history"]["train_loss"]  # the window 4..6 spans the interruption
     for k in ca["model"]:
         assert torch.allclose(ca["model"][k], cb["model"][k], atol=1e-6), k
+        assert torch.allclose(ca["ema"][k], cb["ema"][k], atol=1e-6), k
+    assert not torch.equal(ca["ema"]["head.weight"], ca["model"]["head.weight"])  # an average, not a copy
+    shipped = sundae.load_sundae(a).state_dict()  # sampling uses the averaged weights
+    assert all(torch.equal(shipped[k], ca["ema"][k]) for k in shipped)
+
+
+def test_ema_update_follows_its_formula_with_a_short_memory_at_first():
+    model, ema = nn.Linear(2, 2), nn.Linear(2, 2)
+    for p, e in zip(model.parameters(), ema.parameters()):
+        p.data.fill_(1.0)
+        e.data.fill_(0.0)
+    expected = 0.0
+    for step in range(30):
+        d = min(0.95, (1 + step) / (10 + step))  # 0.1 at step 0, then longer memory, capped at the decay
+        expected = expected + (1 - d) * (1.0 - expected)
+        sundae.ema_update(ema, model, 0.95, step)
+        assert torch.allclose(ema.weight, torch.full((2, 2), expected)), step
+    assert min(0.95, 30 / 39) == 30 / 39 and min(0.95, 1000 / 1009) == 0.95
 
 
 def test_logged_loss_is_the_mean_over_the_steps_in_the_window(pipeline):

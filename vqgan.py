@@ -1423,6 +1423,23 @@ def peak_memory(device):
     return f"{rss / 2**30:.2f} GiB (process RSS peak)"
 
 
+def seconds_per_step(one_step, steps, device, warmup):
+    """Mean seconds of one_step() over `steps` calls, after `warmup` calls (allocation, kernel choice, compilation).
+    CUDA runs asynchronously: synchronise around the timed calls so they measure the work, not its launch. The
+    peak-memory counter is reset after warm-up, so peak_memory reports the steady state. sundae.py uses it too."""
+    for _ in range(warmup):
+        one_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
 def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
     """images/s and peak memory of VQ-GAN training steps with the GAN on, without data."""
     device = pick_device(tcfg.device)
@@ -1451,16 +1468,7 @@ def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
 
-    one_step()  # warm-up (and compilation); the timing below is the twin of sundae.benchmark's
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / steps
+    dt = seconds_per_step(one_step, steps, device, warmup=1)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     mem = peak_memory(device)
     cap = f" (capped at {mem_cap_gb:g} GiB)" if device.type == "cuda" and mem_cap_gb > 0 else ""
