@@ -253,9 +253,11 @@ def check_config(mcfg, tcfg):
     """Nonsense flag values stop here, before any work, with one line naming the flag."""
     vqgan.check_config(mcfg, positive=("dim", "heads", "shorten"), nonneg=("vocab_size", "height", "width"))
     vqgan.check_config(tcfg, positive=("unroll_steps", "batch_size", "grad_accum", "lr", "log_every", "val_every",
-                                       "val_batches", "sample_every", "ckpt_every"),
-                       nonneg=("min_lr", "weight_decay", "warmup", "grad_clip", "max_steps", "seed"),
+                                       "val_batches", "sample_every", "ckpt_every", "max_steps"),
+                       nonneg=("min_lr", "weight_decay", "warmup", "grad_clip", "seed", "ema"),
                        fractions=("val_fraction",), choices={"dtype": ("auto", "bf16", "fp32")})
+    if tcfg.ema >= 1:
+        fail(f"--ema must be below 1 (a decay; 0 = off), got {tcfg.ema}")
     if mcfg.dim % mcfg.heads or (mcfg.dim // mcfg.heads) % 4:
         fail(f"--dim {mcfg.dim} / --heads {mcfg.heads} must give a whole head size divisible by 4 (2D RoPE rotates "
              f"channel pairs for rows and for columns); e.g. --dim {mcfg.heads * 32}")

@@ -1244,7 +1244,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "convert onto itself": (["vqgan.py", "--convert", str(t / "plain.pt"), "--out", str(t / "plain.pt")], "being converted"),
         "no decoder but --eval": (S("--vqgan", "", "--eval", "4"), "need --vqgan"),
         "unknown --dtype": (["sundae.py", "--data", p["latents"], "--dtype", "fp16", "--out", str(t / "d.pt")], "--dtype"),
-        "fresh vqgan run onto a trained checkpoint": (["vqgan.py", "--max_steps", "0", "--out", str(t / "trained_vq.pt")], "already exists"),
+        "fresh vqgan run onto a trained checkpoint": (["vqgan.py", "--max_steps", "1", "--out", str(t / "trained_vq.pt")], "already exists"),
         "fresh sundae run onto a trained checkpoint": (["sundae.py", "--data", p["latents"], "--out", str(t / "trained_sd.pt")], "already exists"),
         "encode onto existing latents": (["vqgan.py", "--encode", "--ckpt", p["vqgan"], "--out", str(t / "float.npy")], "already exists"),
         "sundae --out is its data": (["sundae.py", "--data", str(t / "big.npy"), "--out", str(t / "big.npy"), "--overwrite"], "also an input"),
@@ -1270,6 +1270,8 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "negative random boxes": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--random_boxes", "-2"], "--random_boxes"),
         "negative temperature": (S("--temperature", "-1,0.5"), "--temperature"),
         "proportion above 1": (S("--proportion", "0.5,1.5"), "--proportion"),
+        "zero training steps": (["sundae.py", "--data", p["latents"], "--max_steps", "0"], "--max_steps"),
+        "an average that never moves": (["sundae.py", "--data", p["latents"], "--ema", "1"], "--ema"),
         "npz latents": (["sundae.py", "--data", str(t / "lat.npz")], ".npz archive"),
         "an id of 2**40": (["sundae.py", "--data", str(t / "huge.npy")], "must be below"),
         "--eval 1": (S("--eval", "1"), "at least 2"),
@@ -1395,6 +1397,18 @@ def test_stale_temporary_files_and_locks_of_killed_runs_are_cleaned(pipeline, tm
     left = sorted(os.listdir(tmp_path))
     assert f"s.pt.tmp.{pid}" not in left and f"s.pt.prev.tmp.{pid}" not in left and "s.pt.lock" not in left, left
     assert torch.load(out, weights_only=True)["step"] == 2
+
+
+def test_a_full_disk_during_training_is_one_clear_error(pipeline, tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(vqgan.BadInput, match="No space left"):
+        sundae.main(["--data", pipeline["latents"], "--out", str(tmp_path / "f.pt"), "--max_steps", "1"] + TINY_SUNDAE)
+    assert os.listdir(tmp_path) == [] or all(".tmp." not in f for f in os.listdir(tmp_path))
 
 
 def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, monkeypatch):

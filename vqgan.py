@@ -15,6 +15,7 @@ Everything is in this one file: data, quantizers, encoder/decoder, discriminator
 Importing it does no work.
 """
 import argparse
+import errno
 import glob
 import hashlib
 import inspect
@@ -988,6 +989,11 @@ def run_guarded(train_fn, mcfg, tcfg, resume_ckpt, inputs):
     handler = signal.getsignal(signal.SIGINT)  # training installs its own Ctrl-C handler
     try:
         train_fn(mcfg, tcfg, resume_ckpt)
+    except OSError as e:  # a full disk or a folder that became read-only mid-run: the user's to fix, not a bug
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        raise BadInput(f"cannot write {e.filename or tcfg.out!r}: {e.strerror}; free space or choose another --out "
+                       f"(the last complete checkpoints are intact: {kept_checkpoints(tcfg.out)})")
     finally:
         signal.signal(signal.SIGINT, handler)
         if lock:
@@ -1018,8 +1024,8 @@ def check_vqgan_config(mcfg, tcfg):
     if not mcfg.ch_mult or min(mcfg.ch_mult) < 1:
         fail(f"--ch_mult needs at least one multiplier, all >= 1, got {','.join(map(str, mcfg.ch_mult)) or 'nothing'}")
     check_config(tcfg, positive=("toy_n", "batch_size", "grad_accum", "lr", "log_every", "sample_every", "ckpt_every",
-                                 "val_n", "workers"),
-                 nonneg=("min_lr", "warmup", "grad_clip", "max_steps", "disc_start", "disc_weight", "perceptual_weight",
+                                 "val_n", "workers", "max_steps"),
+                 nonneg=("min_lr", "warmup", "grad_clip", "disc_start", "disc_weight", "perceptual_weight",
                          "seed"),
                  choices={"dtype": ("auto", "bf16", "fp32")})
 
