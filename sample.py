@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import sundae
 import vqgan
+from sundae import draw  # the exact categorical draw, shared with training's progress samples
 from vqgan import fail
 
 
@@ -45,17 +46,6 @@ def check_schedule(name, start_end, lo, hi):
     """A (start, end) schedule with both ends finite and in [lo, hi]; ValueError naming the flag otherwise."""
     if len(start_end) != 2 or not all(math.isfinite(v) and lo <= v <= hi for v in start_end):
         raise vqgan.BadInput(f"--{name} {','.join(map(str, start_end))}: both ends must be in [{lo}, {hi}]")
-
-
-def draw(logits, tau, generator=None):
-    """One exact categorical draw per row of logits (K, V) at temperature tau (0 = the argmax), by inverting the
-    CDF: the first token whose cumulative probability exceeds u ~ U(0, total). It needs one uniform number per row,
-    not V (Gumbel-max), and at V = 8192 it is 5x faster on the CPU than torch.multinomial (measured)."""
-    if tau == 0 or len(logits) == 0:
-        return logits.argmax(-1)
-    cdf = torch.softmax(logits.float() / tau, dim=-1).double().cumsum(-1)  # float64: no drift over 8192 terms
-    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)  # right: p = 0 never
 
 
 @torch.no_grad()
