@@ -49,13 +49,15 @@ def check_schedule(name, start_end, lo, hi):
 
 
 @torch.no_grad()
-def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_steps=10, init=None, known=None,
+def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10, init=None, known=None,
            generator=None, trajectory=None, device=None, bf16=None):
     """Draw n token grids; returns (tokens (n, h, w), steps_used (n,)).
 
     model: any module with vocab_size, height, width that maps (B, h, w) ids to (B, h, w, V) logits.
     temperature, proportion: (start, end), interpolated linearly over the steps, exactly the start at step 0
-    and the end at step steps-1; temperature 0 means greedy (argmax); proportion None = default_proportion(steps).
+    and the end at step steps-1; temperature 0 means greedy (argmax); temperature None = the model's
+    default_temperature (load_sundae sets the one its training preset stored), else the paper's (1.0, 0.7);
+    proportion None = default_proportion(steps).
     init: starting tokens (n, h, w) (default uniform random). known: bool or 0/1 (n, h, w); those positions
     always keep their init token (inpainting, paper §3.6). trajectory: a list that receives the whole batch's
     tokens at the start and after every step (for the paper's Figure 2). device: where to sample when no init
@@ -63,6 +65,8 @@ def sample(model, n, steps=100, temperature=(1.0, 0.7), proportion=None, min_ste
     bf16: run the network under bf16 autocast (default: on CUDA only); the logits stay fp32."""
     V, h, w = model.vocab_size, model.height, model.width
     proportion = default_proportion(steps) if proportion is None else tuple(proportion)
+    if temperature is None:
+        temperature = getattr(model, "default_temperature", (1.0, 0.7))
     check_schedule("temperature", tuple(temperature), 0.0, math.inf)
     check_schedule("proportion", proportion, 0.0, 1.0)
     if steps < 1 or n < 1:
@@ -193,8 +197,11 @@ def eval_features(vq, images, batch=64):
     return torch.cat(out).numpy()
 
 
-def evaluate(model, vq, vqgan_path, n, seed, batch, **sample_kwargs):
-    """Frechet distances of samples, decoded random tokens and reconstructions to n held-out images."""
+def evaluate(model, vq, vqgan_path, n, seed, batch, feature_vq=None, **sample_kwargs):
+    """Frechet distances of samples, decoded random tokens and reconstructions to n held-out images, in the
+    encoder features of feature_vq (default vq itself). One fixed feature_vq puts pipelines whose tokenizers
+    differ on one scale; each VQ-GAN's own feature space has its own."""
+    feature_vq = feature_vq or vq
     tcfg = vqgan.TrainConfig(**vqgan.load_checkpoint(vqgan_path, "vqgan")["train_config"])  # where the data is
     # never seen in training: toy faces from another seed (any number), or the VQ-GAN's own held-out files
     held = vqgan.ImageData(tcfg.data, vq.config.size, "val", tcfg.toy_n, n if tcfg.data == "toy" else tcfg.val_n,
@@ -215,11 +222,11 @@ def evaluate(model, vq, vqgan_path, n, seed, batch, **sample_kwargs):
     rand = torch.randint(vq.codebook_size, toks.shape, generator=gen, device=device)
     with torch.no_grad():
         recon = torch.cat([vq(real[i:i + batch].to(device))[0].float().clamp(-1, 1).cpu() for i in range(0, n, batch)])
-    f_real = eval_features(vq, real)
+    f_real = eval_features(feature_vq, real)
     rows = [("SUNDAE samples", decode(vq, toks)), ("uniform random tokens", decode(vq, rand)), ("reconstructions", recon)]
     print(f"Frechet distance to {n} held-out images in VQ-GAN encoder feature space (lower is better):")
     for name, imgs in rows:
-        print(f"  {name:22s} {frechet_distance(eval_features(vq, imgs.cpu()), f_real):10.3f}")
+        print(f"  {name:22s} {frechet_distance(eval_features(feature_vq, imgs.cpu()), f_real):10.3f}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,7 +246,7 @@ def save_trajectory(vq, trajectory, path, cols=8):
     for j, s in enumerate(picks):
         axes[0, j].set_title(f"step {s}", fontsize=8)
         for i in range(n):
-            axes[i, j].imshow(((imgs[j][i].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+            axes[i, j].imshow(((imgs[j][i].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
             axes[i, j].axis("off")
     fig.tight_layout()
     tmp = f"{path}.tmp.{os.getpid()}.png"
@@ -316,7 +323,9 @@ def pair(s):
 def add_sampling_flags(p):
     """The sampler's schedule flags, shared with inpaint.py."""
     p.add_argument("--steps", type=int, default=100, help="maximum denoising steps")
-    p.add_argument("--temperature", type=pair, default=(1.0, 0.7), help="start,end temperature (default 1.0,0.7; 0 = greedy)")
+    p.add_argument("--temperature", type=pair, default=None,
+                   help="start,end temperature, 0 = greedy (default: the one the model's training preset stored: "
+                        "0.7,0.3 for tiny, the paper's 1.0,0.7 for ffhq256/ffhq1024)")
     p.add_argument("--proportion", type=pair, default=None,
                    help="start,end share of positions that take their new draw per step (default 1,1 below 20 steps, "
                         "as paper §3.5 asks, else 0.5,0.5)")
@@ -335,6 +344,8 @@ def main(argv=None):
     p.add_argument("--outdir", default="", help="also write one PNG per sample here (for FID tools)")
     p.add_argument("--trajectory", default="", help="write a figure of images decoded along one sampling run")
     p.add_argument("--eval", type=int, default=0, help="Frechet distance of N samples to N held-out images")
+    p.add_argument("--eval_vqgan", default="", help="--eval in this VQ-GAN's encoder features (default --vqgan's): one "
+                                                    "fixed file compares pipelines whose tokenizers differ")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
@@ -367,7 +378,11 @@ def main(argv=None):
                             [args.sundae, args.vqgan])
     model, vq = load_pair(args.sundae, args.vqgan, device)
     if args.eval:
-        return evaluate(model, vq, args.vqgan, args.eval, args.seed, args.batch, steps=args.steps,
+        feature_vq = vqgan.load_vqgan(args.eval_vqgan, device) if args.eval_vqgan else None
+        if feature_vq is not None and feature_vq.config.size != vq.config.size:
+            fail(f"--eval_vqgan {args.eval_vqgan!r} takes {feature_vq.config.size}px images, the samples are "
+                 f"{vq.config.size}px; pass a VQ-GAN of the same image size")
+        return evaluate(model, vq, args.vqgan, args.eval, args.seed, args.batch, feature_vq, steps=args.steps,
                         temperature=args.temperature, proportion=args.proportion, min_steps=args.min_steps, bf16=bf16)
 
     gen = torch.Generator(device).manual_seed(args.seed)  # one generator for all batches: --seed fixes the whole run
@@ -406,7 +421,7 @@ def main(argv=None):
     if args.outdir:
         os.makedirs(args.outdir, exist_ok=True)
         for i, img in enumerate(images):  # the seed in the name: several runs can share one folder
-            vqgan.save_png(img[None], os.path.join(args.outdir, f"{args.seed:04d}_{i:06d}.png"), nrow=1, pad=0)
+            vqgan.save_png(img[None], os.path.join(args.outdir, f"{args.seed:04d}_{i:06d}.png"), nrow=1, pad=0, scale=1)
         print(f"wrote {len(images)} PNGs to {args.outdir}/")
     if args.trajectory:
         save_trajectory(vq, [x[:6] for x in traj], args.trajectory)  # the first 6 samples of the first batch

@@ -54,6 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only)
     warmup: int = 100  # linear warm-up steps (the authors had none)
     grad_clip: float = 1.0  # clip the gradient norm; 0 = off (the authors had none)
+    temperature: tuple = (0.7, 0.3)  # sample.py's and inpaint.py's default start,end temperature for this model (stored)
     ema: float = 0.999  # decay of an exponential moving average of the weights, used to validate, sample and save; 0 = off
     max_steps: int = 1000  # optimizer steps
     val_fraction: float = 0.05  # share of the latents held out for validation
@@ -79,10 +80,12 @@ PRESETS = {
     # A constant learning rate does no averaging of its own: the EMA's long memory (0.9999) does it
     "ffhq256": (hourglass.PRESETS["ffhq256"],
                 TrainConfig(batch_size=64, lr=3e-5, min_lr=3e-5, warmup=2000, max_steps=1_000_000, ema=0.9999,
+                            temperature=(1.0, 0.7),
                             val_every=5000, log_every=100, sample_every=5000, ckpt_every=5000)),
     # FFHQ-1024 (32x32 tokens, V = 8192); the authors used batch 8-16 and lr 3e-5 (5e-6 for one config)
     "ffhq1024": (hourglass.PRESETS["ffhq1024"],
                  TrainConfig(batch_size=16, lr=3e-5, min_lr=3e-5, warmup=2000, max_steps=1_000_000, ema=0.9999,
+                             temperature=(1.0, 0.7),
                              val_every=5000, log_every=100, sample_every=5000, ckpt_every=5000)),
 }
 
@@ -201,6 +204,8 @@ def load_sundae(path, device="cpu"):
     ckpt = read_checkpoint(path, device)
     model = HourglassTransformer(**ckpt["model_config"]).to(device)
     model.vqgan_id = ckpt.get("vqgan_id")  # the VQ-GAN whose latents trained it, if known
+    # the sampling temperature its preset chose; checkpoints from before the field existed get the paper's (1.0, 0.7)
+    model.default_temperature = tuple(ckpt.get("train_config", {}).get("temperature", (1.0, 0.7)))
     try:
         model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights, where training kept them
     except RuntimeError as e:
@@ -268,6 +273,8 @@ def check_config(mcfg, tcfg):
                        fractions=("val_fraction",), choices={"dtype": ("auto", "bf16", "fp32")})
     if tcfg.ema >= 1:
         fail(f"--ema must be below 1 (a decay; 0 = off), got {tcfg.ema}")
+    if len(tcfg.temperature) != 2 or not all(0 <= t < math.inf for t in tcfg.temperature):
+        fail(f"--temperature must be two finite numbers >= 0 (start,end), got {','.join(map(str, tcfg.temperature))}")
     if mcfg.dim % mcfg.heads or (mcfg.dim // mcfg.heads) % 4:
         fail(f"--dim {mcfg.dim} / --heads {mcfg.heads} must give a whole head size divisible by 4 (2D RoPE rotates "
              f"channel pairs for rows and for columns); e.g. --dim {mcfg.heads * 32}")

@@ -7,6 +7,7 @@ The proof that every piece is right: each test names the property it checks and 
 Sections follow the pipeline: vqgan.py, hourglass.py, sundae.py, sample.py / inpaint.py, then the command
 lines as a user meets them (bad input, interrupted training).
 """
+import argparse
 import hashlib
 import json
 import math
@@ -194,6 +195,18 @@ def test_generator_update_leaves_discriminator_gradients_at_zero():
     loss.backward()
     assert all(p.grad is None for p in disc.parameters()) and all(p.requires_grad for p in disc.parameters())
     assert model.last_layer().grad.abs().sum() > 0 and stats["lam"] > 0
+
+
+def test_reconstruction_loss_is_l1_plus_weighted_squared_error():
+    torch.manual_seed(0)
+    model = vqgan.VQGAN(vqgan.ModelConfig(size=16, ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=8, codebook_size=16))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    for w in (0.0, 5.0):
+        loss, stats, x_rec, _ = vqgan.generator_loss(model, None, None, x, False, 0.0, l2_weight=w)
+        err = x - x_rec
+        assert math.isclose(stats["rec"], (err.abs().mean() + w * err.pow(2).mean()).item(), rel_tol=1e-5)
+        assert math.isclose(loss.item(), stats["rec"] + stats["q"], rel_tol=1e-5)
+    assert vqgan.TrainConfig().l2_weight == 5.0 and vqgan.PRESETS["ffhq1024"][1].l2_weight == 0.0  # tiny only
 
 
 def test_lpips_is_zero_for_identical_images_and_loads_named_weights(tmp_path):
@@ -724,6 +737,53 @@ def test_load_sundae_rebuilds_the_model(pipeline):
     assert ckpt["kind"] == "sundae" and ckpt["history"]["val_loss"]
 
 
+def test_the_sampling_temperature_is_the_presets_and_travels_in_the_checkpoint(pipeline, tmp_path):
+    assert sundae.PRESETS["tiny"][1].temperature == (0.7, 0.3)  # small models: cooler samples (README table)
+    assert sundae.PRESETS["ffhq1024"][1].temperature == sundae.PRESETS["ffhq256"][1].temperature == (1.0, 0.7)  # paper
+    assert sundae.load_sundae(pipeline["sundae"]).default_temperature == (0.7, 0.3)
+    ckpt = torch.load(pipeline["sundae"], weights_only=True)
+    ckpt["train_config"]["temperature"] = (0.5, 0.2)  # a float pair: --temperature 0.5,0.2 at training
+    torch.save(ckpt, tmp_path / "t.pt")
+    m = sundae.load_sundae(str(tmp_path / "t.pt"))
+    assert m.default_temperature == (0.5, 0.2)
+    run = lambda **kw: sample.sample(m, 6, steps=12, generator=torch.Generator().manual_seed(3), **kw)[0]
+    assert torch.equal(run(), run(temperature=(0.5, 0.2))) and not torch.equal(run(), run(temperature=(1.0, 0.7)))
+    del ckpt["train_config"]["temperature"]  # a checkpoint from before the field: the paper's schedule
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert sundae.load_sundae(str(tmp_path / "old.pt")).default_temperature == (1.0, 0.7)
+    args = argparse.ArgumentParser()
+    vqgan.add_flags(args, sundae.TrainConfig)
+    assert args.parse_args(["--temperature", "0.9,0.25"]).temperature == (0.9, 0.25)  # floats, not ints
+
+
+def test_eval_in_a_fixed_feature_space(pipeline, capsys, monkeypatch):
+    d = pipeline
+    args = ["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--eval", "8", "--steps", "3"]
+    sample.main(args)
+    own = capsys.readouterr().out
+    sample.main(args + ["--eval_vqgan", d["vqgan"]])  # the same VQ-GAN as the feature space: the same numbers
+    assert capsys.readouterr().out == own and "SUNDAE samples" in own
+    seen = []
+    monkey = lambda vq, imgs, batch=64: seen.append(vq) or np.random.rand(len(imgs), 2)
+    other = vqgan.load_vqgan(d["vqgan"])
+    monkeypatch.setattr(sample, "eval_features", monkey)
+    sample.evaluate(sundae.load_sundae(d["sundae"]), vqgan.load_vqgan(d["vqgan"]), d["vqgan"], 4, 0, 4, other, steps=2)
+    assert len(seen) == 4 and all(v is other for v in seen)  # real, samples, random tokens, reconstructions
+
+
+def test_grids_of_small_images_are_enlarged_without_blurring(tmp_path):
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    vqgan.save_png(x, str(tmp_path / "g.png"), nrow=3)
+    g = np.asarray(Image.open(tmp_path / "g.png"))
+    assert g.shape == (2 + 128 + 2, 3 * (128 + 2) + 2, 3)  # 4x: a 32x32 face is shown 128x128
+    tile = g[2:130, 2:130].astype(int)
+    ref = ((x[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    assert np.abs(tile[::4, ::4] - ref).max() <= 1 and (tile[1::4, 3::4] == tile[::4, ::4]).all()  # nearest neighbour
+    vqgan.save_png(torch.rand(1, 3, 256, 256), str(tmp_path / "big.png"), nrow=1, pad=0)
+    vqgan.save_png(x[:1], str(tmp_path / "one.png"), nrow=1, pad=0, scale=1)
+    assert Image.open(tmp_path / "big.png").size == (256, 256) and Image.open(tmp_path / "one.png").size == (32, 32)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # sample.py and inpaint.py
 
@@ -1243,6 +1303,9 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "convert a pickle without trust": (["vqgan.py", "--convert", str(t / "pickled.ckpt")], "--trust_checkpoint"),
         "convert onto itself": (["vqgan.py", "--convert", str(t / "plain.pt"), "--out", str(t / "plain.pt")], "being converted"),
         "no decoder but --eval": (S("--vqgan", "", "--eval", "4"), "need --vqgan"),
+        "missing --eval_vqgan": (S("--eval", "4", "--eval_vqgan", str(t / "none.pt")), "not found"),
+        "negative --temperature at training": (["sundae.py", "--data", p["latents"], "--temperature", "-1,0.5",
+                                                "--out", str(t / "tt.pt")], "--temperature"),
         "unknown --dtype": (["sundae.py", "--data", p["latents"], "--dtype", "fp16", "--out", str(t / "d.pt")], "--dtype"),
         "fresh vqgan run onto a trained checkpoint": (["vqgan.py", "--max_steps", "1", "--out", str(t / "trained_vq.pt")], "already exists"),
         "fresh sundae run onto a trained checkpoint": (["sundae.py", "--data", p["latents"], "--out", str(t / "trained_sd.pt")], "already exists"),
