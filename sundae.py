@@ -54,9 +54,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only)
     warmup: int = 100  # linear warm-up steps (the authors had none)
     grad_clip: float = 1.0  # clip the gradient norm; 0 = off (the authors had none)
-    temperature: tuple = (0.7, 0.3)  # sample.py's and inpaint.py's default start,end temperature for this model (stored)
+    temperature: tuple = (1.0, 0.7)  # sample.py's and inpaint.py's default start,end temperature for this model (stored)
     ema: float = 0.999  # decay of an exponential moving average of the weights, used to validate, sample and save; 0 = off
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1800  # optimizer steps
     val_fraction: float = 0.05  # share of the latents held out for validation
     val_every: int = 200  # steps between validation passes
     val_batches: int = 8  # validation batches per pass
@@ -80,12 +80,10 @@ PRESETS = {
     # A constant learning rate does no averaging of its own: the EMA's long memory (0.9999) does it
     "ffhq256": (hourglass.PRESETS["ffhq256"],
                 TrainConfig(batch_size=64, lr=3e-5, min_lr=3e-5, warmup=2000, max_steps=1_000_000, ema=0.9999,
-                            temperature=(1.0, 0.7),
                             val_every=5000, log_every=100, sample_every=5000, ckpt_every=5000)),
     # FFHQ-1024 (32x32 tokens, V = 8192); the authors used batch 8-16 and lr 3e-5 (5e-6 for one config)
     "ffhq1024": (hourglass.PRESETS["ffhq1024"],
                  TrainConfig(batch_size=16, lr=3e-5, min_lr=3e-5, warmup=2000, max_steps=1_000_000, ema=0.9999,
-                             temperature=(1.0, 0.7),
                              val_every=5000, log_every=100, sample_every=5000, ckpt_every=5000)),
 }
 
