@@ -227,14 +227,14 @@ def draw(logits, tau, generator=None):
 
 
 @torch.no_grad()
-def progress_samples(model, n, steps, generator):
+def progress_samples(model, n, steps, generator, temperature=(1.0, 0.7)):
     """The core of sample.py:sample (uniform start, 32 parallel steps, half the positions each step), enough to
     watch training; the full sampler with schedules and freezing lives in sample.py."""
     V, h, w = model.vocab_size, model.height, model.width
     device = next(model.parameters()).device
     x = torch.randint(V, (n, h, w), generator=generator, device=device)
     for s in range(steps):
-        tau = 1.0 + (0.7 - 1.0) * s / max(1, steps - 1)  # temperature anneals 1.0 -> 0.7 (paper §3.5)
+        tau = temperature[0] + (temperature[1] - temperature[0]) * s / max(1, steps - 1)  # annealed (paper §3.5)
         new = draw(model(x).reshape(-1, V), tau, generator).reshape(n, h, w)
         x = torch.where(torch.rand(n, h, w, generator=generator, device=device) < 0.5, new, x)
     return x
@@ -379,11 +379,12 @@ def validate(model, array, val_idx, micro, tcfg, autocast):
 
 
 @torch.no_grad()
-def save_progress_picture(model, decoder, step, path, autocast):
+def save_progress_picture(model, decoder, step, path, autocast, temperature=(1.0, 0.7)):
     """8 samples from the model so far: decoded images with a VQ-GAN, else token pictures."""
     model.eval()
     with autocast():
-        toks = progress_samples(model, 8, 32, torch.Generator(next(model.parameters()).device).manual_seed(step))
+        gen = torch.Generator(next(model.parameters()).device).manual_seed(step)
+        toks = progress_samples(model, 8, 32, gen, temperature)  # at the temperature sample.py will use
         if decoder is not None:
             vqgan.save_png(decoder.decode(toks).float(), path, nrow=8)
         else:
@@ -467,7 +468,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
             history["val_acc"].append((step, va))
             print(f"step {step}/{tcfg.max_steps} | val loss {vl:.3f} | val acc {va:.3f}", flush=True)
         if master and (step % tcfg.sample_every == 0 or step == tcfg.max_steps):  # what the samples look like
-            save_progress_picture(eval_model, decoder, step, os.path.splitext(tcfg.out)[0] + "_samples.png", autocast)
+            save_progress_picture(eval_model, decoder, step, os.path.splitext(tcfg.out)[0] + "_samples.png", autocast,
+                                  tcfg.temperature)
         if step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
             save()
 
