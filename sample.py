@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import sundae
 import vqgan
-from sundae import draw  # the exact categorical draw, shared with training's progress samples
+from sundae import PAPER_TEMPERATURE, check_schedule, draw  # shared with training (its progress samples, --temperature)
 from vqgan import fail
 
 
@@ -42,12 +42,6 @@ def default_proportion(steps):
     return (1.0, 1.0) if steps < 20 else (0.5, 0.5)
 
 
-def check_schedule(name, start_end, lo, hi):
-    """A (start, end) schedule with both ends finite and in [lo, hi]; ValueError naming the flag otherwise."""
-    if len(start_end) != 2 or not all(math.isfinite(v) and lo <= v <= hi for v in start_end):
-        raise vqgan.BadInput(f"--{name} {','.join(map(str, start_end))}: both ends must be in [{lo}, {hi}]")
-
-
 @torch.no_grad()
 def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10, init=None, known=None,
            generator=None, trajectory=None, device=None, bf16=None):
@@ -56,7 +50,7 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
     model: any module with vocab_size, height, width that maps (B, h, w) ids to (B, h, w, V) logits.
     temperature, proportion: (start, end), interpolated linearly over the steps, exactly the start at step 0
     and the end at step steps-1; temperature 0 means greedy (argmax); temperature None = the model's
-    default_temperature (load_sundae sets the one its training preset stored), else the paper's (1.0, 0.7);
+    default_temperature (load_sundae sets the one its training stored), else the paper's (1.0, 0.7);
     proportion None = default_proportion(steps).
     init: starting tokens (n, h, w) (default uniform random). known: bool or 0/1 (n, h, w); those positions
     always keep their init token (inpainting, paper §3.6). trajectory: a list that receives the whole batch's
@@ -66,7 +60,7 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
     V, h, w = model.vocab_size, model.height, model.width
     proportion = default_proportion(steps) if proportion is None else tuple(proportion)
     if temperature is None:
-        temperature = getattr(model, "default_temperature", (1.0, 0.7))
+        temperature = getattr(model, "default_temperature", PAPER_TEMPERATURE)
     check_schedule("temperature", tuple(temperature), 0.0, math.inf)
     check_schedule("proportion", proportion, 0.0, 1.0)
     if steps < 1 or n < 1:

@@ -40,6 +40,7 @@ from vqgan import BadInput, add_flags, fail, lr_at, overrides, pick_device, spli
 
 
 ModelConfig = hourglass.HourglassConfig  # the network's shape: one dataclass, owned by hourglass.py
+PAPER_TEMPERATURE = (1.0, 0.7)  # sampling temperature, annealed from start to end (paper §3.5)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only)
     warmup: int = 100  # linear warm-up steps (the authors had none)
     grad_clip: float = 1.0  # clip the gradient norm; 0 = off (the authors had none)
-    temperature: tuple = (1.0, 0.7)  # sample.py's and inpaint.py's default start,end temperature for this model (stored)
+    temperature: tuple = PAPER_TEMPERATURE  # sample.py's and inpaint.py's default start,end temperature for this model (stored)
     ema: float = 0.999  # decay of an exponential moving average of the weights, used to validate, sample and save; 0 = off
     max_steps: int = 1800  # optimizer steps
     val_fraction: float = 0.05  # share of the latents held out for validation
@@ -202,8 +203,8 @@ def load_sundae(path, device="cpu"):
     ckpt = read_checkpoint(path, device)
     model = HourglassTransformer(**ckpt["model_config"]).to(device)
     model.vqgan_id = ckpt.get("vqgan_id")  # the VQ-GAN whose latents trained it, if known
-    # the sampling temperature its preset chose; checkpoints from before the field existed get the paper's (1.0, 0.7)
-    model.default_temperature = tuple(ckpt.get("train_config", {}).get("temperature", (1.0, 0.7)))
+    # the sampling temperature its training stored; checkpoints from before the field existed get the paper's
+    model.default_temperature = tuple(ckpt.get("train_config", {}).get("temperature", PAPER_TEMPERATURE))
     try:
         model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights, where training kept them
     except RuntimeError as e:
@@ -227,7 +228,7 @@ def draw(logits, tau, generator=None):
 
 
 @torch.no_grad()
-def progress_samples(model, n, steps, generator, temperature=(1.0, 0.7)):
+def progress_samples(model, n, steps, generator, temperature=PAPER_TEMPERATURE):
     """The core of sample.py:sample (uniform start, 32 parallel steps, half the positions each step), enough to
     watch training; the full sampler with schedules and freezing lives in sample.py."""
     V, h, w = model.vocab_size, model.height, model.width
@@ -262,6 +263,12 @@ def save_token_picture(tokens, vocab_size, path):
 # command line (the generic plumbing, flags from dataclass fields, fail, devices, lr schedule, lives in vqgan.py)
 
 
+def check_schedule(name, start_end, lo, hi):
+    """A (start, end) schedule with both ends finite and in [lo, hi]; BadInput naming the flag otherwise."""
+    if len(start_end) != 2 or not all(math.isfinite(v) and lo <= v <= hi for v in start_end):
+        raise BadInput(f"--{name} {','.join(map(str, start_end))}: both ends must be in [{lo}, {hi}]")
+
+
 def check_config(mcfg, tcfg):
     """Nonsense flag values stop here, before any work, with one line naming the flag."""
     vqgan.check_config(mcfg, positive=("dim", "heads", "shorten"), nonneg=("vocab_size", "height", "width"))
@@ -271,8 +278,10 @@ def check_config(mcfg, tcfg):
                        fractions=("val_fraction",), choices={"dtype": ("auto", "bf16", "fp32")})
     if tcfg.ema >= 1:
         fail(f"--ema must be below 1 (a decay; 0 = off), got {tcfg.ema}")
-    if len(tcfg.temperature) != 2 or not all(0 <= t < math.inf for t in tcfg.temperature):
-        fail(f"--temperature must be two finite numbers >= 0 (start,end), got {','.join(map(str, tcfg.temperature))}")
+    try:
+        check_schedule("temperature", tcfg.temperature, 0.0, math.inf)  # the sampler's own check, at training time
+    except BadInput as e:
+        fail(str(e))
     if mcfg.dim % mcfg.heads or (mcfg.dim // mcfg.heads) % 4:
         fail(f"--dim {mcfg.dim} / --heads {mcfg.heads} must give a whole head size divisible by 4 (2D RoPE rotates "
              f"channel pairs for rows and for columns); e.g. --dim {mcfg.heads * 32}")
@@ -379,7 +388,7 @@ def validate(model, array, val_idx, micro, tcfg, autocast):
 
 
 @torch.no_grad()
-def save_progress_picture(model, decoder, step, path, autocast, temperature=(1.0, 0.7)):
+def save_progress_picture(model, decoder, step, path, autocast, temperature):
     """8 samples from the model so far: decoded images with a VQ-GAN, else token pictures."""
     model.eval()
     with autocast():
