@@ -298,15 +298,6 @@ def make_optimizer(model, tcfg):
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.99), fused=torch.cuda.is_available())
 
 
-@torch.no_grad()
-def ema_update(ema, model, decay, step):
-    """ema <- ema + (1 - d) (model - ema), with d = min(decay, (1 + step) / (10 + step)): the average starts close to
-    the model (d = 0.1 at step 0) and lengthens its memory up to `decay`, so early checkpoints are not the
-    random initialisation's ghost. Validation, progress samples and the saved model use the average."""
-    d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
-
-
 def noise_seed(seed, step, micro):
     """Seed of the noise for one micro-batch: N processes x 1 micro-batch draw what 1 process x N draws."""
     return (seed * 1_000_003 + step) * 1009 + micro
@@ -324,7 +315,7 @@ def prepare_data(mcfg, tcfg, resume_ckpt=None):
     N, h, w = array.shape
     vqgan_id = meta.get("vqgan_id")
     if tcfg.vqgan:
-        vq_id = vqgan.fingerprint(vqgan.load_checkpoint(tcfg.vqgan, "vqgan")["model"])
+        vq_id = vqgan.fingerprint(vqgan.shipped_weights(vqgan.load_checkpoint(tcfg.vqgan, "vqgan")))
         if vqgan_id and vq_id != vqgan_id:
             raise BadInput(f"latents {tcfg.data!r} were encoded by another VQ-GAN than --vqgan {tcfg.vqgan!r}; pass the "
                            f"VQ-GAN that wrote them")
@@ -449,7 +440,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
-            ema_update(ema, raw_model, tcfg.ema, step)  # the weights we validate, sample and ship
+            vqgan.ema_update(ema, raw_model, tcfg.ema, step)  # the weights we validate, sample and ship
         step += 1
         window[2] += 1
 

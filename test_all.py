@@ -329,7 +329,7 @@ def test_checkpoint_round_trip_and_resume_continue_from_saved_step(pipeline, cap
     m = vqgan.load_vqgan(pipeline["vqgan"])
     assert not m.training
     ref = vqgan.VQGAN(vqgan.ModelConfig(**ckpt["model_config"])).eval()
-    ref.load_state_dict(ckpt["model"])
+    ref.load_state_dict(ckpt["ema"])  # the tiny preset ships the moving average of the weights
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         assert torch.equal(m(x)[0], ref(x)[0])
@@ -356,8 +356,14 @@ def test_vqgan_resume_after_ctrl_c_matches_an_uninterrupted_run(pipeline, monkey
     assert [s for s, _ in ca["history"]["rec"]] == [2, 4, 5]
     for k in ("rec", "q", "g", "d"):
         assert np.allclose([v for _, v in ca["history"][k]], [v for _, v in cb["history"][k]], atol=1e-6), k
-    for k in ca["model"]:
+    for k in ca["model"]:  # the trained weights and their moving average both continue exactly
         assert torch.allclose(ca["model"][k].float(), cb["model"][k].float(), atol=1e-5), k
+        assert torch.allclose(ca["ema"][k].float(), cb["ema"][k].float(), atol=1e-5), k
+    w = "decoder.conv_out.weight"
+    assert not torch.equal(ca["ema"][w], ca["model"][w])  # an average, not a copy
+    shipped = vqgan.load_vqgan(a).state_dict()  # measuring, encoding and decoding use the average
+    assert all(torch.equal(shipped[k], ca["ema"][k]) for k in shipped)
+    assert torch.equal(ca["ema"]["quantize.unused_steps"], ca["model"]["quantize.unused_steps"])  # buffers: copied
 
 
 def test_train_and_encode_from_an_image_folder(tmp_path, capsys):
@@ -693,7 +699,7 @@ def test_ema_update_follows_its_formula_with_a_short_memory_at_first():
     for step in range(30):
         d = min(0.95, (1 + step) / (10 + step))  # 0.1 at step 0, then longer memory, capped at the decay
         expected = expected + (1 - d) * (1.0 - expected)
-        sundae.ema_update(ema, model, 0.95, step)
+        vqgan.ema_update(ema, model, 0.95, step)
         assert torch.allclose(ema.weight, torch.full((2, 2), expected)), step
     assert min(0.95, 30 / 39) == 30 / 39 and min(0.95, 1000 / 1009) == 0.95
 
@@ -1334,6 +1340,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "proportion above 1": (S("--proportion", "0.5,1.5"), "--proportion"),
         "zero training steps": (["sundae.py", "--data", p["latents"], "--max_steps", "0"], "--max_steps"),
         "an average that never moves": (["sundae.py", "--data", p["latents"], "--ema", "1"], "--ema"),
+        "a tokenizer average that never moves": (["vqgan.py", "--ema", "1.5"], "--ema"),
         "npz latents": (["sundae.py", "--data", str(t / "lat.npz")], ".npz archive"),
         "an id of 2**40": (["sundae.py", "--data", str(t / "huge.npy")], "must be below"),
         "--eval 1": (S("--eval", "1"), "at least 2"),
@@ -1355,7 +1362,8 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     shutil.copy(p["sundae"], t / "trained_sd.pt")
     (t / "locked.pt.lock").write_text(str(os.getppid()))
     same_v = torch.load(p["vqgan"], weights_only=True)  # same V, other codes: ids mean other things
-    same_v["model"]["quantize.codebook"] = torch.randn_like(same_v["model"]["quantize.codebook"])
+    w = vqgan.shipped_weights(same_v)  # the weights load_vqgan reads: the moving average
+    w["quantize.codebook"] = torch.randn_like(w["quantize.codebook"])
     torch.save(same_v, t / "same_v_vq.pt")  # held by a live process (pytest's parent)
     np.save(t / "grid8.npy", np.zeros((2, 8, 8), np.int64))
     np.savez(t / "lat.npz", a=np.zeros((4, 4, 4), np.int64))
@@ -1369,8 +1377,8 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     # a VQ-GAN of another vocabulary, for the mismatch case
     other = torch.load(p["vqgan"], weights_only=True)
     other["model_config"]["codebook_size"] = 16
-    other["model"]["quantize.codebook"] = other["model"]["quantize.codebook"][:16]
-    other["model"]["quantize.unused_steps"] = other["model"]["quantize.unused_steps"][:16]
+    w = vqgan.shipped_weights(other)
+    w["quantize.codebook"], w["quantize.unused_steps"] = w["quantize.codebook"][:16], w["quantize.unused_steps"][:16]
     torch.save(other, t / "other_vq.pt")
     for i, (args, _) in enumerate(cases.values()):  # training runs write into tmp, never the repository's files
         if args[0] in ("vqgan.py", "sundae.py") and not {"--out", "--encode", "--decode", "--convert"} & set(args):
