@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 class HourglassConfig:
     """The network's whole shape: HourglassTransformer(**asdict(config)). Checkpoints store asdict(config)."""
     dim: int = 128  # transformer width
-    heads: int = 4  # attention heads (head_dim = dim / heads, a multiple of 4 for 2D RoPE)
+    heads: int = 4  # attention heads
+    head_dim: int = 0  # width of one head, a multiple of 4 for 2D RoPE; 0 = dim / heads (the heads split the width)
     depth: tuple = (1, 4, 1)  # blocks per hourglass level: (pre, valley, post); (2, 2, 8, 2, 2) nests two levels
     shorten: int = 2  # k: each level merges k x k patches
     vocab_size: int = 0  # V; 0 = from the latents' sidecar or --vqgan, else max id in the data + 1
@@ -76,27 +77,30 @@ def rope_2d(x, h, w, stride=1, base=10000.0):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads):
+    """Multi-head self-attention over the whole grid; heads x head_dim is its inner width (usually dim; the authors'
+    FFHQ-1024 model used 8 heads of 64 at dim 1024, half the width)."""
+
+    def __init__(self, dim, heads, head_dim=0):
         super().__init__()
-        assert dim % heads == 0, f"dim {dim} must divide by heads {heads}"
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        assert head_dim or dim % heads == 0, f"dim {dim} must divide by heads {heads}"
+        self.heads, self.head_dim = heads, head_dim or dim // heads
+        self.qkv = nn.Linear(dim, 3 * heads * self.head_dim)
+        self.proj = nn.Linear(heads * self.head_dim, dim)
 
     def forward(self, x, h, w, stride):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, hd) each
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, heads, N, hd) each
         q, k = rope_2d(q, h, w, stride), rope_2d(k, h, w, stride)  # positions after the head split: every head
         y = F.scaled_dot_product_attention(q, k, v)  # non-causal: SUNDAE sees the whole grid (paper §3.2)
-        return self.proj(y.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        return self.proj(y.transpose(1, 2).reshape(B, N, -1))  # (B, N, D)
 
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with a 4x GELU MLP."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, head_dim=0):
         super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, head_dim)
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
@@ -154,14 +158,14 @@ class Upsample2D(nn.Module):
 class Level(nn.Module):
     """One level of the hourglass; depth (pre, *inner, post) nests: (2, 2, 8, 2, 2) is two levels."""
 
-    def __init__(self, dim, heads, depth, shorten):
+    def __init__(self, dim, heads, depth, shorten, head_dim=0):
         super().__init__()
-        self.pre = nn.ModuleList([Block(dim, heads) for _ in range(depth[0])])
+        self.pre = nn.ModuleList([Block(dim, heads, head_dim) for _ in range(depth[0])])
         self.inner = None
         if len(depth) > 1:  # (pre, ..., post): shorten, recurse on the middle of the tuple, lengthen
-            self.post = nn.ModuleList([Block(dim, heads) for _ in range(depth[-1])])
+            self.post = nn.ModuleList([Block(dim, heads, head_dim) for _ in range(depth[-1])])
             self.down, self.up = Downsample2D(dim, shorten), Upsample2D(dim, shorten)
-            self.inner = Level(dim, heads, depth[1:-1], shorten)
+            self.inner = Level(dim, heads, depth[1:-1], shorten, head_dim)
         self.k, self.grad_ckpt = shorten, False
 
     def run(self, blocks, x, h, w, stride):
@@ -186,7 +190,7 @@ class Level(nn.Module):
 class HourglassTransformer(nn.Module):
     """Tokens (B, h, w) -> logits (B, h, w, vocab_size); bidirectional, 2D-aware."""
 
-    def __init__(self, vocab_size, height, width, dim, heads, depth=(2, 10, 2), shorten=2, grad_ckpt=False):
+    def __init__(self, vocab_size, height, width, dim, heads, depth=(2, 10, 2), shorten=2, head_dim=0, grad_ckpt=False):
         super().__init__()
         depth = tuple(depth)
         if len(depth) % 2 == 0:
@@ -199,9 +203,9 @@ class HourglassTransformer(nn.Module):
             gh, gw = gh // shorten, gw // shorten
         self.vocab_size, self.height, self.width = vocab_size, height, width
         self.config = dict(vocab_size=vocab_size, height=height, width=width, dim=dim, heads=heads,
-                           depth=depth, shorten=shorten)
+                           depth=depth, shorten=shorten, head_dim=head_dim)
         self.embed = nn.Embedding(vocab_size, dim)  # no absolute positions: rotary embeddings carry them
-        self.body = Level(dim, heads, depth, shorten)
+        self.body = Level(dim, heads, depth, shorten, head_dim)
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)  # untied from the embedding
         self.n_blocks = sum(depth)
@@ -253,6 +257,20 @@ class HourglassTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # benchmark: hourglass vs a flat transformer of the same width and total depth
+
+
+def count_flops(fn):
+    """FLOPs of fn() (forward and, if fn calls it, backward), counted by PyTorch's FlopCounterMode: matmuls,
+    convolutions and attention. PyTorch knows the FLOPs of the GPU's fused attention kernels but not of the CPU's,
+    and counts those as 0; we give the CPU kernel the same formula, so a count does not depend on the device (without
+    it the 1024² prior's forward was undercounted by 9% on the CPU)."""
+    from torch.utils import flop_counter
+    raw = lambda f: getattr(f, "__wrapped__", f)  # the GPU kernels' formulas, taking shapes (FlopCounterMode wraps them)
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: raw(flop_counter.sdpa_flop),
+                     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: raw(flop_counter.sdpa_backward_flop)}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def forward_time(model, tokens, reps, device):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import hourglass
 import sundae
 import vqgan
 from sundae import PAPER_TEMPERATURE, check_schedule, draw  # shared with training (its progress samples, --temperature)
@@ -255,8 +256,6 @@ def save_trajectory(vq, trajectory, path, cols=8):
 
 def benchmark(preset, batches, steps, device, bf16):
     """Seconds per image and images/s at random weights, latent sampling and decoding timed apart."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     mc = sundae.PRESETS[preset][0]
     vcfg = vqgan.PRESETS[preset][0]
     h = vcfg.size // 2 ** (len(vcfg.ch_mult) - 1)
@@ -268,12 +267,7 @@ def benchmark(preset, batches, steps, device, bf16):
     one = torch.randint(vcfg.codebook_size, (1, h, h), device=device)
     # FLOPs of one network call and one decode, counted by PyTorch: with the device's peak they give the floor
     # no implementation can beat, so the measured time says how far from the hardware we are
-    with FlopCounterMode(display=False) as fc:
-        model(one)
-    f_step = fc.get_total_flops()
-    with FlopCounterMode(display=False) as fc:
-        vq.decode(one)
-    f_dec = fc.get_total_flops()
+    f_step, f_dec = hourglass.count_flops(lambda: model(one)), hourglass.count_flops(lambda: vq.decode(one))
     print(f"FLOPs per image: sampling {steps} x {f_step / 1e9:.2f} G = {steps * f_step / 1e9:.1f} G | decoding {f_dec / 1e9:.2f} G")
     peak = next((v for k, v in sundae.PEAK_BF16_FLOPS.items() if k in name), None)
     for b in batches:

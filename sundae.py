@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import vqgan
 import hourglass
-from hourglass import HourglassTransformer
+from hourglass import HourglassTransformer, count_flops
 from vqgan import BadInput, add_flags, fail, lr_at, overrides, pick_device, split_indices  # one copy of the plumbing
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def check_schedule(name, start_end, lo, hi):
 
 def check_config(mcfg, tcfg):
     """Nonsense flag values stop here, before any work, with one line naming the flag."""
-    vqgan.check_config(mcfg, positive=("dim", "heads", "shorten"), nonneg=("vocab_size", "height", "width"))
+    vqgan.check_config(mcfg, positive=("dim", "heads", "shorten"), nonneg=("vocab_size", "height", "width", "head_dim"))
     vqgan.check_config(tcfg, positive=("unroll_steps", "batch_size", "grad_accum", "lr", "log_every", "val_every",
                                        "val_batches", "sample_every", "ckpt_every", "max_steps"),
                        nonneg=("min_lr", "weight_decay", "warmup", "grad_clip", "seed", "ema"),
@@ -284,9 +284,11 @@ def check_config(mcfg, tcfg):
         check_schedule("temperature", tcfg.temperature, 0.0, math.inf)  # the sampler's own check, at training time
     except BadInput as e:
         fail(str(e))
-    if mcfg.dim % mcfg.heads or (mcfg.dim // mcfg.heads) % 4:
+    if mcfg.head_dim % 4:
+        fail(f"--head_dim {mcfg.head_dim} must divide by 4 (2D RoPE rotates channel pairs for rows and for columns)")
+    if not mcfg.head_dim and (mcfg.dim % mcfg.heads or (mcfg.dim // mcfg.heads) % 4):
         fail(f"--dim {mcfg.dim} / --heads {mcfg.heads} must give a whole head size divisible by 4 (2D RoPE rotates "
-             f"channel pairs for rows and for columns); e.g. --dim {mcfg.heads * 32}")
+             f"channel pairs for rows and for columns); e.g. --dim {mcfg.heads * 32}, or set --head_dim")
     if len(mcfg.depth) % 2 == 0 or min(mcfg.depth) < 0 or (len(mcfg.depth) > 1 and mcfg.shorten < 2):
         fail(f"--depth {','.join(map(str, mcfg.depth))} must have odd length (pre, ..., valley, ..., post) with counts "
              f">= 0, and --shorten >= 2 when it has levels")
@@ -498,8 +500,6 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 
 def benchmark(mcfg, tcfg, steps=10):
-    from torch.utils.flop_counter import FlopCounterMode
-
     device = pick_device(tcfg.device)
     V, h, w = mcfg.vocab_size or 8192, mcfg.height or 32, mcfg.width or 32
     model = HourglassTransformer(**asdict(replace(mcfg, vocab_size=V, height=h, width=w)), grad_ckpt=tcfg.grad_ckpt).to(device)
@@ -516,12 +516,13 @@ def benchmark(mcfg, tcfg, steps=10):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:  # count the matmul FLOPs of one step on the eager model
+    def count_step():  # the FLOPs of one step, counted on the eager model
         with autocast():
             loss, _ = unrolled_loss(model, tokens, V, tcfg.unroll_steps)
         loss.backward()
+
+    flops = count_flops(count_step)
     opt.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
     dt = vqgan.seconds_per_step(one_step, steps, device, warmup=3 if device.type == "cuda" else 1)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

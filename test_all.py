@@ -563,6 +563,26 @@ def test_grad_ckpt_gives_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def test_flop_count_includes_attention_on_the_cpu():
+    """count_flops, behind the benchmarks' FLOP and MFU figures, must count what the model computes. PyTorch has
+    no formula for the CPU's fused attention kernel; the plain FlopCounterMode counts it as 0."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    D, B, V = 32, 2, 64
+    m = hourglass.HourglassTransformer(V, 8, 8, D, 4, depth=(1, 2, 1))
+    t = torch.randint(V, (B, 8, 8))
+    block = 2 * 12 * D * D  # per token: qkv 3D^2 + proj D^2 + MLP 8D^2 multiply-adds, 2 FLOPs each
+    linear = B * (64 * 2 * block + 16 * 2 * block + 2 * 16 * 2 * 4 * D * D + 64 * 2 * D * V)  # + down, up, head
+    attention = B * 2 * (64 * 64 + 16 * 16) * 4 * D  # two blocks per grid; per token pair q.k and a weighted v
+    with torch.no_grad():
+        assert hourglass.count_flops(lambda: m(t)) == linear + attention
+    fused = hourglass.count_flops(lambda: m(t).sum().backward())
+    with sdpa_kernel(SDPBackend.MATH):  # attention decomposed into matmuls, which every counter knows
+        assert hourglass.count_flops(lambda: m(t)) == linear + attention
+        decomposed = hourglass.count_flops(lambda: m(t).sum().backward())
+    assert fused == decomposed + attention // 2  # the fused backward recomputes q k^T instead of storing it
+
+
 # ----------------------------------------------------------------------------------------------------------
 # sundae.py
 
@@ -741,6 +761,25 @@ def test_load_sundae_rebuilds_the_model(pipeline):
     assert not m.training and (m.height, m.width, m.vocab_size) == (4, 4, 32)
     ckpt = torch.load(pipeline["sundae"], weights_only=True)
     assert ckpt["kind"] == "sundae" and ckpt["history"]["val_loss"]
+
+
+def test_head_dim_sets_the_attention_width_trains_and_old_checkpoints_load(pipeline, tmp_path):
+    m = hourglass.HourglassTransformer(11, 4, 4, 32, 2, depth=(1, 1, 1), head_dim=8)  # 2 heads of 8: inner width 16
+    attn = m.body.pre[0].attn
+    assert attn.qkv.weight.shape == (3 * 16, 32) and attn.proj.weight.shape == (32, 16)
+    t = torch.randint(11, (2, 4, 4))
+    full = hourglass.HourglassTransformer(11, 4, 4, 32, 2, depth=(1, 1, 1))  # 2 heads of 16: the whole width
+    assert m(t).shape == full(t).shape == (2, 4, 4, 11)
+    assert full.body.pre[0].attn.qkv.weight.shape == (3 * 32, 32)
+    out = str(tmp_path / "hd.pt")  # through the command line, the checkpoint, and load_sundae
+    sundae.main(["--data", pipeline["latents"], "--vqgan", pipeline["vqgan"], "--max_steps", "2", "--out", out]
+                + TINY_SUNDAE + ["--head_dim", "8"])
+    loaded = sundae.load_sundae(out)
+    assert loaded.config["head_dim"] == 8 and loaded.body.pre[0].attn.qkv.weight.shape == (3 * 16, 32)
+    ckpt = torch.load(pipeline["sundae"], weights_only=True)
+    del ckpt["model_config"]["head_dim"]  # a checkpoint from before the field: heads split the width
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert sundae.load_sundae(str(tmp_path / "old.pt")).body.pre[0].attn.head_dim == 16
 
 
 def test_the_sampling_temperature_is_the_presets_and_travels_in_the_checkpoint(pipeline, tmp_path):
@@ -1328,6 +1367,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "too few latents to split": (["sundae.py", "--data", str(t / "tok4.npy"), "--vocab_size", "8"], "at least 3"),
         "argparse type error": (S("--n", "abc"), "invalid int value"),
         "heads that do not divide": (["sundae.py", "--data", p["latents"], "--dim", "24", "--heads", "4"], "divisible by 4"),
+        "head_dim not a multiple of 4": (["sundae.py", "--data", p["latents"], "--head_dim", "6"], "--head_dim 6 must divide"),
         "negative grad_accum": (["sundae.py", "--data", p["latents"], "--grad_accum", "-1"], "--grad_accum"),
         "quantizer in capitals": (["vqgan.py", "--quantizer", "LFQ"], "--quantizer"),
         "empty ch_mult": (["vqgan.py", "--ch_mult", ""], "--ch_mult"),
