@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import hourglass
 import sundae
 import vqgan
 from sundae import PAPER_TEMPERATURE, check_schedule, draw  # shared with training (its progress samples, --temperature)
@@ -267,7 +266,7 @@ def benchmark(preset, batches, steps, device, bf16):
     one = torch.randint(vcfg.codebook_size, (1, h, h), device=device)
     # FLOPs of one network call and one decode, counted by PyTorch: with the device's peak they give the floor
     # no implementation can beat, so the measured time says how far from the hardware we are
-    f_step, f_dec = hourglass.count_flops(lambda: model(one)), hourglass.count_flops(lambda: vq.decode(one))
+    f_step, f_dec = sundae.count_flops(lambda: model(one)), sundae.count_flops(lambda: vq.decode(one))
     print(f"FLOPs per image: sampling {steps} x {f_step / 1e9:.2f} G = {steps * f_step / 1e9:.1f} G | decoding {f_dec / 1e9:.2f} G")
     peak = next((v for k, v in sundae.PEAK_BF16_FLOPS.items() if k in name), None)
     for b in batches:

@@ -1594,7 +1594,7 @@ def test_sigint_writes_a_checkpoint_that_resume_continues(pipeline, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the GPU's code paths, run on the CPU: bf16 autocast and torch.compile work there too, only slower.
+# the GPU's code paths, run on the CPU: bf16 autocast and torch.compile work there too.
 # The slow tier (each compile costs ~30 s on 2 cores) runs with: SLOW=1 python -m pytest test_all.py -k slow
 
 slow = pytest.mark.skipif(os.environ.get("SLOW") != "1", reason="slow tier: SLOW=1 python -m pytest test_all.py -k slow")
