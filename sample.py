@@ -99,7 +99,7 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
             #                           shrinks, which the authors' code forgot
         # a parallel draw from the model at every position that takes one; the others' draws would be thrown
         # away, so our network computes its output head only where needed (any other module: all, then select)
-        with vqgan.autocast(device, bf16):
+        with vqgan.autocast(device, bf16), vqgan.tf32_matmuls():  # the fp32 head as in training: TF32 on a GPU
             logits = model.logits_at(xa, update) if hasattr(model, "logits_at") else model(xa)[update]  # (K, V)
         new = xa.clone()
         new[update] = draw(logits, tau, generator)
@@ -283,7 +283,7 @@ def benchmark(preset, batches, steps, device, bf16):
         sync(device)
         t_d = time.perf_counter() - t
         t = time.perf_counter()  # the network body alone, as many times: the rest of sampling is head + draw
-        with torch.no_grad(), vqgan.autocast(device, bf16):
+        with torch.no_grad(), vqgan.autocast(device, bf16), vqgan.tf32_matmuls():
             for _ in range(steps):
                 model.features(toks)
         sync(device)

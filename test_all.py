@@ -1093,6 +1093,24 @@ def test_sample_checks_its_inputs_and_supports_greedy_and_parameter_free_models(
             sample.sample(m, **kwargs)
 
 
+def test_the_sampler_runs_the_network_with_tf32_matmuls_as_training_does_and_restores_the_setting():
+    seen = []
+
+    class Spy(Shift):
+        def forward(self, x):
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+            return super().forward(x)
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False  # e.g. a user's own setting, or a fresh process
+        sample.sample(Spy(6, 3, 3), 2, steps=3, min_steps=3)
+        assert seen == [True] * 3  # the fp32 head computes its logits as in training (setup_processes turns TF32 on)
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # and nothing else is changed: the encoder's
+    finally:  # quantizer distances outside the sampler stay exact fp32
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
     d = pipeline
     out = str(tmp_path / "s.png")

@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -1063,6 +1063,20 @@ def use_bf16(dtype, device):
     if dtype not in ("auto", "bf16", "fp32"):
         fail(f"--dtype must be auto, bf16 or fp32, not {dtype!r}")
     return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+
+
+@contextmanager
+def tf32_matmuls():
+    """Inside the block, fp32 matmuls may use a GPU's TF32 tensor cores (inputs rounded to a 10-bit mantissa, fp32
+    sums and results); the previous setting comes back after. Training sets it for the whole run, so the transformer's
+    fp32 head computes its logits this way; the sampler sets it around the network only, to compute them the same
+    way, while the VQ-GAN's quantizer distances (inpainting encodes an image) stay exact. No effect on the CPU."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def autocast(device, bf16):
