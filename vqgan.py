@@ -1059,7 +1059,7 @@ def use_bf16(dtype, device):
     """--dtype: "auto" = bf16 autocast on CUDA (tensor cores), fp32 on the CPU; "bf16" and "fp32" force it on any
     device. bf16 autocast runs on the CPU too, which is how the GPU's code path is tested without one; it is faster
     there only on CPUs with bf16 instructions and at large sizes (1.8x for the 1024² prior's forward on an AVX-512
-    BF16 EPYC; the 8x8 demo gains nothing), so auto keeps fp32 on the CPU."""
+    BF16 EPYC; the 8x8 demo gains little), so auto keeps fp32 on the CPU."""
     if dtype not in ("auto", "bf16", "fp32"):
         fail(f"--dtype must be auto, bf16 or fp32, not {dtype!r}")
     return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
