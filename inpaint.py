@@ -6,22 +6,21 @@ known iff all f x f pixels of its cell are known; unknown tokens start random an
 sample.py:sample while the known ones are held fixed and give the model its context.
 
     python inpaint.py                                            # held-out toy faces, centre box -> inpaint.png
-    python inpaint.py --image face.png --box 16,32,48,64         # box in pixels of the model-sized image
+    python inpaint.py --image face.png --box 8,16,24,28          # box in pixels of the model-sized image (32 px)
     python inpaint.py --image face.png --mask mask.png           # white = fill in, black = keep
     python inpaint.py --random_boxes 3 --samples 6
     python inpaint.py --tokens grid.npy --known known.npy --out filled.npy --samples 4   # token grids, no VQ-GAN
 
 Imports sample.py, sundae.py and vqgan.py; importing it does no work.
 """
-import sys
-
 import numpy as np
 import torch
 from PIL import Image
 
 import sundae
 import vqgan
-from sample import add_sampling_flags, decode, fail, load_pair, sample, token_dtype
+from sample import add_sampling_flags, decode, load_pair, sample, token_dtype
+from vqgan import BadInput
 
 
 def pixel_to_token_mask(known_pixels, f):
@@ -29,7 +28,7 @@ def pixel_to_token_mask(known_pixels, f):
     known (logical AND over the cell, paper §3.6), so no unknown pixel is ever covered by a kept token."""
     B, H, W = known_pixels.shape
     if H % f or W % f:
-        raise vqgan.BadInput(f"a {H}x{W} mask does not divide into {f}x{f} token cells")
+        raise BadInput(f"a {H}x{W} mask does not divide into {f}x{f} token cells")
     cells = known_pixels.reshape(B, H // f, f, W // f, f)  # (B, h, f, w, f): each token's cell
     return cells.all(dim=4).all(dim=2)  # (B, h, w)
 
@@ -37,7 +36,7 @@ def pixel_to_token_mask(known_pixels, f):
 def inpaint(model, tokens, known, **sample_kwargs):
     """tokens (B, h, w), known bool (B, h, w) -> tokens with the unknown positions sampled, known ones unchanged."""
     if known.shape != tokens.shape:
-        raise vqgan.BadInput(f"mask has shape {tuple(known.shape)} but the tokens {tuple(tokens.shape)}; they must match")
+        raise BadInput(f"mask has shape {tuple(known.shape)} but the tokens {tuple(tokens.shape)}; they must match")
     gen = sample_kwargs.get("generator")
     noise = torch.randint(model.vocab_size, tokens.shape, generator=gen, device=tokens.device)
     init = torch.where(known, tokens, noise)  # unknown tokens start uniformly random, like unconditional sampling
@@ -50,46 +49,47 @@ def inpaint(model, tokens, known, **sample_kwargs):
 
 
 def load_rgb(path, size, what):
-    """An image file -> uint8 (size, size, 3), resized on the short side and centre-cropped like training data."""
+    """An image file -> (uint8 (size, size, 3), its (w, h)), resized on the short side and centre-cropped like
+    training data."""
     try:
         with Image.open(path) as im:
             w, h = im.size
-    except Exception:  # missing, unreadable or not an image: PIL raises several types
-        fail(f"cannot read {what} {path!r}; pass a PNG or JPEG file")
-    if min(w, h) < size:
-        fail(f"{what} {path!r} is {w}x{h}, smaller than the model's {size}x{size}; use a larger image")
-    return vqgan.load_image(path, size), (w, h)
-
-
-def load_array(path, flag):
-    try:
-        return np.load(path)
-    except Exception as e:  # missing file, not an .npy
-        fail(f"{flag} {path!r} is not a readable .npy array ({type(e).__name__}); save it with np.save")
+        if min(w, h) < size:
+            raise BadInput(f"{what} {path!r} is {w}x{h}, smaller than the model's {size}x{size}; use a larger image")
+        return vqgan.load_image(path, size), (w, h)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # missing, truncated, not an image, too large
+        if isinstance(e, BadInput):
+            raise
+        raise BadInput(f"cannot read {what} {path!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                       f"pass a PNG or JPEG file")
 
 
 def inpaint_tokens(args, device):
     """inpaint.py --tokens grid.npy --known known.npy --out filled.npy: the SUNDAE model alone fills in token grids.
     The output holds `samples` fillings of each grid: rows b * samples + k, shape (B * samples, h, w)."""
     if not (args.tokens and args.known and args.out):
-        fail("token inpainting needs --tokens grid.npy, --known known.npy and --out filled.npy")
-    vqgan.check_outputs({"--out": args.out}, [args.sundae, args.tokens, args.known])
+        raise BadInput("token inpainting needs --tokens grid.npy, --known known.npy and --out filled.npy")
+    if args.image or args.mask or args.box or args.random_boxes:
+        raise BadInput("--tokens inpaints token grids: --image, --mask, --box and --random_boxes do not apply; use "
+                       "--known to say which tokens to keep")
+    vqgan.check_outputs({"--out": args.out}, [args.sundae, args.tokens, args.known], args.overwrite)
     model = sundae.load_sundae(args.sundae, device)
-    tokens = vqgan.check_tokens(load_array(args.tokens, "--tokens"), model.vocab_size, model.height, model.width,
+    tokens = vqgan.check_tokens(vqgan.load_npy(args.tokens, "--tokens"), model.vocab_size, model.height, model.width,
                                 f"--tokens {args.tokens!r}")
-    known = load_array(args.known, "--known")
+    known = np.asarray(vqgan.load_npy(args.known, "--known"))
     known = known[None] if known.ndim == 2 else known
     if known.shape != tuple(tokens.shape):
-        fail(f"--known has shape {known.shape} but --tokens {tuple(tokens.shape)}; they must match")
+        raise BadInput(f"--known has shape {known.shape} but --tokens {tuple(tokens.shape)}; they must match")
     if known.dtype != bool and not (np.issubdtype(known.dtype, np.integer) and np.isin(known, (0, 1)).all()):
-        fail(f"--known must be bool or 0/1 integers (1 = keep), got dtype {known.dtype} with other values")
+        raise BadInput(f"--known must be bool or 0/1 integers (1 = keep), got dtype {known.dtype} with other values")
     known = torch.from_numpy(known.astype(bool))
     rep = lambda t: t.repeat_interleave(args.samples, 0).to(device)
     gen = torch.Generator(device).manual_seed(args.seed)
     filled = inpaint(model, rep(tokens), rep(known), steps=args.steps, temperature=args.temperature,
                      proportion=args.proportion, generator=gen, bf16=args.bf16)
     assert torch.equal(filled[rep(known)], rep(tokens)[rep(known)]), "known tokens changed"
-    vqgan.save_npy_atomic(filled.cpu().numpy().astype(token_dtype(model.vocab_size)), args.out)
+    ids = filled.cpu().numpy().astype(token_dtype(model.vocab_size))
+    vqgan.write_atomic(args.out, lambda f: np.save(f, ids))
     print(f"wrote {args.out}: {tuple(filled.shape)} = {len(tokens)} grid(s) x {args.samples} fillings | "
           f"{(~known).float().mean():.0%} of tokens filled in")
 
@@ -99,7 +99,8 @@ def main(argv=None):
     p.add_argument("--sundae", default="sundae.pt", help="SUNDAE checkpoint")
     p.add_argument("--vqgan", default="vqgan.pt", help="VQ-GAN checkpoint")
     p.add_argument("--image", default="", help="image to inpaint (default: 4 held-out toy faces)")
-    p.add_argument("--mask", default="", help="mask image of the same size as --image: white = fill in")
+    p.add_argument("--mask", default="", help="mask image with --image's aspect ratio (any size, e.g. drawn on an "
+                                               "enlarged copy): white = fill in")
     p.add_argument("--box", default="", help="x0,y0,x1,y1: fill in this box (pixels of the model-sized image)")
     p.add_argument("--random_boxes", type=int, default=0, help="fill in N random boxes per image instead")
     p.add_argument("--samples", type=int, default=4, help="inpaintings per image")
@@ -108,6 +109,7 @@ def main(argv=None):
     p.add_argument("--known", default="", help="with --tokens: (B, h, w) .npy, bool or 0/1, 1 = keep this token")
     p.add_argument("--out", default="", help="figure: original | masked | inpaintings, a row per image (default inpaint.png); "
                                                "with --tokens the filled grids as (B * samples, h, w) .npy")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that the scripts did not write")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
@@ -115,15 +117,15 @@ def main(argv=None):
     device = vqgan.pick_device(args.device)
     args.bf16 = vqgan.use_bf16(args.dtype, device)
     if args.samples < 1:
-        fail("--samples must be at least 1")
+        raise BadInput("--samples must be at least 1")
     if args.tokens or args.known:
         return inpaint_tokens(args, device)
     args.out = args.out or "inpaint.png"
     if sum(map(bool, (args.mask, args.box, args.random_boxes))) > 1:
-        fail("--mask, --box and --random_boxes each choose the region to fill in; pass only one of them")
+        raise BadInput("--mask, --box and --random_boxes each choose the region to fill in; pass only one of them")
     if args.random_boxes < 0 or args.steps < 1:
-        fail(f"--random_boxes must be >= 0 and --steps >= 1, got {args.random_boxes} and {args.steps}")
-    vqgan.check_outputs({"--out": args.out}, [args.sundae, args.vqgan, args.image, args.mask])  # before any work
+        raise BadInput(f"--random_boxes must be >= 0 and --steps >= 1, got {args.random_boxes} and {args.steps}")
+    vqgan.check_outputs({"--out": args.out}, [args.sundae, args.vqgan, args.image, args.mask], args.overwrite)
     model, vq = load_pair(args.sundae, args.vqgan, device)
     size, f = vq.config.size, vq.downsample_factor
 
@@ -136,23 +138,25 @@ def main(argv=None):
     unknown = np.zeros((B, size, size), bool)  # pixels to fill in
     if args.mask:
         if not args.image:
-            fail("--mask needs --image (the mask must match an image's size)")
+            raise BadInput("--mask needs --image (the mask must match an image's size)")
         try:
             with Image.open(args.mask) as m:
-                mask_size = m.size
-        except Exception:  # unreadable mask file
-            fail(f"cannot read mask {args.mask!r}; pass a PNG with white where to fill in")
-        if mask_size != orig_size:
-            fail(f"mask {args.mask!r} is {mask_size[0]}x{mask_size[1]} but the image is {orig_size[0]}x{orig_size[1]}; "
-                 f"make the mask the same size as the image")
-        unknown[:] = vqgan.load_mask(args.mask, size)  # same resize and crop as the image; no hole vanishes
+                (mw, mh), (w, h) = m.size, orig_size
+            if mw * h != mh * w:  # resized and cropped like the image, a mask of the same shape covers the same pixels
+                raise BadInput(f"mask {args.mask!r} is {mw}x{mh} but the image is {w}x{h}; draw the mask on the image "
+                               f"(or on a copy enlarged by any factor), white where to fill in")
+            unknown[:] = vqgan.load_mask(args.mask, size)  # same resize and crop as the image; no hole vanishes
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # missing, truncated, not an image
+            if isinstance(e, BadInput):
+                raise
+            raise BadInput(f"cannot read mask {args.mask!r} ({type(e).__name__}); pass a PNG, white where to fill in")
     elif args.box:
         try:
             x0, y0, x1, y1 = (int(v) for v in args.box.split(","))
         except ValueError:
-            fail(f"--box must be four integers x0,y0,x1,y1, got {args.box!r}")
+            raise BadInput(f"--box must be four integers x0,y0,x1,y1, got {args.box!r}")
         if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
-            fail(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size}")
+            raise BadInput(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size}")
         unknown[:, y0:y1, x0:x1] = True
     elif args.random_boxes:
         rng = np.random.default_rng(args.seed)
@@ -161,7 +165,7 @@ def main(argv=None):
                 bw, bh = rng.integers(size // 8, size // 2, 2)
                 x0, y0 = rng.integers(0, size - bw), rng.integers(0, size - bh)
                 unknown[b, y0:y0 + bh, x0:x0 + bw] = True
-    else:  # default: the lower-middle of the face (nose and mouth)
+    else:  # default: a centred box over the eyes, nose and mouth
         unknown[:, size * 3 // 8: size * 7 // 8, size // 4: size * 3 // 4] = True
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)  # (B, 3, H, W)
@@ -185,10 +189,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except vqgan.BadInput as e:  # bad input below main (checkpoints, masks): one line, exit 2
-        fail(str(e))
-    except KeyboardInterrupt:  # Ctrl-C: nothing half-written (outputs are written atomically)
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    vqgan.run_main(main)

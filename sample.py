@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import sundae
 import vqgan
 from sundae import PAPER_TEMPERATURE, check_schedule, draw  # shared with training (its progress samples, --temperature)
-from vqgan import fail
+from vqgan import BadInput
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
     check_schedule("temperature", tuple(temperature), 0.0, math.inf)
     check_schedule("proportion", proportion, 0.0, 1.0)
     if steps < 1 or n < 1:
-        raise vqgan.BadInput(f"need at least one sample and one step, got n={n}, steps={steps}")
+        raise BadInput(f"need at least one sample and one step, got n={n}, steps={steps}")
     if device is None:
         device = init.device if init is not None else generator.device if generator is not None else \
             next(model.parameters(), torch.empty(0)).device
@@ -72,16 +72,16 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
     bf16 = device.type == "cuda" if bf16 is None else bf16
     if init is None:
         if known is not None:
-            raise vqgan.BadInput("known positions need init tokens to keep")
+            raise BadInput("known positions need init tokens to keep")
         x = torch.randint(V, (n, h, w), generator=generator, device=device)
     else:
         if tuple(init.shape) != (n, h, w):
-            raise vqgan.BadInput(f"init tokens have shape {tuple(init.shape)}, expected (n, h, w) = {(n, h, w)}")
+            raise BadInput(f"init tokens have shape {tuple(init.shape)}, expected (n, h, w) = {(n, h, w)}")
         x = init.to(device).long().clone()
     free = torch.ones(n, dtype=torch.bool, device=device)  # samples with at least one position that may change
     if known is not None:
         if tuple(known.shape) != tuple(x.shape):
-            raise vqgan.BadInput(f"known mask has shape {tuple(known.shape)}, the tokens {tuple(x.shape)}")
+            raise BadInput(f"known mask has shape {tuple(known.shape)}, the tokens {tuple(x.shape)}")
         known = known.to(device).bool()  # a 0/1 integer mask works too
         free = (~known).flatten(1).any(1)
     if trajectory is not None:
@@ -99,7 +99,7 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
             #                           shrinks, which the authors' code forgot
         # a parallel draw from the model at every position that takes one; the others' draws would be thrown
         # away, so our network computes its output head only where needed (any other module: all, then select)
-        with vqgan.autocast(device, bf16), vqgan.tf32_matmuls():  # the fp32 head as in training: TF32 on a GPU
+        with vqgan.autocast(device, bf16):  # the head stays fp32 inside, as in training
             logits = model.logits_at(xa, update) if hasattr(model, "logits_at") else model(xa)[update]  # (K, V)
         new = xa.clone()
         new[update] = draw(logits, tau, generator)
@@ -142,15 +142,17 @@ def load_pair(sundae_path, vqgan_path, device):
         return model, None
     vq = vqgan.load_vqgan(vqgan_path, device)
     if model.vocab_size != vq.codebook_size:
-        raise vqgan.BadInput(f"{sundae_path!r} models V={model.vocab_size} tokens but {vqgan_path!r} has "
+        raise BadInput(f"{sundae_path!r} models V={model.vocab_size} tokens but {vqgan_path!r} has "
                          f"{vq.codebook_size} codes; pass the VQ-GAN whose latents trained this model")
     if getattr(model, "vqgan_id", None) and model.vqgan_id != vqgan.fingerprint(vq.state_dict()):
-        raise vqgan.BadInput(f"{sundae_path!r} was trained on latents of another VQ-GAN than {vqgan_path!r} (same V, other "
+        raise BadInput(f"{sundae_path!r} was trained on latents of another VQ-GAN than {vqgan_path!r} (same V, other "
                          f"codes); pass the VQ-GAN whose latents trained this model")
     g = vq.config.size // vq.downsample_factor
     if (model.height, model.width) != (g, g):
-        raise vqgan.BadInput(f"{sundae_path!r} models {model.height}x{model.width} token grids but {vqgan_path!r} makes "
-                         f"{g}x{g}; pass the VQ-GAN whose latents trained this model")
+        fix = f"convert it again with --size {model.height * vq.downsample_factor}" if vq.converted else \
+            "pass the VQ-GAN whose latents trained this model"
+        raise BadInput(f"{sundae_path!r} models {model.height}x{model.width} token grids but {vqgan_path!r} makes "
+                       f"{g}x{g} at {vq.config.size}px; {fix}")
     return model, vq
 
 
@@ -196,7 +198,7 @@ def evaluate(model, vq, vqgan_path, n, seed, batch, feature_vq=None, **sample_kw
     encoder features of feature_vq (default vq itself). One fixed feature_vq puts pipelines whose tokenizers
     differ on one scale; each VQ-GAN's own feature space has its own."""
     feature_vq = feature_vq or vq
-    tcfg = vqgan.TrainConfig(**vqgan.load_checkpoint(vqgan_path, "vqgan")["train_config"])  # where the data is
+    tcfg = vqgan.TrainConfig(**vqgan.tuples(vqgan.load_checkpoint(vqgan_path, "vqgan")["train_config"]))  # the data
     # never seen in training: toy faces from another seed (any number), or the VQ-GAN's own held-out files
     held = vqgan.ImageData(tcfg.data, vq.config.size, "val", tcfg.toy_n, n if tcfg.data == "toy" else tcfg.val_n,
                            tcfg.workers)
@@ -243,10 +245,7 @@ def save_trajectory(vq, trajectory, path, cols=8):
             axes[i, j].imshow(((imgs[j][i].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
             axes[i, j].axis("off")
     fig.tight_layout()
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    vqgan.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,7 +282,7 @@ def benchmark(preset, batches, steps, device, bf16):
         sync(device)
         t_d = time.perf_counter() - t
         t = time.perf_counter()  # the network body alone, as many times: the rest of sampling is head + draw
-        with torch.no_grad(), vqgan.autocast(device, bf16), vqgan.tf32_matmuls():
+        with torch.no_grad(), vqgan.autocast(device, bf16):
             for _ in range(steps):
                 model.features(toks)
         sync(device)
@@ -327,7 +326,9 @@ def main(argv=None):
     add_sampling_flags(p)
     p.add_argument("--min_steps", type=int, default=10, help="steps before a sample may freeze")
     p.add_argument("--batch", type=int, default=64, help="samples per forward pass")
-    p.add_argument("--out", default="samples.png", help="grid PNG of the samples")
+    p.add_argument("--out", default="samples.png", help="grid PNG of the samples (a PNG the scripts wrote is "
+                                                        "replaced; any other existing file needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --tokens / --out files")
     p.add_argument("--outdir", default="", help="also write one PNG per sample here (for FID tools)")
     p.add_argument("--trajectory", default="", help="write a figure of images decoded along one sampling run")
     p.add_argument("--eval", type=int, default=0, help="Frechet distance of N samples to N held-out images")
@@ -348,26 +349,26 @@ def main(argv=None):
         return benchmark(preset, batches, args.steps, device, bf16)
     for flag, value, least in (("--n", args.n, 1), ("--steps", args.steps, 1), ("--batch", args.batch, 1),
                                ("--min_steps", args.min_steps, 0), ("--eval", args.eval, 0), ("--seed", args.seed, 0)):
-        if value < least or value >= 2**63:
-            fail(f"{flag} must be at least {least}, got {value}")
+        if not least <= value < 2**63:
+            raise BadInput(f"{flag} must be in [{least}, 2**63), got {value}")
     if args.eval == 1:
-        fail("--eval needs at least 2 samples to fit a covariance (use 256 or more for a stable number)")
-    for name in ("temperature", "proportion"):
-        try:
-            if getattr(args, name) is not None:
-                check_schedule(name, getattr(args, name), 0.0, math.inf if name == "temperature" else 1.0)
-        except vqgan.BadInput as e:
-            fail(str(e))
+        raise BadInput("--eval needs at least 2 samples to fit a covariance (use 256 or more for a stable number)")
+    for name, hi in (("temperature", math.inf), ("proportion", 1.0)):
+        if getattr(args, name) is not None:
+            check_schedule(name, getattr(args, name), 0.0, hi)
+    if args.proportion is not None and max(args.proportion) == 0:
+        raise BadInput("--proportion 0,0 never takes a new draw: the samples would stay noise; use e.g. 0.5,0.5")
     if not args.vqgan and (args.eval or args.outdir or args.trajectory):
-        fail("--eval, --outdir and --trajectory show decoded images and need --vqgan; with --vqgan '' use --tokens")
-    if not (args.benchmark or args.eval):  # outputs checked before any work: never an input, always writable
+        raise BadInput("--eval, --outdir and --trajectory show decoded images and need --vqgan; with --vqgan '' use "
+                       "--tokens")
+    if not args.eval:  # outputs checked before any work: never an input nor each other, always writable
         vqgan.check_outputs({"--out": args.out, "--tokens": args.tokens, "--trajectory": args.trajectory},
-                            [args.sundae, args.vqgan])
+                            [args.sundae, args.vqgan], args.overwrite, outdir=args.outdir)
     model, vq = load_pair(args.sundae, args.vqgan, device)
     if args.eval:
         feature_vq = vqgan.load_vqgan(args.eval_vqgan, device) if args.eval_vqgan else None
         if feature_vq is not None and feature_vq.config.size != vq.config.size:
-            fail(f"--eval_vqgan {args.eval_vqgan!r} takes {feature_vq.config.size}px images, the samples are "
+            raise BadInput(f"--eval_vqgan {args.eval_vqgan!r} takes {feature_vq.config.size}px images, the samples are "
                  f"{vq.config.size}px; pass a VQ-GAN of the same image size")
         return evaluate(model, vq, args.vqgan, args.eval, args.seed, args.batch, feature_vq, steps=args.steps,
                         temperature=args.temperature, proportion=args.proportion, min_steps=args.min_steps, bf16=bf16)
@@ -390,7 +391,7 @@ def main(argv=None):
     t_sample = time.perf_counter() - t
     steps = f"steps used mean {used.float().mean():.1f} (min {used.min()}, max {used.max()})"
     if args.tokens:
-        vqgan.save_npy_atomic(toks.cpu().numpy().astype(token_dtype(model.vocab_size)), args.tokens)
+        vqgan.write_atomic(args.tokens, lambda f: np.save(f, toks.cpu().numpy().astype(token_dtype(model.vocab_size))))
         print(f"wrote {args.tokens}: {tuple(toks.shape)} token grids, V={model.vocab_size}")
     if vq is None:  # no decoder: the grids as coloured tiles, as sundae.py draws its progress samples
         sundae.save_token_picture(toks, model.vocab_size, args.out)
@@ -406,7 +407,6 @@ def main(argv=None):
           f"sampling {t_sample:.2f} s ({t_sample / args.n * 1e3:.1f} ms/image) | decoding {t_decode:.2f} s "
           f"({t_decode / args.n * 1e3:.1f} ms/image) | {device}")
     if args.outdir:
-        os.makedirs(args.outdir, exist_ok=True)
         for i, img in enumerate(images):  # the seed in the name: several runs can share one folder
             vqgan.save_png(img[None], os.path.join(args.outdir, f"{args.seed:04d}_{i:06d}.png"), nrow=1, pad=0, scale=1)
         print(f"wrote {len(images)} PNGs to {args.outdir}/")
@@ -416,10 +416,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except vqgan.BadInput as e:  # bad input: checkpoints of the wrong kind or that do not belong together
-        fail(str(e))
-    except KeyboardInterrupt:  # Ctrl-C: nothing half-written (outputs are written atomically)
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    vqgan.run_main(main)

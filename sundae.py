@@ -18,8 +18,6 @@ import copy
 import json
 import math
 import os
-import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 import vqgan
 import hourglass
 from hourglass import HourglassTransformer, count_flops
-from vqgan import BadInput, add_flags, fail, lr_at, overrides, pick_device, split_indices  # one copy of the plumbing
+from vqgan import BadInput, add_flags, lr_at, overrides, pick_device, split_indices  # one copy of the plumbing
 
 # ----------------------------------------------------------------------------------------------------------
 # config
@@ -156,24 +154,24 @@ def check_latents(array, vocab_size=0, name="latents"):
 
 def load_latents(path, vocab_size=0):
     """Memory-map an .npy of token ids (nothing is read until used) and validate it."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise BadInput(f"latents file {path!r} not found; make one with python vqgan.py --encode, or pass --data PATH")
-    try:
-        array = np.load(path, mmap_mode="r")
-    except Exception as e:  # numpy raises several types for non-.npy files
-        raise BadInput(f"{path!r} is not a readable .npy array ({type(e).__name__}); save latents with np.save")
-    if not isinstance(array, np.ndarray):  # an .npz archive of several arrays
-        raise BadInput(f"{path!r} is an .npz archive; save the (N, h, w) token array alone with np.save")
+    array = vqgan.load_npy(path, "--data")
     return array, check_latents(array, vocab_size, name=f"latents in {path!r}")
 
 
 def latents_meta(path):
     """What vqgan.py --encode wrote next to the latents (path + ".json"): {"vocab_size", "vqgan_id"}; {} if none."""
+    if not os.path.exists(path + ".json"):  # the user's own latents
+        return {}
     try:
         with open(path + ".json") as f:
-            return json.load(f)
-    except (OSError, ValueError):  # no sidecar (the user's own latents) or an unreadable one
-        return {}
+            meta = json.load(f)
+        int(meta.get("vocab_size", 0))
+        return meta
+    except (OSError, ValueError, TypeError, AttributeError):
+        raise BadInput(f"{path + '.json'!r}, the sidecar of the latents, is unreadable; delete it (and pass "
+                       f"--vocab_size) or encode the latents again")
 
 
 def get_batch(array, idx, device):
@@ -186,32 +184,15 @@ def get_batch(array, idx, device):
 # checkpoints
 
 
-def read_checkpoint(path, device="cpu"):
-    """A sundae checkpoint as a dict of plain types and tensors; ValueError with the fix if it is not one."""
-    if not os.path.isfile(path):
-        raise BadInput(f"checkpoint {path!r} not found; train one with python sundae.py --data latents.npy")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # foreign or damaged file
-        raise BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); re-train or pass another file")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "sundae":
-        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise BadInput(f"{path!r} is a {found} checkpoint, not a sundae one; pass the file sundae.py wrote")
-    return ckpt
-
-
 def load_sundae(path, device="cpu"):
     """Rebuild the SUNDAE model from its checkpoint alone, in eval mode."""
-    ckpt = read_checkpoint(path, device)
-    model = HourglassTransformer(**ckpt["model_config"]).to(device)
+    ckpt = vqgan.load_checkpoint(path, "sundae")
+    model = HourglassTransformer(**vqgan.tuples(ckpt["model_config"]))
     model.vqgan_id = ckpt.get("vqgan_id")  # the VQ-GAN whose latents trained it, if known
     # the sampling temperature its training stored; checkpoints from before the field existed get the paper's
     model.default_temperature = tuple(ckpt.get("train_config", {}).get("temperature", PAPER_TEMPERATURE))
-    try:
-        model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights, where training kept them
-    except RuntimeError as e:
-        raise BadInput(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
-    return model.eval()
+    vqgan.load_weights(model, ckpt.get("ema") or ckpt["model"], path)  # the averaged weights, where training kept them
+    return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,43 +236,35 @@ def save_token_picture(tokens, vocab_size, path):
         ax.axis("off")
     for ax, t in zip(axes.flat, tokens.cpu()):
         ax.imshow(t.numpy(), cmap="viridis", vmin=0, vmax=vocab_size - 1, interpolation="nearest")
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    vqgan.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# command line (the generic plumbing, flags from dataclass fields, fail, devices, lr schedule, lives in vqgan.py)
+# command line (the generic plumbing: flags from dataclass fields, errors, devices, lr schedule, lives in vqgan.py)
 
 
 def check_schedule(name, start_end, lo, hi):
     """A (start, end) schedule with both ends finite and in [lo, hi]; BadInput naming the flag otherwise."""
     if len(start_end) != 2 or not all(math.isfinite(v) and lo <= v <= hi for v in start_end):
-        raise BadInput(f"--{name} {','.join(map(str, start_end))}: both ends must be in [{lo}, {hi}]")
+        rule = ">= 0" if hi == math.inf else f"in [{lo}, {hi}]"
+        raise BadInput(f"--{name} {','.join(map(str, start_end))}: both ends must be finite and {rule}")
 
 
 def check_config(mcfg, tcfg):
     """Nonsense flag values stop here, before any work, with one line naming the flag."""
     vqgan.check_config(mcfg, positive=("dim", "heads", "shorten"), nonneg=("vocab_size", "height", "width", "head_dim"))
-    vqgan.check_config(tcfg, positive=("unroll_steps", "batch_size", "grad_accum", "lr", "log_every", "val_every",
-                                       "val_batches", "sample_every", "ckpt_every", "max_steps"),
-                       nonneg=("min_lr", "weight_decay", "warmup", "grad_clip", "seed", "ema"),
-                       fractions=("val_fraction",), choices={"dtype": ("auto", "bf16", "fp32")})
-    if tcfg.ema >= 1:
-        fail(f"--ema must be below 1 (a decay; 0 = off), got {tcfg.ema}")
-    try:
-        check_schedule("temperature", tcfg.temperature, 0.0, math.inf)  # the sampler's own check, at training time
-    except BadInput as e:
-        fail(str(e))
+    vqgan.check_train_config(tcfg, positive=("unroll_steps", "val_every", "val_batches", "sample_every"),
+                             nonneg=("weight_decay",), fractions=("val_fraction",))
+    check_schedule("temperature", tcfg.temperature, 0.0, math.inf)  # the sampler's own check, at training time
     if mcfg.head_dim % 4:
-        fail(f"--head_dim {mcfg.head_dim} must divide by 4 (2D RoPE rotates channel pairs for rows and for columns)")
+        raise BadInput(f"--head_dim {mcfg.head_dim} must divide by 4 (2D RoPE rotates channel pairs for rows and for "
+                       f"columns)")
     if not mcfg.head_dim and (mcfg.dim % mcfg.heads or (mcfg.dim // mcfg.heads) % 4):
-        fail(f"--dim {mcfg.dim} / --heads {mcfg.heads} must give a whole head size divisible by 4 (2D RoPE rotates "
-             f"channel pairs for rows and for columns); e.g. --dim {mcfg.heads * 32}, or set --head_dim")
+        raise BadInput(f"--dim {mcfg.dim} / --heads {mcfg.heads} must give a whole head size divisible by 4 (2D RoPE "
+                       f"rotates channel pairs for rows and for columns); e.g. --dim {mcfg.heads * 32}, or set --head_dim")
     if len(mcfg.depth) % 2 == 0 or min(mcfg.depth) < 0 or (len(mcfg.depth) > 1 and mcfg.shorten < 2):
-        fail(f"--depth {','.join(map(str, mcfg.depth))} must have odd length (pre, ..., valley, ..., post) with counts "
-             f">= 0, and --shorten >= 2 when it has levels")
+        raise BadInput(f"--depth {','.join(map(str, mcfg.depth))} must have odd length (pre, ..., valley, ..., post) "
+                       f"with counts >= 0, and --shorten >= 2 when it has levels")
 
 
 def make_optimizer(model, tcfg):
@@ -324,9 +297,10 @@ def prepare_data(mcfg, tcfg, resume_ckpt=None):
             raise BadInput(f"latents {tcfg.data!r} were encoded by another VQ-GAN than --vqgan {tcfg.vqgan!r}; pass the "
                            f"VQ-GAN that wrote them")
         vqgan_id = vq_id
-    if resume_ckpt is not None and (h, w) != (mcfg.height, mcfg.width):
-        raise BadInput(f"--resume: the checkpoint models {mcfg.height}x{mcfg.width} grids but {tcfg.data!r} holds "
-                       f"{h}x{w}; resume with the latents it was trained on")
+    if (mcfg.height or h, mcfg.width or w) != (h, w):
+        asked = "--resume: the checkpoint models" if resume_ckpt else "--height/--width ask for"
+        raise BadInput(f"{asked} {mcfg.height}x{mcfg.width} grids but {tcfg.data!r} holds {h}x{w}; pass the matching "
+                       f"latents (the grid size is read from them)")
     train_idx, val_idx = split_indices(N, tcfg.val_fraction)
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise BadInput(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split needs at least 3")
@@ -352,17 +326,6 @@ def build_model(mcfg, tcfg, device, resume_ckpt=None):
     # the open log window (loss sum, accuracy sum, steps) continues, so a resumed run logs what an uninterrupted one does
     return (model, ema, opt, resume_ckpt["step"], resume_ckpt["history"],
             list(resume_ckpt.get("log_window", (0.0, 0.0, 0))))
-
-
-def save_checkpoint(path, model, ema, opt, mcfg, tcfg, step, history, window, vqgan_id):
-    """Everything a resume needs. Never replaces a good checkpoint with weights an exploding step has already made
-    inf/NaN; the replaced one survives as path.prev, for a run that diverges while its numbers stay finite."""
-    params = list(model.parameters()) + (list(ema.parameters()) if ema is not None else [])
-    if all(torch.isfinite(p).all() for p in params):
-        vqgan.save_atomic({"kind": "sundae", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
-                           "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
-                           "rng": torch.get_rng_state(), "log_window": [float(window[0]), float(window[1]), window[2]],
-                           "vqgan_id": vqgan_id, "ema": None if ema is None else ema.state_dict()}, path, keep_prev=True)
 
 
 @torch.no_grad()
@@ -408,9 +371,12 @@ def train(mcfg, tcfg, resume_ckpt=None):
     bf16 = vqgan.use_bf16(tcfg.dtype, device)
     autocast = lambda: vqgan.autocast(device, bf16)  # the head, softmax and cross-entropy stay fp32 inside
     decoder = vqgan.load_vqgan(tcfg.vqgan, device) if master and tcfg.vqgan else None  # for progress pictures
-    save = lambda: master and save_checkpoint(tcfg.out, raw_model, ema, opt, mcfg, tcfg, step, history, window, vqgan_id)
-    stop = []  # Ctrl-C: finish the step, save, exit 130; a second Ctrl-C stops at once (run_guarded restores it)
-    signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler(*_))
+    save = lambda: master and vqgan.save_checkpoint(  # everything a resume needs
+        {"kind": "sundae", "model_config": asdict(mcfg), "train_config": asdict(tcfg), "model": raw_model.state_dict(),
+         "ema": None if ema is None else ema.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
+         "rng": torch.get_rng_state(), "log_window": [float(window[0]), float(window[1]), window[2]],
+         "vqgan_id": vqgan_id}, tcfg.out)
+    stop = vqgan.stop_on_signals()  # Ctrl-C or SIGTERM: finish the step, save, exit
     V, tokens_per_step = mcfg.vocab_size, tcfg.batch_size * mcfg.height * mcfg.width
     if master:
         print(f"sundae: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params | {mcfg.height}x{mcfg.width} "
@@ -450,10 +416,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
 
         log = step % tcfg.log_every == 0 or step == tcfg.max_steps
         if (log or step % tcfg.ckpt_every == 0) and not math.isfinite(float(window[0])):  # checked before saving
-            if master:
-                print(f"error: loss is {float(window[0])} at step {step}; stopping. Checkpoints "
-                      f"{vqgan.kept_checkpoints(tcfg.out)}; lower --lr or check the data", file=sys.stderr)
-            sys.exit(1)
+            raise BadInput(f"loss is {float(window[0])} at step {step}; stopping ({vqgan.kept(tcfg.out)}); lower --lr "
+                           f"or check the data")
         if log:  # one line per window: the mean over its steps (fewer than log_every at the end or after a resume)
             stats = torch.stack([torch.as_tensor(window[0]), torch.as_tensor(window[1])]).to(device) / window[2]
             if ddp:
@@ -481,16 +445,9 @@ def train(mcfg, tcfg, resume_ckpt=None):
     if master and not stop:
         vqgan.plot_curves({k: history[k] for k in ("train_loss", "val_loss")}, os.path.splitext(tcfg.out)[0] + "_loss.png",
                           "SUNDAE training: unrolled cross-entropy (nats)")
-        peak = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
         print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min | val loss {history['val_loss'][-1][1]:.3f} | "
-              f"val acc {history['val_acc'][-1][1]:.3f}{peak}", flush=True)
-    if ddp:
-        dist.barrier()  # leave together: a rank that tears down early aborts its peers
-        dist.destroy_process_group()
-    if stop:
-        if master:
-            print(f"interrupted at step {step}: saved {tcfg.out!r}; continue with --resume", flush=True)
-        sys.exit(130)
+              f"val acc {history['val_acc'][-1][1]:.3f} | peak memory {vqgan.peak_memory(device)}", flush=True)
+    vqgan.finish_processes(ddp, stop, master, tcfg.out, step)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -547,38 +504,20 @@ def main(argv=None):
     mcfg = replace(mcfg_p, **overrides(args, ModelConfig))
     tcfg = replace(tcfg_p, **overrides(args, TrainConfig))
     if args.benchmark:
-        mcfg = replace(mcfg, height=mcfg.height or 8, width=mcfg.width or 8, vocab_size=mcfg.vocab_size or 256) if args.preset == "tiny" else mcfg
+        if args.preset == "tiny":
+            mcfg = replace(mcfg, height=mcfg.height or 8, width=mcfg.width or 8, vocab_size=mcfg.vocab_size or 256)
         if args.bench_steps < 1:
-            fail(f"--bench_steps must be at least 1, got {args.bench_steps}")
+            raise BadInput(f"--bench_steps must be at least 1, got {args.bench_steps}")
         return benchmark(mcfg, tcfg, args.bench_steps)
     resume_ckpt = None
     if tcfg.resume:
-        if not os.path.isfile(tcfg.out):
-            fail(f"--resume: no checkpoint at {tcfg.out!r}; train without --resume first")
-        resume_ckpt = read_checkpoint(tcfg.out)
-        # the checkpoint's configs win, except what this command line sets explicitly (e.g. --max_steps)
-        ignored = overrides(args, ModelConfig)
-        if ignored:
-            print(f"warning: {', '.join('--' + k for k in ignored)} ignored: a resumed model keeps its checkpoint's shape",
-                  file=sys.stderr)
-        mc = resume_ckpt["model_config"]
-        mcfg = ModelConfig(**{**mc, "depth": tuple(mc["depth"])})
-        tcfg = replace(TrainConfig(**resume_ckpt["train_config"]), **overrides(args, TrainConfig))
-        print(f"resuming from {tcfg.out!r} at step {resume_ckpt['step']}")
+        resume_ckpt = vqgan.load_checkpoint(tcfg.out, "sundae")
+        mcfg, tcfg = vqgan.resumed_configs(resume_ckpt, ModelConfig, TrainConfig, args)
     if tcfg.vqgan and not mcfg.vocab_size:
-        if not os.path.isfile(tcfg.vqgan):
-            fail(f"--vqgan {tcfg.vqgan!r} not found; pass the VQ-GAN checkpoint that wrote the latents")
-        vq = vqgan.load_checkpoint(tcfg.vqgan, "vqgan")  # ValueError (one line) for anything else
-        mcfg = replace(mcfg, vocab_size=vq["model_config"]["codebook_size"])
+        mcfg = replace(mcfg, vocab_size=vqgan.load_checkpoint(tcfg.vqgan, "vqgan")["model_config"]["codebook_size"])
     check_config(mcfg, tcfg)
     vqgan.run_guarded(train, mcfg, tcfg, resume_ckpt, inputs=[tcfg.data, tcfg.vqgan])  # what is on disk is safe
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except vqgan.BadInput as e:  # bad input found below main (latents, shapes, checkpoints): one line, exit 2
-        fail(str(e))
-    except KeyboardInterrupt:  # Ctrl-C: nothing half-written (outputs are written atomically)
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    vqgan.run_main(main)
