@@ -23,7 +23,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
 @dataclass
 class HourglassConfig:
     """The network's whole shape: HourglassTransformer(**asdict(config)). Checkpoints store asdict(config)."""
@@ -36,17 +35,14 @@ class HourglassConfig:
     height: int = 0  # token grid rows; 0 = from the data
     width: int = 0  # token grid columns; 0 = from the data
 
-
 PRESETS = {
     "tiny": HourglassConfig(),  # CPU demo: 1.4M params on 8x8 toy-face tokens
     "ffhq256": HourglassConfig(dim=1024, heads=16, depth=(2, 10, 2), vocab_size=1024, height=16, width=16),
     "ffhq1024": HourglassConfig(dim=1024, heads=16, depth=(2, 12, 2), vocab_size=8192, height=32, width=32),
 }
 
-
 # ----------------------------------------------------------------------------------------------------------
 # 2D rotary position embeddings
-
 
 def rope_2d(x, h, w, stride=1, base=10000.0):
     """Rotate queries or keys by their 2D grid position (RoFormer, Su et al.; 2D as in Biderman et al.).
@@ -71,10 +67,8 @@ def rope_2d(x, h, w, stride=1, base=10000.0):
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # rotate each pair
     return out.reshape(B, H, N, D).type_as(x)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # transformer block
-
 
 class Attention(nn.Module):
     """Multi-head self-attention over the whole grid; heads x head_dim is its inner width (usually dim; the authors'
@@ -94,7 +88,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)  # non-causal: SUNDAE sees the whole grid (paper §3.2)
         return self.proj(y.transpose(1, 2).reshape(B, N, -1))  # (B, N, D)
 
-
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with a 4x GELU MLP."""
 
@@ -108,10 +101,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x), h, w, stride)
         return x + self.mlp(self.ln2(x))
 
-
 # ----------------------------------------------------------------------------------------------------------
 # 2D resampling
-
 
 class Downsample2D(nn.Module):
     """Merge each k x k patch of the grid into one token: concatenate the k^2 vectors, Linear(k^2 D -> D).
@@ -132,7 +123,6 @@ class Downsample2D(nn.Module):
         x = x.reshape(B, (h // k) * (w // k), k * k * D)  # (B, hw/k^2, k^2 D)
         return self.proj(x)  # (B, hw/k^2, D)
 
-
 class Upsample2D(nn.Module):
     """Split each coarse token into its k x k patch: Linear(D -> k^2 D), then put the pieces back in the grid.
 
@@ -150,10 +140,8 @@ class Upsample2D(nn.Module):
         x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, k, w/k, k, D)
         return x.reshape(B, h * w, D)  # (B, hw, D) in raster order
 
-
 # ----------------------------------------------------------------------------------------------------------
 # the hourglass
-
 
 class Level(nn.Module):
     """One level of the hourglass; depth (pre, *inner, post) nests: (2, 2, 8, 2, 2) is two levels."""
@@ -185,7 +173,6 @@ class Level(nn.Module):
         x = self.inner(x, h // self.k, w // self.k, stride * self.k)
         x = self.up(x, h, w) + skip  # (B, h*w, D): residual around the shortened part (Nawrot et al. §3)
         return self.run(self.post, x, h, w, stride)
-
 
 class HourglassTransformer(nn.Module):
     """Tokens (B, h, w) -> logits (B, h, w, vocab_size); bidirectional, 2D-aware."""
@@ -254,10 +241,8 @@ class HourglassTransformer(nn.Module):
         x = self.features(tokens)  # (B, h*w, D)
         return self.project(x[where.reshape(len(tokens), -1)])  # (K, V)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # benchmark: hourglass vs a flat transformer of the same width and total depth
-
 
 def count_flops(fn):
     """FLOPs of fn() (forward and, if fn calls it, backward), counted by PyTorch's FlopCounterMode: matmuls,
@@ -271,7 +256,6 @@ def count_flops(fn):
     with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         fn()
     return counter.get_total_flops()
-
 
 def forward_time(model, tokens, reps, device):
     """Median seconds of one forward pass (no grad) after warm-up."""
@@ -287,7 +271,6 @@ def forward_time(model, tokens, reps, device):
             if i >= 2:  # the first passes pay for allocation and kernel selection
                 times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Hourglass transformer: parameter counts and a speed benchmark.")
@@ -321,7 +304,6 @@ def main(argv=None):
               f"{sum(q.numel() for q in m.parameters()) / 1e6:7.1f}M params | forward {t * 1e3:8.1f} ms | "
               f"{args.batch * args.height * args.width / t / 1e3:8.1f}k tok/s")
     print(f"hourglass / flat time ratio: {res['hourglass'] / res['flat']:.3f} (the project's target: <= 0.55)")
-
 
 if __name__ == "__main__":
     main()

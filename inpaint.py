@@ -22,7 +22,6 @@ import vqgan
 from sample import add_sampling_flags, decode, load_pair, sample, token_dtype
 from vqgan import BadInput
 
-
 def pixel_to_token_mask(known_pixels, f):
     """known_pixels: bool (B, H, W) -> bool (B, H/f, W/f); a token is known iff all f x f pixels of its cell are
     known (logical AND over the cell, paper §3.6), so no unknown pixel is ever covered by a kept token."""
@@ -31,7 +30,6 @@ def pixel_to_token_mask(known_pixels, f):
         raise BadInput(f"a {H}x{W} mask does not divide into {f}x{f} token cells")
     cells = known_pixels.reshape(B, H // f, f, W // f, f)  # (B, h, f, w, f): each token's cell
     return cells.all(dim=4).all(dim=2)  # (B, h, w)
-
 
 def inpaint(model, tokens, known, **sample_kwargs):
     """tokens (B, h, w), known bool (B, h, w) -> tokens with the unknown positions sampled, known ones unchanged."""
@@ -43,10 +41,8 @@ def inpaint(model, tokens, known, **sample_kwargs):
     out, _ = sample(model, len(tokens), init=init, known=known, **sample_kwargs)
     return out
 
-
 # ----------------------------------------------------------------------------------------------------------
 # command line
-
 
 def load_rgb(path, size, what):
     """An image file -> (uint8 (size, size, 3), its (w, h)), resized on the short side and centre-cropped like
@@ -62,7 +58,6 @@ def load_rgb(path, size, what):
             raise
         raise BadInput(f"cannot read {what} {path!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                        f"pass a PNG or JPEG file")
-
 
 def inpaint_tokens(args, device):
     """inpaint.py --tokens grid.npy --known known.npy --out filled.npy: the SUNDAE model alone fills in token grids.
@@ -92,7 +87,6 @@ def inpaint_tokens(args, device):
     vqgan.write_atomic(args.out, lambda f: np.save(f, ids))
     print(f"wrote {args.out}: {tuple(filled.shape)} = {len(tokens)} grid(s) x {args.samples} fillings | "
           f"{(~known).float().mean():.0%} of tokens filled in")
-
 
 def main(argv=None):
     p = vqgan.Parser(description="Inpaint images with a trained SUNDAE + VQ-GAN.")
@@ -186,7 +180,6 @@ def main(argv=None):
     vqgan.save_png(rows.flatten(0, 1), args.out, nrow=2 + args.samples)
     print(f"wrote {args.out}: {B} image(s) x {args.samples} inpaintings | {(~known).float().mean():.0%} of tokens "
           f"filled in | columns: original, masked, inpaintings")
-
 
 if __name__ == "__main__":
     vqgan.run_main(main)

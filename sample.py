@@ -30,17 +30,14 @@ import vqgan
 from sundae import PAPER_TEMPERATURE, check_schedule, draw  # shared with training (its progress samples, --temperature)
 from vqgan import BadInput
 
-
 # ----------------------------------------------------------------------------------------------------------
 # the sampler
-
 
 def default_proportion(steps):
     """The update proportion's (start, end) when none is given. Paper §3.5: "for low step scenarios (T < 20) all
     tokens must be able to be updated", so below 20 steps every position takes its new draw; with 20 or more,
     half of them per step, which keeps the chain from oscillating (Savinov et al. §3)."""
     return (1.0, 1.0) if steps < 20 else (0.5, 0.5)
-
 
 @torch.no_grad()
 def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10, init=None, known=None,
@@ -118,7 +115,6 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
             break
     return x, steps_used
 
-
 @torch.no_grad()
 def decode(vq, tokens, batch=16, bf16=None):
     """Token grids -> images (n, 3, H, W) in [-1, 1], in batches (a 1024x1024 decode holds GBs of activations)."""
@@ -129,11 +125,9 @@ def decode(vq, tokens, batch=16, bf16=None):
             out.append(vq.decode(tokens[i:i + batch]).float().clamp(-1, 1))
     return torch.cat(out)
 
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
 
 def load_pair(sundae_path, vqgan_path, device):
     """Load both checkpoints and check that they belong together; vqgan_path "" = no decoder (vq is None)."""
@@ -155,15 +149,12 @@ def load_pair(sundae_path, vqgan_path, device):
                        f"{g}x{g} at {vq.config.size}px; {fix}")
     return model, vq
 
-
 def token_dtype(vocab_size):
     """The smallest dtype that holds every id: uint16 up to 65536 codes (what vqgan.py --encode writes)."""
     return np.uint16 if vocab_size <= 65536 else np.int64
 
-
 # ----------------------------------------------------------------------------------------------------------
 # evaluation: Frechet distance in the VQ-GAN encoder's feature space
-
 
 def frechet_distance(a, b):
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to rows of a and b (numpy).
@@ -179,7 +170,6 @@ def frechet_distance(a, b):
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
 
-
 @torch.no_grad()
 def eval_features(vq, images, batch=64):
     """Images -> (n, D) features: the encoder's pre-quantisation latents, average-pooled to 2x2 and flattened.
@@ -191,7 +181,6 @@ def eval_features(vq, images, batch=64):
         z = vq.features(images[i:i + batch].to(next(vq.parameters()).device))  # (b, qdim, h, w)
         out.append(F.adaptive_avg_pool2d(z.float(), 2).flatten(1).cpu())
     return torch.cat(out).numpy()
-
 
 def evaluate(model, vq, vqgan_path, n, seed, batch, feature_vq=None, **sample_kwargs):
     """Frechet distances of samples, decoded random tokens and reconstructions to n held-out images, in the
@@ -224,10 +213,8 @@ def evaluate(model, vq, vqgan_path, n, seed, batch, feature_vq=None, **sample_kw
     for name, imgs in rows:
         print(f"  {name:22s} {frechet_distance(eval_features(feature_vq, imgs.cpu()), f_real):10.3f}")
 
-
 # ----------------------------------------------------------------------------------------------------------
 # figures
-
 
 def save_trajectory(vq, trajectory, path, cols=8):
     """Images decoded at several steps of one sampling run: rows are samples, columns are steps."""
@@ -247,10 +234,8 @@ def save_trajectory(vq, trajectory, path, cols=8):
     fig.tight_layout()
     vqgan.save_figure(fig, path)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # benchmark
-
 
 def benchmark(preset, batches, steps, device, bf16):
     """Seconds per image and images/s at random weights, latent sampling and decoding timed apart."""
@@ -292,10 +277,8 @@ def benchmark(preset, batches, steps, device, bf16):
               f"head + draw + bookkeeping {(t_s - t_b) / steps * 1e3:.1f}) + decoding {t_d:.3f} s = {(t_s + t_d) / b:.4f} "
               f"s/image | {b / (t_s + t_d):.2f} images/s{floor} | peak memory {vqgan.peak_memory(device)}")
 
-
 # ----------------------------------------------------------------------------------------------------------
 # command line
-
 
 def pair(s):
     """'1.0,0.7' -> (1.0, 0.7), for the start,end schedule flags."""
@@ -304,7 +287,6 @@ def pair(s):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected two numbers start,end, got {s!r}")
     return a, b
-
 
 def add_sampling_flags(p):
     """The sampler's schedule flags, shared with inpaint.py."""
@@ -315,7 +297,6 @@ def add_sampling_flags(p):
     p.add_argument("--proportion", type=pair, default=None,
                    help="start,end share of positions that take their new draw per step (default 1,1 below 20 steps, "
                         "as paper §3.5 asks, else 0.5,0.5)")
-
 
 def main(argv=None):
     p = vqgan.Parser(description="Sample images from a trained SUNDAE + VQ-GAN.")
@@ -390,6 +371,10 @@ def main(argv=None):
     sync(device)
     t_sample = time.perf_counter() - t
     steps = f"steps used mean {used.float().mean():.1f} (min {used.min()}, max {used.max()})"
+    if used.min() == args.steps > args.min_steps:  # said once: otherwise a user waits and wonders
+        print(f"note: no sample froze within --steps {args.steps}: at a final temperature above 0 some token keeps "
+              f"changing; that is expected (the chain keeps sampling), and fewer --steps or a cooler end stop sooner",
+              file=sys.stderr)
     if args.tokens:
         vqgan.write_atomic(args.tokens, lambda f: np.save(f, toks.cpu().numpy().astype(token_dtype(model.vocab_size))))
         print(f"wrote {args.tokens}: {tuple(toks.shape)} token grids, V={model.vocab_size}")
@@ -413,7 +398,6 @@ def main(argv=None):
     if args.trajectory:
         save_trajectory(vq, [x[:6] for x in traj], args.trajectory)  # the first 6 samples of the first batch
         print(f"wrote {args.trajectory}")
-
 
 if __name__ == "__main__":
     vqgan.run_main(main)

@@ -36,10 +36,8 @@ from vqgan import BadInput, add_flags, lr_at, overrides, pick_device, split_indi
 # ----------------------------------------------------------------------------------------------------------
 # config
 
-
 ModelConfig = hourglass.HourglassConfig  # the network's shape: one dataclass, owned by hourglass.py
 PAPER_TEMPERATURE = (1.0, 0.7)  # sampling temperature, annealed from start to end (paper §3.5)
-
 
 @dataclass
 class TrainConfig:
@@ -71,7 +69,6 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32", on any device
     seed: int = 0  # random seed; data order and noise follow (seed, step), so runs and resumes repeat exactly
 
-
 PRESETS = {
     # CPU demo on 8x8 toy-face tokens: 1.4M params, ~4 minutes on 2 cores. Its samples are best annealed cooler
     # than the paper's 1.0 -> 0.7: 0.7 -> 0.3 halves the Frechet distance of the demo's samples to held-out faces
@@ -88,10 +85,8 @@ PRESETS = {
                              val_every=5000, log_every=100, sample_every=5000, ckpt_every=5000)),
 }
 
-
 # ----------------------------------------------------------------------------------------------------------
 # the SUNDAE objective (paper §2.4)
-
 
 def corrupt(tokens, vocab_size, generator=None):
     """Per sequence draw a rate alpha ~ U(0, 1); replace each token with prob. alpha by a uniform random id.
@@ -103,7 +98,6 @@ def corrupt(tokens, vocab_size, generator=None):
     replace = torch.rand(tokens.shape, **kw) < alpha  # (B, h, w)
     noise = torch.randint(vocab_size, tokens.shape, **kw)
     return torch.where(replace, noise, tokens)
-
 
 def unrolled_loss(model, tokens, vocab_size, unroll_steps=2, generator=None):
     """SUNDAE's unrolled denoising loss (Savinov et al. §3): (loss, accuracy) averaged over the T steps.
@@ -125,13 +119,10 @@ def unrolled_loss(model, tokens, vocab_size, unroll_steps=2, generator=None):
                 x = (logits - torch.log(-torch.log(u))).argmax(-1)  # (B, h, w)
     return torch.stack(losses).mean(), accuracy
 
-
 # ----------------------------------------------------------------------------------------------------------
 # data
 
-
 MAX_VOCAB = 2**20  # the largest vocabulary accepted (the biggest VQ-GAN codebooks are 2**18 = 262144)
-
 
 def check_latents(array, vocab_size=0, name="latents"):
     """Validate an (N, h, w) integer token array; returns V (given, or max id + 1). Raises ValueError."""
@@ -151,14 +142,12 @@ def check_latents(array, vocab_size=0, name="latents"):
         raise BadInput(f"{name} contain id {hi} >= vocabulary size {vocab_size}; pass the right --vocab_size or --vqgan")
     return vocab_size or hi + 1
 
-
 def load_latents(path, vocab_size=0):
     """Memory-map an .npy of token ids (nothing is read until used) and validate it."""
     if not os.path.exists(path):
         raise BadInput(f"latents file {path!r} not found; make one with python vqgan.py --encode, or pass --data PATH")
     array = vqgan.load_npy(path, "--data")
     return array, check_latents(array, vocab_size, name=f"latents in {path!r}")
-
 
 def latents_meta(path):
     """What vqgan.py --encode wrote next to the latents (path + ".json"): {"vocab_size", "vqgan_id"}; {} if none."""
@@ -173,16 +162,13 @@ def latents_meta(path):
         raise BadInput(f"{path + '.json'!r}, the sidecar of the latents, is unreadable; delete it (and pass "
                        f"--vocab_size) or encode the latents again")
 
-
 def get_batch(array, idx, device):
     """Rows idx of a (memory-mapped) array -> int64 (B, h, w) on device."""
     rows = np.asarray(array[np.sort(idx.numpy())], dtype=np.int64)  # sorted: sequential reads from disk
     return torch.from_numpy(rows).to(device, non_blocking=True)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints
-
 
 def load_sundae(path, device="cpu"):
     """Rebuild the SUNDAE model from its checkpoint alone, in eval mode."""
@@ -194,10 +180,8 @@ def load_sundae(path, device="cpu"):
     vqgan.load_weights(model, ckpt.get("ema") or ckpt["model"], path)  # the averaged weights, where training kept them
     return model.to(device).eval()
 
-
 # ----------------------------------------------------------------------------------------------------------
 # progress pictures
-
 
 def draw(logits, tau, generator=None):
     """One exact categorical draw per row of logits (K, V) at temperature tau (0 = the argmax), by inverting the
@@ -208,7 +192,6 @@ def draw(logits, tau, generator=None):
     cdf = torch.softmax(logits.float() / tau, dim=-1).double().cumsum(-1)  # float64: no drift over 8192 terms
     u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)  # right: p = 0 never
-
 
 @torch.no_grad()
 def progress_samples(model, n, steps, generator, temperature=PAPER_TEMPERATURE):
@@ -222,7 +205,6 @@ def progress_samples(model, n, steps, generator, temperature=PAPER_TEMPERATURE):
         new = draw(model(x).reshape(-1, V), tau, generator).reshape(n, h, w)
         x = torch.where(torch.rand(n, h, w, generator=generator, device=device) < 0.5, new, x)
     return x
-
 
 def save_token_picture(tokens, vocab_size, path):
     """Token grids (n, h, w) as coloured tiles, for when no VQ-GAN is at hand."""
@@ -238,17 +220,14 @@ def save_token_picture(tokens, vocab_size, path):
         ax.imshow(t.numpy(), cmap="viridis", vmin=0, vmax=vocab_size - 1, interpolation="nearest")
     vqgan.save_figure(fig, path)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # command line (the generic plumbing: flags from dataclass fields, errors, devices, lr schedule, lives in vqgan.py)
-
 
 def check_schedule(name, start_end, lo, hi):
     """A (start, end) schedule with both ends finite and in [lo, hi]; BadInput naming the flag otherwise."""
     if len(start_end) != 2 or not all(math.isfinite(v) and lo <= v <= hi for v in start_end):
         rule = ">= 0" if hi == math.inf else f"in [{lo}, {hi}]"
         raise BadInput(f"--{name} {','.join(map(str, start_end))}: both ends must be finite and {rule}")
-
 
 def check_config(mcfg, tcfg):
     """Nonsense flag values stop here, before any work, with one line naming the flag."""
@@ -266,7 +245,6 @@ def check_config(mcfg, tcfg):
         raise BadInput(f"--depth {','.join(map(str, mcfg.depth))} must have odd length (pre, ..., valley, ..., post) "
                        f"with counts >= 0, and --shorten >= 2 when it has levels")
 
-
 def make_optimizer(model, tcfg):
     """AdamW; weight decay on matrices only (not on biases, LayerNorms)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -274,15 +252,12 @@ def make_optimizer(model, tcfg):
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.99), fused=torch.cuda.is_available())
 
-
 def noise_seed(seed, step, micro):
     """Seed of the noise for one micro-batch: N processes x 1 micro-batch draw what 1 process x N draws."""
     return (seed * 1_000_003 + step) * 1009 + micro
 
-
 # ----------------------------------------------------------------------------------------------------------
 # training
-
 
 def prepare_data(mcfg, tcfg, resume_ckpt=None):
     """The latents, checked against everything they must agree with -> (array, mcfg with V and the grid filled in,
@@ -306,7 +281,6 @@ def prepare_data(mcfg, tcfg, resume_ckpt=None):
         raise BadInput(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split needs at least 3")
     return array, replace(mcfg, vocab_size=V, height=h, width=w), train_idx, val_idx, vqgan_id
 
-
 def build_model(mcfg, tcfg, device, resume_ckpt=None):
     """The network, its moving average (or None) and optimizer, fresh or from a checkpoint ->
     (model, ema, opt, step, history, log window)."""
@@ -327,7 +301,6 @@ def build_model(mcfg, tcfg, device, resume_ckpt=None):
     return (model, ema, opt, resume_ckpt["step"], resume_ckpt["history"],
             list(resume_ckpt.get("log_window", (0.0, 0.0, 0))))
 
-
 @torch.no_grad()
 def validate(model, array, val_idx, micro, tcfg, autocast):
     """Unrolled loss and accuracy on the held-out rows, with the same noise every time: comparable numbers."""
@@ -344,7 +317,6 @@ def validate(model, array, val_idx, micro, tcfg, autocast):
     model.train()
     return loss_sum / n, acc_sum / n
 
-
 @torch.no_grad()
 def save_progress_picture(model, decoder, step, path, autocast, temperature):
     """8 samples from the model so far: decoded images with a VQ-GAN, else token pictures."""
@@ -357,7 +329,6 @@ def save_progress_picture(model, decoder, step, path, autocast, temperature):
         else:
             save_token_picture(toks, model.vocab_size, path)
     model.train()
-
 
 def train(mcfg, tcfg, resume_ckpt=None):
     ddp, rank, world, device, micro = vqgan.setup_processes(tcfg)  # DDP under torchrun, else one process
@@ -449,12 +420,10 @@ def train(mcfg, tcfg, resume_ckpt=None):
               f"val acc {history['val_acc'][-1][1]:.3f} | peak memory {vqgan.peak_memory(device)}", flush=True)
     vqgan.finish_processes(ddp, stop, master, tcfg.out, step)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # benchmark: throughput, memory and MFU without data
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks (SXM)
-
 
 def benchmark(mcfg, tcfg, steps=10):
     device = pick_device(tcfg.device)
@@ -491,7 +460,6 @@ def benchmark(mcfg, tcfg, steps=10):
     print(f"{dt * 1e3:.1f} ms/step | {tcfg.batch_size * h * w / dt / 1e3:.1f}k tok/s | {flops / 1e12:.2f} TFLOP/step | "
           f"{flops / dt / 1e12:.2f} TFLOP/s | MFU {mfu} | peak memory {mem}")
 
-
 def main(argv=None):
     parser = vqgan.Parser(description="Train SUNDAE (hourglass transformer) on VQ token grids.")
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training preset")
@@ -517,7 +485,6 @@ def main(argv=None):
         mcfg = replace(mcfg, vocab_size=vqgan.load_checkpoint(tcfg.vqgan, "vqgan")["model_config"]["codebook_size"])
     check_config(mcfg, tcfg)
     vqgan.run_guarded(train, mcfg, tcfg, resume_ckpt, inputs=[tcfg.data, tcfg.vqgan])  # what is on disk is safe
-
 
 if __name__ == "__main__":
     vqgan.run_main(main)

@@ -33,10 +33,8 @@ import vqgan
 HERE = os.path.dirname(os.path.abspath(__file__))
 script = lambda name: os.path.join(HERE, name)  # command lines run in tmp_path, never in the repository
 
-
 # ----------------------------------------------------------------------------------------------------------
 # vqgan.py: data
-
 
 def test_toy_faces_are_deterministic_varied_and_any_size():
     a, b = vqgan.toy_faces(6, 32, seed=3), vqgan.toy_faces(6, 32, seed=3)
@@ -47,7 +45,6 @@ def test_toy_faces_are_deterministic_varied_and_any_size():
     assert min(np.abs(a[i].astype(int) - a[j]).mean() for i in range(6) for j in range(i)) > 5  # all different
     assert vqgan.toy_faces(1, 16).shape == (1, 16, 16, 3)
     assert vqgan.toy_faces(1, 1024).shape == (1, 1024, 1024, 3)
-
 
 def test_image_folder_skips_unreadable_and_small_and_sorts(tmp_path, capsys):
     (tmp_path / "sub").mkdir()
@@ -63,7 +60,6 @@ def test_image_folder_skips_unreadable_and_small_and_sorts(tmp_path, capsys):
     with pytest.raises(ValueError, match="none of the"):
         vqgan.list_images(str(tmp_path), 512)
 
-
 def test_split_keeps_an_image_and_its_flip_together_and_is_deterministic():
     for split in (vqgan.split_indices, sundae.split_indices):
         train, val = split(1000, 0.1)
@@ -71,10 +67,8 @@ def test_split_keeps_an_image_and_its_flip_together_and_is_deterministic():
         assert {i // 2 for i in train.tolist()}.isdisjoint({i // 2 for i in val.tolist()})
         assert torch.equal(split(1000, 0.1)[1], val) and 80 <= len(val) <= 120
 
-
 # ----------------------------------------------------------------------------------------------------------
 # vqgan.py: quantizers
-
 
 def test_straight_through_forward_is_the_code_and_gradient_is_the_identity():
     torch.manual_seed(0)
@@ -85,7 +79,6 @@ def test_straight_through_forward_is_the_code_and_gradient_is_the_identity():
     upstream = torch.randn_like(zq)
     (zq * upstream).sum().backward()
     assert torch.equal(z.grad, upstream)  # exactly the upstream gradient
-
 
 def test_quantizer_loss_puts_beta_on_the_commitment_term():
     torch.manual_seed(0)
@@ -105,7 +98,6 @@ def test_quantizer_loss_puts_beta_on_the_commitment_term():
     unused[idx.flatten()] = False
     assert unused.any() and (q.codebook.grad[unused] == 0).all()
 
-
 def test_nearest_code_is_the_float64_argmin_and_lookup_round_trips():
     torch.manual_seed(0)
     for kw in ({}, {"code_dim": 3}, {"l2_norm": True}):
@@ -123,7 +115,6 @@ def test_nearest_code_is_the_float64_argmin_and_lookup_round_trips():
     z = torch.randn(3, 8, 4, 4)
     assert torch.equal(q(z)[1], q(3.7 * z)[1])  # cosine lookup ignores the scale of z
 
-
 def test_dead_codes_restart_after_optimizer_steps_not_forward_calls():
     torch.manual_seed(0)
     q = vqgan.VectorQuantizer(32, 4, restart_after=3).train()
@@ -139,11 +130,9 @@ def test_dead_codes_restart_after_optimizer_steps_not_forward_calls():
     assert q.codebook.data[1:].abs().max() < 10  # the 31 unused codes moved onto encoder outputs
     assert (q.unused_steps == 0).all()
 
-
 def test_codebook_usage_counts_over_all_batches():
     usage, ppl = vqgan.codebook_usage(torch.tensor([0, 1, 2, 3] * 10), 8)
     assert usage == 0.5 and abs(ppl - 4.0) < 1e-9
-
 
 def test_lfq_index_code_bijection_and_straight_through():
     q = vqgan.LookupFreeQuantizer(5)
@@ -159,23 +148,19 @@ def test_lfq_index_code_bijection_and_straight_through():
     (zq * g).sum().backward()
     assert torch.equal(z.grad, g) and set(zq.detach().unique().tolist()) == {-1.0, 1.0}
 
-
 def test_lfq_entropy_term_prefers_spread_usage():
     q = vqgan.LookupFreeQuantizer(3, beta=0.0)
     spread = q.codes().t().reshape(1, 3, 2, 4) * 1.0  # each code once
     collapsed = torch.ones(1, 3, 2, 4)  # one code for all
     assert q(spread)[2] < q(collapsed)[2]
 
-
 # ----------------------------------------------------------------------------------------------------------
 # vqgan.py: GAN losses
-
 
 def test_hinge_loss_values():
     assert vqgan.hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0
     assert vqgan.hinge_d_loss(torch.zeros(4), torch.zeros(4)) == 1.0
     assert torch.isclose(vqgan.hinge_d_loss(torch.tensor([0.5]), torch.tensor([1.0])), torch.tensor(0.5 * (0.5 + 2.0)))
-
 
 def test_adaptive_weight_matches_the_formula():
     torch.manual_seed(0)
@@ -189,7 +174,6 @@ def test_adaptive_weight_matches_the_formula():
     assert torch.isclose(lam, g_rec.norm() / (g_gan.norm() + 1e-4)) and not lam.requires_grad
     assert vqgan.adaptive_weight(100 * rec, 0 * out.sum(), layer.weight) == 1e4  # clamped above
 
-
 def test_generator_update_leaves_discriminator_gradients_at_zero():
     torch.manual_seed(0)
     model = vqgan.VQGAN(vqgan.ModelConfig(size=16, ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=8, codebook_size=16))
@@ -199,7 +183,6 @@ def test_generator_update_leaves_discriminator_gradients_at_zero():
     loss.backward()
     assert all(p.grad is None for p in disc.parameters()) and all(p.requires_grad for p in disc.parameters())
     assert model.last_layer().grad.abs().sum() > 0 and stats["lam"] > 0
-
 
 def test_reconstruction_loss_is_l1_plus_weighted_squared_error():
     torch.manual_seed(0)
@@ -212,7 +195,6 @@ def test_reconstruction_loss_is_l1_plus_weighted_squared_error():
         assert math.isclose(loss.item(), stats["rec"] + stats["q"], rel_tol=1e-5)
     assert vqgan.TrainConfig().l2_weight == 5.0 and vqgan.PRESETS["ffhq1024"][1].l2_weight == 0.0  # tiny only
 
-
 def test_lpips_is_zero_for_identical_images_and_loads_named_weights(tmp_path):
     torch.manual_seed(0)
     net = vqgan.LPIPS()
@@ -224,12 +206,10 @@ def test_lpips_is_zero_for_identical_images_and_loads_named_weights(tmp_path):
     other.load_state_dict(torch.load(path, weights_only=True))
     assert torch.allclose(other(x, y), net(x, y))
 
-
 def test_lfq_takes_its_entropy_weight_from_the_config():
     m = vqgan.VQGAN(vqgan.ModelConfig(size=16, ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=4, quantizer="lfq",
                                       codebook_size=16, entropy_weight=0.5))
     assert m.quantize.entropy_weight == 0.5 and m.quantize.bits == 4
-
 
 def test_lfq_entropy_term_is_per_sample_entropy_minus_batch_entropy():
     # both halves of the term, against the formula: confident assignments (|z| large) lower the loss, and so
@@ -243,10 +223,8 @@ def test_lfq_entropy_term_is_per_sample_entropy_minus_batch_entropy():
     H = lambda p: -(p * torch.log(p + 1e-8)).sum(-1)
     assert torch.isclose(q(z)[2], H(p).mean() - H(p.mean(0)), atol=1e-5)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # vqgan.py: the model
-
 
 @pytest.mark.parametrize("mult,size", [((1, 2, 2), 16), ((1, 2, 2, 2), 32), ((1, 1, 2, 2, 4), 64), ((1, 1, 2, 2, 4, 4), 64)])
 def test_vqgan_shapes_for_f_4_8_16_32(mult, size):
@@ -258,7 +236,6 @@ def test_vqgan_shapes_for_f_4_8_16_32(mult, size):
         rec, idx, loss = m(x)
         assert m.downsample_factor == f and idx.shape == (2, size // f, size // f) and rec.shape == x.shape
         assert torch.equal(m.encode(x), idx) and m.decode(idx).shape == x.shape
-
 
 def test_vqgan_with_lookup_free_quantizer_and_grad_ckpt():
     torch.manual_seed(0)
@@ -275,7 +252,6 @@ def test_vqgan_with_lookup_free_quantizer_and_grad_ckpt():
     assert idx.shape == (2, 8, 8) and idx.max() < 64 and torch.allclose(grads[0], grads[1], atol=1e-6)
     assert torch.equal(m.encode(x), idx) and m.decode(idx).shape == x.shape
 
-
 def test_ffhq1024_layout_gives_32x32_tokens_at_reduced_width():
     cfg = vqgan.PRESETS["ffhq1024"][0]
     narrow = vqgan.ModelConfig(**{**vqgan.asdict(cfg), "ch": 4, "z_channels": 8, "codebook_size": 64, "code_dim": 4})
@@ -283,7 +259,6 @@ def test_ffhq1024_layout_gives_32x32_tokens_at_reduced_width():
     assert m.downsample_factor == 32
     with torch.no_grad():
         assert m.encode(torch.zeros(1, 3, 1024, 1024)).shape == (1, 32, 32)
-
 
 def test_vqgan_overfits_one_tiny_batch():
     torch.manual_seed(0)
@@ -299,7 +274,6 @@ def test_vqgan_overfits_one_tiny_batch():
         opt.step()
     assert (m(x)[0] - x).abs().mean() < 0.08
 
-
 # ----------------------------------------------------------------------------------------------------------
 # a tiny trained pipeline shared by the tests below (trained in-process in a few seconds)
 
@@ -308,7 +282,6 @@ TINY_VQ = ["--size", "32", "--ch", "8", "--ch_mult", "1,2,2,2", "--attn_resoluti
            "--batch_size", "8", "--disc_start", "2", "--log_every", "1", "--sample_every", "100", "--workers", "1"]
 TINY_SUNDAE = ["--dim", "32", "--heads", "2", "--depth", "1,1,1", "--batch_size", "8", "--log_every", "1",
                "--val_every", "2", "--val_batches", "1", "--sample_every", "1000", "--warmup", "2"]
-
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
@@ -320,12 +293,10 @@ def pipeline(tmp_path_factory):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # training gave the Ctrl-C handler back
     return {"dir": d, "vqgan": vq, "latents": lat, "sundae": sd}
 
-
 def test_vqgan_benchmark_runs_a_full_training_step(capsys):
     vqgan.main(TINY_VQ[:12] + ["--benchmark", "--batch_size", "2", "--grad_ckpt"])
     out = capsys.readouterr().out
     assert "images/s" in out and "grad_ckpt True" in out
-
 
 def test_checkpoint_round_trip_and_resume_continue_from_saved_step(pipeline, capsys):
     ckpt = torch.load(pipeline["vqgan"], weights_only=True)  # plain types and tensors only
@@ -343,7 +314,6 @@ def test_checkpoint_round_trip_and_resume_continue_from_saved_step(pipeline, cap
     log = capsys.readouterr().out
     assert "resuming from" in log and "at step 2" in log and "step 3/4" in log and "step 1/4" not in log.split("resuming")[1]
     assert torch.load(out, weights_only=True)["step"] == 4
-
 
 def test_vqgan_resume_after_ctrl_c_matches_an_uninterrupted_run(pipeline, monkeypatch):
     d = pipeline["dir"]
@@ -369,7 +339,6 @@ def test_vqgan_resume_after_ctrl_c_matches_an_uninterrupted_run(pipeline, monkey
     assert all(torch.equal(shipped[k], ca["ema"][k]) for k in shipped)
     assert torch.equal(ca["ema"]["quantize.unused_steps"], ca["model"]["quantize.unused_steps"])  # buffers: copied
 
-
 def test_train_and_encode_from_an_image_folder(tmp_path, capsys):
     faces = vqgan.toy_faces(10, 40, seed=2)
     for i, f in enumerate(faces):  # 40x40 files, cropped to 32 on load
@@ -383,7 +352,6 @@ def test_train_and_encode_from_an_image_folder(tmp_path, capsys):
     assert "1 unreadable" in capsys.readouterr().err
     assert np.load(out / "f.npy").shape == (10, 4, 4)  # every readable image, no flips
 
-
 def test_encode_writes_uint16_pairs_of_image_and_flip(pipeline):
     lat = np.load(pipeline["latents"])
     assert lat.dtype == np.uint16 and lat.shape == (128, 4, 4)  # 64 toy faces and their flips
@@ -392,15 +360,12 @@ def test_encode_writes_uint16_pairs_of_image_and_flip(pipeline):
     with torch.no_grad():
         assert np.array_equal(lat[0], m.encode(x)[0].numpy()) and np.array_equal(lat[1], m.encode(x.flip(3))[0].numpy())
 
-
 # ----------------------------------------------------------------------------------------------------------
 # hourglass.py
-
 
 def test_rope_preserves_norms():
     x = torch.randn(2, 3, 4 * 6, 8)
     assert torch.allclose(hourglass.rope_2d(x, 4, 6).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
-
 
 def rope_logits(h, w, stride=1, D=16):
     """<rope(q, p), rope(k, p')> for one fixed q and k placed at every position: (h*w, h*w)."""
@@ -409,7 +374,6 @@ def rope_logits(h, w, stride=1, D=16):
     Q = hourglass.rope_2d(q.expand(1, 1, h * w, D).clone(), h, w, stride)[0, 0]
     K = hourglass.rope_2d(k.expand(1, 1, h * w, D).clone(), h, w, stride)[0, 0]
     return Q, K, Q @ K.t()
-
 
 def test_rope_depends_only_on_relative_offset():
     h, w = 5, 6
@@ -421,7 +385,6 @@ def test_rope_depends_only_on_relative_offset():
                 assert torch.isclose(L[r, c, r2, c2], L[r + dr, c + dc, r2 + dr, c2 + dc], atol=1e-5)
     assert not torch.isclose(L[0, 0, 0, 1], L[0, 0, 1, 0])  # rows and columns are told apart
 
-
 def test_rope_row_offset_changes_only_the_row_half():
     h, w, D = 4, 4, 16
     Q, K, _ = rope_logits(h, w, D=D)
@@ -432,7 +395,6 @@ def test_rope_row_offset_changes_only_the_row_half():
     assert not torch.isclose(row_half(p, same_col), row_half(p, 0))
     assert torch.isclose(row_half(p, other_col), row_half(p, 0), atol=1e-6)  # column offset: row half unchanged
 
-
 def test_rope_coarse_positions_are_patch_centres():
     x = torch.randn(1, 1, 4, 8)
     fine_centre = hourglass.rope_2d(x, 2, 2, stride=2)  # coarse token (0, 0) sits at fine position (0.5, 0.5)
@@ -440,7 +402,6 @@ def test_rope_coarse_positions_are_patch_centres():
     _, _, L1 = rope_logits(2, 2, stride=2)
     _, _, L2 = rope_logits(4, 4, stride=1)
     assert torch.isclose(L1[0, 3], L2[0, 2 * 4 + 2], atol=1e-5)  # coarse offset (1, 1) = fine offset (2, 2)
-
 
 def test_rope_places_coarse_tokens_at_absolute_patch_centres():
     # one channel pair per half and frequency 1, so the row pair of a unit vector is rotated by exactly the row
@@ -453,7 +414,6 @@ def test_rope_places_coarse_tokens_at_absolute_patch_centres():
             pos = (i + 0.5) * stride - 0.5
             assert torch.allclose(out[i, 0, :2], torch.tensor([math.cos(pos), math.sin(pos)]), atol=1e-6), (stride, i)
 
-
 def test_nested_levels_pass_their_stride_to_rope(monkeypatch):
     # two nested levels with k = 2 on an 8x8 grid: the blocks see 8x8 at stride 1, 4x4 at stride 2, 2x2 at stride 4
     calls, orig = set(), hourglass.rope_2d
@@ -465,7 +425,6 @@ def test_nested_levels_pass_their_stride_to_rope(monkeypatch):
     hourglass.HourglassTransformer(16, 9, 9, 16, 2, depth=(1, 1, 1, 1, 1), shorten=3)(torch.randint(16, (1, 9, 9)))
     assert calls == {(9, 9, 1), (3, 3, 3), (1, 1, 9)}
 
-
 def test_logits_are_fp32_under_bf16_autocast():
     # the final LayerNorm and the head run in fp32: the head's own output is fp32, not bf16 upcast afterwards
     torch.manual_seed(0)
@@ -476,7 +435,6 @@ def test_logits_are_fp32_under_bf16_autocast():
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         logits = m(t)
     assert logits.dtype == torch.float32 and seen == [(torch.float32, torch.float32)]
-
 
 def test_every_head_receives_positions(monkeypatch):
     torch.manual_seed(0)
@@ -495,7 +453,6 @@ def test_every_head_receives_positions(monkeypatch):
     for head in range(4):  # without positions every logit of a head would be equal (the authors' code gave them to head 0 only)
         assert logits[0, head, 0].std() > 1e-3, f"head {head} does not see key positions"
 
-
 def test_attention_matches_written_out_softmax_reference():
     torch.manual_seed(0)
     attn = hourglass.Attention(16, 2)
@@ -506,7 +463,6 @@ def test_attention_matches_written_out_softmax_reference():
     ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1) @ v  # no mask: non-causal
     ref = attn.proj(ref.transpose(1, 2).reshape(B, N, D))
     assert torch.allclose(attn(x, 3, 4, 1), ref, atol=1e-5)
-
 
 def test_resampling_is_2d_local():
     torch.manual_seed(0)
@@ -530,7 +486,6 @@ def test_resampling_is_2d_local():
         assert torch.equal(changed, expect)  # only its k x k patch
     assert up(down(x, h, w), h, w).shape == x.shape
 
-
 def test_model_is_bidirectional():
     torch.manual_seed(0)
     m = hourglass.HourglassTransformer(10, 4, 4, 16, 2, depth=(1, 1, 1))
@@ -539,20 +494,17 @@ def test_model_is_bidirectional():
     t2[0, -1, -1] = (t[0, -1, -1] + 1) % 10
     assert not torch.allclose(m(t)[0, 0, 0], m(t2)[0, 0, 0])  # the first position sees the last token
 
-
 @pytest.mark.parametrize("h,w,depth", [(4, 4, (2,)), (8, 8, (1, 1, 1)), (6, 10, (1, 1, 1)), (8, 12, (1, 1, 2, 1, 1))])
 def test_hourglass_shapes_one_and_two_levels_square_and_not(h, w, depth):
     m = hourglass.HourglassTransformer(11, h, w, 16, 2, depth=depth)
     assert m(torch.randint(11, (3, h, w))).shape == (3, h, w, 11)
     assert (m.vocab_size, m.height, m.width) == (11, h, w)
 
-
 def test_indivisible_grid_raises_a_clear_error():
     with pytest.raises(ValueError, match="does not divide by shorten=2"):
         hourglass.HourglassTransformer(11, 6, 6, 16, 2, depth=(1, 1, 1, 1, 1))  # 6 -> 3 -> 1.5
     with pytest.raises(ValueError, match="odd length"):
         hourglass.HourglassTransformer(11, 8, 8, 16, 2, depth=(1, 1))
-
 
 def test_grad_ckpt_gives_the_same_gradients():
     torch.manual_seed(0)
@@ -565,7 +517,6 @@ def test_grad_ckpt_gives_the_same_gradients():
         m(t).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
-
 
 def test_flop_count_includes_attention_on_the_cpu():
     """count_flops, behind the benchmarks' FLOP and MFU figures, must count what the model computes. PyTorch has
@@ -586,10 +537,8 @@ def test_flop_count_includes_attention_on_the_cpu():
         decomposed = hourglass.count_flops(lambda: m(t).sum().backward())
     assert fused == decomposed + attention // 2  # the fused backward recomputes q k^T instead of storing it
 
-
 # ----------------------------------------------------------------------------------------------------------
 # sundae.py
-
 
 def test_corruption_statistics():
     V = 8
@@ -603,7 +552,6 @@ def test_corruption_statistics():
     per_seq = changed.flatten(1).mean(1)  # one rate per sequence, spread over [0, 1]
     hist = torch.histc(per_seq, bins=4, min=0, max=1)
     assert (hist > 0.15 * len(per_seq)).all()
-
 
 class Stub(nn.Module):
     """A 'network' whose logits are a fixed function of its input tokens: logits = table[x] (+ its records)."""
@@ -619,7 +567,6 @@ class Stub(nn.Module):
         out = self.table[x]  # (B, h, w, V)
         self.outputs.append(out)
         return out
-
 
 def test_unrolled_loss_feeds_samples_forward_and_averages_the_steps():
     # properties any correct implementation meets, whatever its order of random draws (a course solution that
@@ -641,7 +588,6 @@ def test_unrolled_loss_feeds_samples_forward_and_averages_the_steps():
     sundae.unrolled_loss(shift, tokens, V, unroll_steps=3)
     assert all(torch.equal(b, (a + 1) % V) for a, b in zip(shift.inputs, shift.inputs[1:]))
 
-
 def test_gumbel_max_draws_follow_the_softmax():
     torch.manual_seed(0)
     V = 4
@@ -652,14 +598,12 @@ def test_gumbel_max_draws_follow_the_softmax():
     freq = torch.bincount(stub.inputs[1].flatten(), minlength=V).float() / len(tokens)
     assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015)
 
-
 def test_one_unroll_step_is_plain_denoising_cross_entropy():
     V = 5
     stub, tokens = Stub(V, 2, 2), torch.randint(V, (3, 2, 2))
     loss, _ = sundae.unrolled_loss(stub, tokens, V, unroll_steps=1, generator=torch.Generator().manual_seed(2))
     x1 = sundae.corrupt(tokens, V, torch.Generator().manual_seed(2))
     assert len(stub.inputs) == 1 and torch.isclose(loss, F.cross_entropy(stub.table[x1].reshape(-1, V), tokens.reshape(-1)))
-
 
 def test_tiny_model_overfits_tiny_latent_set():
     torch.manual_seed(0)
@@ -675,7 +619,6 @@ def test_tiny_model_overfits_tiny_latent_set():
         losses.append(loss.item())
     assert np.mean(losses[-20:]) < 1.2  # from log(16) = 2.77 at chance; noisy, since alpha ~ U(0, 1) per batch
 
-
 def interrupt_at(monkeypatch, module, at_step):
     """Make `module`'s training loop receive a real Ctrl-C (SIGINT) while it computes step `at_step`."""
     lr_at = module.lr_at
@@ -686,7 +629,6 @@ def interrupt_at(monkeypatch, module, at_step):
         return lr_at(step, tcfg)
 
     monkeypatch.setattr(module, "lr_at", spy)
-
 
 def test_resume_matches_an_uninterrupted_run(pipeline, monkeypatch):
     # split by a Ctrl-C at step 5 of 7 (not at a log boundary, not where warm-up ends) with log_every 3: the
@@ -713,7 +655,6 @@ def test_resume_matches_an_uninterrupted_run(pipeline, monkeypatch):
     shipped = sundae.load_sundae(a).state_dict()  # sampling uses the averaged weights
     assert all(torch.equal(shipped[k], ca["ema"][k]) for k in shipped)
 
-
 def test_ema_update_follows_its_formula_with_a_short_memory_at_first():
     model, ema = nn.Linear(2, 2), nn.Linear(2, 2)
     for p, e in zip(model.parameters(), ema.parameters()):
@@ -727,7 +668,6 @@ def test_ema_update_follows_its_formula_with_a_short_memory_at_first():
         assert torch.allclose(ema.weight, torch.full((2, 2), expected)), step
     assert min(0.95, 30 / 39) == 30 / 39 and min(0.95, 1000 / 1009) == 0.95
 
-
 def test_logged_loss_is_the_mean_over_the_steps_in_the_window(pipeline):
     # log_every 3 over 7 steps: windows of 3, 3 and 1 steps; each logged value is the mean of its own steps
     d = pipeline["dir"]
@@ -740,12 +680,10 @@ def test_logged_loss_is_the_mean_over_the_steps_in_the_window(pipeline):
     for end, steps in ((3, (1, 2, 3)), (6, (4, 5, 6)), (7, (7,))):
         assert np.isclose(logged[end], np.mean([every[s] for s in steps]), atol=1e-6), (end, logged, every)
 
-
 def _ddp_worker(rank, latents, out, port):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     sundae.main(["--data", latents, "--out", out, "--max_steps", "3", "--device", "cpu"] + TINY_SUNDAE)
-
 
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(pipeline):
     import torch.multiprocessing as mp
@@ -759,13 +697,11 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(pipeline):
     l1, l2 = [v for _, v in c1["history"]["train_loss"]], [v for _, v in c2["history"]["train_loss"]]
     assert np.allclose(l1, l2, atol=1e-5)  # the logged loss is all-reduced over ranks
 
-
 def test_load_sundae_rebuilds_the_model(pipeline):
     m = sundae.load_sundae(pipeline["sundae"])
     assert not m.training and (m.height, m.width, m.vocab_size) == (4, 4, 32)
     ckpt = torch.load(pipeline["sundae"], weights_only=True)
     assert ckpt["kind"] == "sundae" and ckpt["history"]["val_loss"]
-
 
 def test_head_dim_sets_the_attention_width_trains_and_old_checkpoints_load(pipeline, tmp_path):
     m = hourglass.HourglassTransformer(11, 4, 4, 32, 2, depth=(1, 1, 1), head_dim=8)  # 2 heads of 8: inner width 16
@@ -785,7 +721,6 @@ def test_head_dim_sets_the_attention_width_trains_and_old_checkpoints_load(pipel
     torch.save(ckpt, tmp_path / "old.pt")
     assert sundae.load_sundae(str(tmp_path / "old.pt")).body.pre[0].attn.head_dim == 16
 
-
 def test_the_sampling_temperature_is_the_presets_and_travels_in_the_checkpoint(pipeline, tmp_path):
     assert [p[1].temperature for p in sundae.PRESETS.values()] == [(0.7, 0.3), (1.0, 0.7), (1.0, 0.7)]  # tiny: cooler
     assert sundae.load_sundae(pipeline["sundae"]).default_temperature == (0.7, 0.3)  # trained with the tiny preset
@@ -803,7 +738,6 @@ def test_the_sampling_temperature_is_the_presets_and_travels_in_the_checkpoint(p
     vqgan.add_flags(args, sundae.TrainConfig)
     assert args.parse_args(["--temperature", "0.9,0.25"]).temperature == (0.9, 0.25)  # floats, not ints
 
-
 def test_eval_in_a_fixed_feature_space(pipeline, capsys, monkeypatch):
     d = pipeline
     args = ["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--eval", "8", "--steps", "3"]
@@ -818,7 +752,6 @@ def test_eval_in_a_fixed_feature_space(pipeline, capsys, monkeypatch):
     sample.evaluate(sundae.load_sundae(d["sundae"]), vqgan.load_vqgan(d["vqgan"]), d["vqgan"], 4, 0, 4, other, steps=2)
     assert len(seen) == 4 and all(v is other for v in seen)  # real, samples, random tokens, reconstructions
 
-
 def test_grids_of_small_images_are_enlarged_without_blurring(tmp_path):
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     vqgan.save_png(x, str(tmp_path / "g.png"), nrow=3)
@@ -831,10 +764,8 @@ def test_grids_of_small_images_are_enlarged_without_blurring(tmp_path):
     vqgan.save_png(x[:1], str(tmp_path / "one.png"), nrow=1, pad=0, scale=1)
     assert Image.open(tmp_path / "big.png").size == (256, 256) and Image.open(tmp_path / "one.png").size == (32, 32)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # sample.py and inpaint.py
-
 
 class Peaked(nn.Module):
     """Logits peaked at a fixed target grid, whatever the input; counts the rows it is called on."""
@@ -849,7 +780,6 @@ class Peaked(nn.Module):
         self.batch_sizes.append(len(x))
         return F.one_hot(self.target[: len(x)], self.vocab_size).float() * self.peak
 
-
 def test_proportion_zero_leaves_the_input_unchanged():
     V = 7
     init = torch.randint(V, (3, 4, 4))
@@ -859,7 +789,6 @@ def test_proportion_zero_leaves_the_input_unchanged():
                               trajectory=traj)
     assert torch.equal(out, init) and torch.equal(traj[0], init) and len(traj) == 1 + used.max()
 
-
 def test_peaked_network_reaches_the_target_in_one_step_and_freezes_at_min_steps():
     V = 9
     target = torch.randint(V, (4, 3, 5))
@@ -867,7 +796,6 @@ def test_peaked_network_reaches_the_target_in_one_step_and_freezes_at_min_steps(
     out, used = sample.sample(m, 4, steps=40, temperature=(0.1, 0.1), proportion=(1.0, 1.0), min_steps=6,
                               generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, target) and (used == 6).all() and len(m.batch_sizes) == 6
-
 
 def test_schedules_hit_their_endpoints(monkeypatch):
     # temperature enters as softmax(logits / tau): with one-hot logits of height 1 the gap between the two
@@ -884,7 +812,6 @@ def test_schedules_hit_their_endpoints(monkeypatch):
     sample.sample(m, 1, steps=5, temperature=(2.0, 0.5), proportion=(1.0, 1.0), min_steps=5)
     assert np.allclose(taus, [2.0, 1.625, 1.25, 0.875, 0.5])  # exactly the start at step 0 and the end at S-1
 
-
 def test_same_seed_same_samples():
     torch.manual_seed(0)
     m = hourglass.HourglassTransformer(12, 4, 4, 16, 2, depth=(1, 1, 1)).eval()
@@ -892,7 +819,6 @@ def test_same_seed_same_samples():
     b = sample.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(7))
     c = sample.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
-
 
 class HalfConverged(nn.Module):
     """Samples whose corner token is 0 are peaked at themselves (converged); others are uniform over 1..V-1."""
@@ -910,7 +836,6 @@ class HalfConverged(nn.Module):
         logits[done] = F.one_hot(x[done], self.vocab_size).float() * 1e4
         return logits
 
-
 def test_frozen_samples_leave_the_batch():
     V, n = 6, 6
     init = torch.randint(1, V, (n, 3, 3))
@@ -920,7 +845,6 @@ def test_frozen_samples_leave_the_batch():
                               generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[::2], init[::2]) and (used[::2] == 4).all() and (used[1::2] == 20).all()
     assert m.batch_sizes == [6] * 4 + [3] * 16  # after min_steps the network only sees the 3 unfrozen samples
-
 
 def test_inpainting_keeps_known_tokens_for_any_mask_with_freezing():
     V, h, w = 8, 6, 6
@@ -943,7 +867,6 @@ def test_inpainting_keeps_known_tokens_for_any_mask_with_freezing():
     out = inpaint.inpaint(real, tokens[:4], masks[:4], steps=15, min_steps=2, generator=gen)
     assert torch.equal(out[masks[:4]], tokens[:4][masks[:4]])
 
-
 def test_pixel_to_token_mask_is_an_and_over_each_cell():
     torch.manual_seed(0)
     f = 4
@@ -960,7 +883,6 @@ def test_pixel_to_token_mask_is_an_and_over_each_cell():
     with pytest.raises(ValueError, match="must match"):
         inpaint.inpaint(Peaked(torch.zeros(2, 3, 4, dtype=torch.long), 5), torch.zeros(2, 3, 4, dtype=torch.long),
                         torch.ones(2, 4, 4, dtype=torch.bool))
-
 
 def test_frechet_distance_properties():
     rng = np.random.default_rng(0)
@@ -979,7 +901,6 @@ def test_frechet_distance_properties():
     closed = ((ma - mb) ** 2).sum() + (((sa - sb) * var_scale) ** 2).sum()
     assert np.isclose(sample.frechet_distance(A, B), closed)
 
-
 def test_frechet_distance_matches_a_reference_for_full_covariances():
     # correlated features: tr((S_a S_b)^1/2) = sum of sqrt(eigenvalues of S_a S_b) (real and >= 0 for SPD pairs);
     # tr(S_a^1/2 S_b^1/2), right only when the covariances commute, gives another number here
@@ -994,7 +915,6 @@ def test_frechet_distance_matches_a_reference_for_full_covariances():
     wrong = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(Sa) + np.trace(Sb) - 2 * np.trace(sqrtm(Sa) @ sqrtm(Sb))
     assert not np.isclose(ref, wrong, rtol=1e-3)  # the test can tell the two apart
 
-
 def test_inverse_cdf_draws_follow_the_softmax_exactly():
     logits = torch.tensor([2.0, 1.0, 0.0, -float("inf"), 0.5])
     for tau in (1.0, 0.5):
@@ -1004,7 +924,6 @@ def test_inverse_cdf_draws_follow_the_softmax_exactly():
         assert freq[3] == 0  # probability 0 is never drawn
     z = torch.randn(7, 9)
     assert torch.equal(sample.draw(z, 0.0), z.argmax(-1)) and sample.draw(z[:0], 1.0).shape == (0,)
-
 
 def test_head_only_where_updated_equals_the_full_forward():
     torch.manual_seed(0)
@@ -1018,7 +937,6 @@ def test_head_only_where_updated_equals_the_full_forward():
     b, _ = sample.sample(plain, 64, steps=30, generator=torch.Generator().manual_seed(1))
     assert (a == b).float().mean() > 0.99  # the same draws, up to float rounding at a CDF boundary
 
-
 class Shift(nn.Module):
     """Parameter-free: always proposes (x + 1) mod V with certainty, so every updated position changes."""
 
@@ -1029,10 +947,8 @@ class Shift(nn.Module):
     def forward(self, x):
         return F.one_hot((x + 1) % self.vocab_size, self.vocab_size).float() * 100.0
 
-
 def changed_per_step(traj):
     return [(b != a).float().mean().item() for a, b in zip(traj, traj[1:])]
-
 
 def test_proportion_schedule_is_followed_step_by_step():
     m, traj = Shift(5, 32, 32), []
@@ -1042,7 +958,6 @@ def test_proportion_schedule_is_followed_step_by_step():
     traj = []  # the default from 20 steps on: half the positions per step
     sample.sample(m, 4, steps=25, temperature=(0.0, 0.0), min_steps=25, trajectory=traj, generator=torch.Generator().manual_seed(0))
     assert np.allclose(changed_per_step(traj), 0.5, atol=0.03)
-
 
 def test_few_step_sampling_updates_every_position_with_an_ideal_denoiser():
     # paper §3.5: below 20 steps all tokens must be able to be updated, so a perfect denoiser is done in one step
@@ -1055,7 +970,6 @@ def test_few_step_sampling_updates_every_position_with_an_ideal_denoiser():
     out, _ = sample.sample(Peaked(target, V, height=50.0), 8, steps=1, proportion=(0.5, 0.5), generator=torch.Generator().manual_seed(9))
     assert 0.3 < (out != target).float().mean() < 0.7  # the configured schedule is still honoured when given
 
-
 class AlwaysMoves(nn.Module):
     """Never proposes a position's current token: every redrawn position changes, so no sample ever settles."""
 
@@ -1066,7 +980,6 @@ class AlwaysMoves(nn.Module):
     def forward(self, x):
         return F.one_hot(x, self.vocab_size).float() * -1e9
 
-
 def test_a_sample_freezes_only_after_a_step_that_redrew_something():
     # one unknown token, proportion 0.5: half the steps redraw nothing, which must not count as "settled"
     V, n = 16, 32
@@ -1076,7 +989,6 @@ def test_a_sample_freezes_only_after_a_step_that_redrew_something():
     out, used = sample.sample(AlwaysMoves(V, 4, 4), n, steps=30, proportion=(0.5, 0.5), min_steps=2, init=init,
                               known=known.to(torch.uint8), generator=torch.Generator().manual_seed(0))
     assert (used == 30).all() and torch.equal(out[known], init[known])  # a 0/1 uint8 mask works as a bool one
-
 
 def test_sample_checks_its_inputs_and_supports_greedy_and_parameter_free_models():
     V = 6
@@ -1096,7 +1008,6 @@ def test_sample_checks_its_inputs_and_supports_greedy_and_parameter_free_models(
         with pytest.raises(ValueError, match=match):
             sample.sample(m, **kwargs)
 
-
 def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
     d = pipeline
     out = str(tmp_path / "s.png")
@@ -1114,11 +1025,14 @@ def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
     inpaint.main(["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--steps", "5", "--samples", "3", "--image",
                   str(tmp_path / "face.png"), "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "m.png")])
     assert Image.open(tmp_path / "m.png").size[0] > 5 * 32  # original, masked, 3 inpaintings
-
+    # a mask drawn on a copy enlarged 4x (as the scripts' PNG grids show a face) covers the same pixels
+    Image.fromarray(mask).resize((192, 192), Image.NEAREST).save(tmp_path / "mask4.png")
+    assert np.array_equal(vqgan.load_mask(str(tmp_path / "mask4.png"), 32), vqgan.load_mask(str(tmp_path / "mask.png"), 32))
+    inpaint.main(["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--steps", "5", "--samples", "1", "--image",
+                  str(tmp_path / "face.png"), "--mask", str(tmp_path / "mask4.png"), "--out", str(tmp_path / "m4.png")])
 
 # ----------------------------------------------------------------------------------------------------------
 # bring your own tokenizer and latents: taming-transformers checkpoints in, token grids out
-
 
 def taming_vqmodel_state_dict():
     """A random tiny taming VQModel built from taming's own module code (a test-only oracle that .ci/run installs
@@ -1137,7 +1051,6 @@ def taming_vqmodel_state_dict():
         m.load_state_dict({k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")})
         m.eval()
     return sd, mods
-
 
 def test_taming_checkpoints_convert_exactly_in_every_quantizer_layout(tmp_path, capsys):
     import argparse
@@ -1194,7 +1107,6 @@ def test_taming_checkpoints_convert_exactly_in_every_quantizer_layout(tmp_path, 
     with pytest.raises(vqgan.BadInput, match="needs no conversion"):
         vqgan.main(["--convert", str(tmp_path / "plain.ckpt.pt"), "--out", str(tmp_path / "again.pt")])
 
-
 def test_taming_lpips_weights_convert_to_our_layout(tmp_path):
     torch.manual_seed(0)
     ours = vqgan.LPIPS()
@@ -1215,7 +1127,6 @@ def test_taming_lpips_weights_convert_to_our_layout(tmp_path):
     x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     assert torch.allclose(other(x, y), ours(x, y))
 
-
 @pytest.fixture(scope="session")
 def foreign(tmp_path_factory):
     """A SUNDAE model trained on latents no VQ-GAN of ours wrote: 8x8 grids, V = 17 (as 8x8 digits would be)."""
@@ -1227,14 +1138,12 @@ def foreign(tmp_path_factory):
     sundae.main(["--data", str(d / "digits.npy"), "--vocab_size", "17", "--max_steps", "3", "--out", sd] + TINY_SUNDAE)
     return {"dir": d, "sundae": sd}
 
-
 def test_sample_writes_token_grids_without_a_vqgan(foreign):
     d = foreign["dir"]
     sample.main(["--sundae", foreign["sundae"], "--vqgan", "", "--tokens", str(d / "s.npy"), "--n", "5", "--steps", "4",
                  "--out", str(d / "s.png")])
     toks = np.load(d / "s.npy")
     assert toks.shape == (5, 8, 8) and toks.dtype == np.uint16 and toks.max() < 17 and os.path.isfile(d / "s.png")
-
 
 def test_vqgan_decode_writes_one_png_per_grid(pipeline, tmp_path):
     lat = np.load(pipeline["latents"])[:3]
@@ -1248,7 +1157,6 @@ def test_vqgan_decode_writes_one_png_per_grid(pipeline, tmp_path):
     ref = ((img.clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0).numpy()
     assert np.abs(np.asarray(Image.open(tmp_path / "png" / files[0])).astype(float) - ref).max() <= 1
     assert os.path.isfile(tmp_path / "grid.png")
-
 
 def test_token_inpainting_keeps_known_tokens_for_several_samples(foreign):
     d = foreign["dir"]
@@ -1265,17 +1173,14 @@ def test_token_inpainting_keeps_known_tokens_for_several_samples(foreign):
     assert (filled[~k] != grids[:, None].repeat(3, 1)[~k]).any() and filled.max() < 17
     assert not (filled[:, 0] == filled[:, 1]).all()  # several different fillings
 
-
 # ----------------------------------------------------------------------------------------------------------
 # command lines as a user meets them: bad input is one line and exit status 2; interrupted training resumes
-
 
 def test_readme_figures_exist():
     import re
     readme = open(os.path.join(HERE, "README.md")).read()
     figures = re.findall(r"\]\((assets/[^)]+)\)", readme)
     assert figures and all(os.path.isfile(os.path.join(HERE, f)) for f in figures), figures
-
 
 @pytest.mark.parametrize("module", [vqgan, hourglass, sundae, sample, inpaint])
 def test_every_script_has_help(module, capsys):
@@ -1284,10 +1189,8 @@ def test_every_script_has_help(module, capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and "usage:" in out and "option_strings" not in out
 
-
 def run(args, cwd):
     return subprocess.Popen([sys.executable] + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
 
 # Runs each command line as `python script.py args` would (runpy as __main__, so its error handling is the real
 # one), capturing exit status and stderr, in two interpreters that import torch once each, not once per case.
@@ -1309,7 +1212,6 @@ for name, args in json.load(sys.stdin).items():
 print(json.dumps(results))
 """
 
-
 def run_scripts(cases, cwd, workers=2):
     """{name: [script path, *args]} -> {name: (exit status, stderr)}, run in cwd."""
     names = list(cases)
@@ -1324,7 +1226,6 @@ def run_scripts(cases, cwd, workers=2):
         assert proc.returncode == 0, err
         results.update(json.loads(out.strip().splitlines()[-1]))
     return results
-
 
 def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     t, p = tmp_path, pipeline
@@ -1427,7 +1328,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "sample onto a picture the scripts did not write": (S("--out", str(t / "img.png")), "already exists"),
         "two outputs of one run on one path": (S("--tokens", str(t / "x.png"), "--out", str(t / "x.png")), "is also --out"),
         "--trajectory onto the sample grid": (S("--out", str(t / "s.png"), "--trajectory", str(t / "s.png")), "is also --out"),
-        "a picture named .jpg": (S("--out", str(t / "s.jpg")), "written as PNG"),
+        "a picture named .jpg": (S("--out", str(t / "s.jpg")), "pictures are written as PNG"),
         "--outdir that is a file": (S("--outdir", str(t / "big.npy")), "--outdir"),
         "decode --outdir that is a file": (["vqgan.py", "--decode", str(t / "tok4.npy"), "--ckpt", p["vqgan"], "--outdir",
                                             str(t / "big.npy")], "--outdir"),
@@ -1516,7 +1417,6 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     assert not wrong, "\n".join(wrong)
     assert digest() == before  # every file already on disk is byte-identical afterwards
 
-
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(pipeline, tmp_path):
     out = str(tmp_path / "nan.pt")
     res = subprocess.run([sys.executable, script("sundae.py"), "--data", pipeline["latents"], "--out", out, "--lr", "1e12",
@@ -1527,7 +1427,6 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(pipeline, tm
     if os.path.exists(out):  # whatever was saved before the blow-up holds finite weights
         assert all(torch.isfinite(v).all() for v in torch.load(out, weights_only=True)["model"].values())
 
-
 def test_latents_carry_their_vocabulary_and_vqgan_identity(pipeline, tmp_path):
     meta = json.load(open(pipeline["latents"] + ".json"))
     assert meta["vocab_size"] == 32 and meta["vqgan_id"] == vqgan.fingerprint(vqgan.load_vqgan(pipeline["vqgan"]).state_dict())
@@ -1536,7 +1435,6 @@ def test_latents_carry_their_vocabulary_and_vqgan_identity(pipeline, tmp_path):
     m = sundae.load_sundae(out)
     assert m.vocab_size == 32 and m.vqgan_id == meta["vqgan_id"]
     sample.load_pair(out, pipeline["vqgan"], torch.device("cpu"))  # the right pair is accepted
-
 
 def test_masks_keep_small_holes_and_images_load_upright_and_unclipped(tmp_path):
     mask = np.zeros((256, 256), np.uint8)
@@ -1554,17 +1452,30 @@ def test_masks_keep_small_holes_and_images_load_upright_and_unclipped(tmp_path):
     Image.fromarray(np.rot90(img, -1).copy()).save(tmp_path / "upright.png")
     assert np.array_equal(vqgan.load_image(str(tmp_path / "side.png"), 20), vqgan.load_image(str(tmp_path / "upright.png"), 20))
 
-
-def test_a_file_that_stops_decoding_is_skipped_not_fatal(tmp_path, capsys):
+def test_a_file_that_stops_decoding_is_skipped_in_training_and_left_out_when_encoding(pipeline, tmp_path, capsys):
+    (tmp_path / "img").mkdir()
     for i, face in enumerate(vqgan.toy_faces(4, 32, seed=3)):
-        Image.fromarray(face).save(tmp_path / f"{i}.png")
-    data = open(tmp_path / "1.png", "rb").read()
-    (tmp_path / "1.png").write_bytes(data[: len(data) // 2])  # truncated: the header still reads
-    images = vqgan.ImageData(str(tmp_path), 32, "train", val_n=1, workers=1)
-    images.paths = vqgan.list_images(str(tmp_path), 32)  # all four, the truncated one included (as --encode does)
-    x = images.batch(list(range(len(images))))
-    assert x.shape[0] == len(images) and torch.isfinite(x).all() and "does not decode" in capsys.readouterr().err
+        Image.fromarray(face).save(tmp_path / "img" / f"{i}.png")
+    data = open(tmp_path / "img" / "1.png", "rb").read()
+    (tmp_path / "img" / "1.png").write_bytes(data[: len(data) // 2])  # truncated: the header still reads
+    images = vqgan.ImageData(str(tmp_path / "img"), 32, "all", workers=1)
+    x = images.batch(list(range(len(images))))  # training: another image of the batch stands in
+    assert x.shape[0] == 4 and torch.isfinite(x).all() and "does not decode" in capsys.readouterr().err
+    out = str(tmp_path / "lat.npy")
+    vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--data", str(tmp_path / "img"), "--out", out])
+    assert np.load(out).shape[0] == 2 * 3  # three images and their flips: no row copies another image
 
+def test_shortened_training_scales_the_gan_start_and_says_so(tmp_path, capsys):
+    vqgan.main(TINY_VQ[:-10] + ["--toy_n", "16", "--val_n", "4", "--batch_size", "4", "--workers", "1", "--max_steps",
+                                "8", "--out", str(tmp_path / "v.pt")])
+    tcfg = torch.load(tmp_path / "v.pt", weights_only=True)["train_config"]
+    assert tcfg["disc_start"] == 1800 * 8 // 2400 and "the GAN starts at step 6" in capsys.readouterr().err
+
+def test_a_sampler_that_never_freezes_says_so_once(pipeline, tmp_path, capsys):
+    sample.main(["--sundae", pipeline["sundae"], "--vqgan", pipeline["vqgan"], "--n", "2", "--steps", "12",
+                 "--min_steps", "2", "--temperature", "1,1", "--proportion", "1,1", "--out", str(tmp_path / "s.png")])
+    err = capsys.readouterr().err  # an untrained 32-token model at temperature 1 redraws something every step
+    assert err.count("no sample froze within --steps 12") == 1
 
 def test_checkpoints_keep_the_previous_one_and_the_stop_message_is_true(pipeline, tmp_path):
     out = str(tmp_path / "prev.pt")
@@ -1576,7 +1487,6 @@ def test_checkpoints_keep_the_previous_one_and_the_stop_message_is_true(pipeline
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and f"kept {out!r} and {out + '.prev'!r}" in res.stderr, res.stderr
     assert [open(p, "rb").read() for p in (out, out + ".prev")] == before  # both kept, untouched
-
 
 def test_resume_writes_where_it_read_never_to_the_path_stored_inside(pipeline, tmp_path):
     orig, copy_dir = str(tmp_path / "orig.pt"), tmp_path / "backup"
@@ -1590,7 +1500,6 @@ def test_resume_writes_where_it_read_never_to_the_path_stored_inside(pipeline, t
     assert torch.load(copy_dir / "sundae.pt", weights_only=True)["step"] == 3  # the copy continued...
     assert {f: open(tmp_path / f, "rb").read() for f in before} == before  # ...and the original is untouched
 
-
 def test_leftovers_of_a_killed_run_do_not_block_and_files_of_others_are_never_deleted(pipeline, tmp_path):
     out = tmp_path / "s.pt"
     (tmp_path / "s.pt.tmp").write_bytes(b"partial")  # a killed run's half-written checkpoint
@@ -1600,7 +1509,6 @@ def test_leftovers_of_a_killed_run_do_not_block_and_files_of_others_are_never_de
     assert sorted(os.listdir(tmp_path)) == ["s.pt", "s.pt.notes.tmp.123456", "s_loss.png", "s_samples.png"]
     assert torch.load(out, weights_only=True)["step"] == 2
 
-
 def test_one_writer_per_checkpoint(pipeline, tmp_path):
     import fcntl
     out = str(tmp_path / "w.pt")
@@ -1609,7 +1517,6 @@ def test_one_writer_per_checkpoint(pipeline, tmp_path):
         with pytest.raises(vqgan.BadInput, match="another run is writing"):
             sundae.main(["--data", pipeline["latents"], "--out", out, "--max_steps", "1"] + TINY_SUNDAE)
     assert os.listdir(tmp_path) == ["w.pt.lock"]
-
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
                                    RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed")])
@@ -1622,7 +1529,6 @@ def test_a_full_disk_during_training_is_one_clear_error(pipeline, tmp_path, monk
     with pytest.raises(vqgan.BadInput, match="cannot write .*f.pt.*free space"):
         sundae.main(["--data", pipeline["latents"], "--out", str(tmp_path / "f.pt"), "--max_steps", "1"] + TINY_SUNDAE)
     assert [f for f in os.listdir(tmp_path) if f.endswith(".pt") or ".tmp" in f] == []  # no partial file
-
 
 def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
     path = str(tmp_path / "c.pt")
@@ -1637,7 +1543,6 @@ def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, m
     with pytest.raises(vqgan.BadInput):
         vqgan.save_checkpoint({"step": 2}, path)
     assert os.listdir(tmp_path) == ["c.pt"] and torch.load(path, weights_only=True)["step"] == 1
-
 
 # sundae.py whose second checkpoint write stops half-way (the new file half written) and waits to be killed
 KILL_MID_SAVE = """
@@ -1657,7 +1562,6 @@ sys.path.insert(0, os.path.dirname(sys.argv[0]))
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
-
 def test_sigkill_while_checkpointing_keeps_the_previous_checkpoint(pipeline, tmp_path):
     out = str(tmp_path / "k.pt")
     args = ["--data", pipeline["latents"], "--out", out, "--max_steps", "100000", "--ckpt_every", "1",
@@ -1674,7 +1578,6 @@ def test_sigkill_while_checkpointing_keeps_the_previous_checkpoint(pipeline, tmp
     res = subprocess.run([sys.executable, script("sundae.py"), "--resume", "--out", out, "--max_steps", "2"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "k.pt.tmp" not in os.listdir(tmp_path)  # ...which the next save replaces
-
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and a cluster scheduler's warning
 def test_a_signal_writes_a_checkpoint_that_resume_continues(pipeline, tmp_path, sig):
@@ -1698,13 +1601,11 @@ def test_a_signal_writes_a_checkpoint_that_resume_continues(pipeline, tmp_path, 
     assert res.returncode == 0, res.stderr
     assert f"at step {step}" in res.stdout and torch.load(out, weights_only=True)["step"] == step + 2
 
-
 # ----------------------------------------------------------------------------------------------------------
 # the GPU's code paths, run on the CPU: bf16 autocast and torch.compile work there too.
 # The slow tier (each compile costs ~30 s on 2 cores) runs with: SLOW=1 python -m pytest test_all.py -k slow
 
 slow = pytest.mark.skipif(os.environ.get("SLOW") != "1", reason="slow tier: SLOW=1 python -m pytest test_all.py -k slow")
-
 
 def test_bf16_autocast_logits_close_to_fp32():
     # bf16 keeps 8 significant bits: each matmul input is rounded by up to 2^-9 relative, and a few blocks
@@ -1719,7 +1620,6 @@ def test_bf16_autocast_logits_close_to_fp32():
             low = m(t)
     assert low.dtype == torch.float32 and not torch.equal(low, ref)  # autocast did run, the head stayed fp32
     assert (low - ref).abs().max() < 0.05 * ref.abs().max()
-
 
 def test_bf16_training_runs_end_to_end_through_main(pipeline, tmp_path, capsys):
     out = str(tmp_path / "bf16.pt")
@@ -1736,7 +1636,6 @@ def test_bf16_training_runs_end_to_end_through_main(pipeline, tmp_path, capsys):
     with pytest.raises(vqgan.BadInput):
         vqgan.use_bf16("fp16", torch.device("cpu"))
 
-
 @slow
 def test_slow_compiled_model_equals_eager_forward_and_gradients():
     torch.manual_seed(0)
@@ -1752,7 +1651,6 @@ def test_slow_compiled_model_equals_eager_forward_and_gradients():
         grads.append([p.grad.clone() for p in m.parameters()])
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
 
-
 @slow
 def test_slow_compile_bf16_sundae_training_through_main_loads_into_a_plain_model(pipeline, tmp_path, capsys):
     out = str(tmp_path / "c.pt")
@@ -1763,7 +1661,6 @@ def test_slow_compile_bf16_sundae_training_through_main_loads_into_a_plain_model
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])  # saved from the plain module
     m = sundae.load_sundae(out)
     assert m.vocab_size == 32 and ckpt["step"] == 3 and all(np.isfinite(v) for _, v in ckpt["history"]["train_loss"])
-
 
 @slow
 def test_slow_compile_bf16_vqgan_training_through_main(tmp_path, capsys):

@@ -39,10 +39,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 from torch.utils.checkpoint import checkpoint
 
-
 # ----------------------------------------------------------------------------------------------------------
 # quantizers: continuous encoder outputs -> the nearest of V codes, and back
-
 
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook lookup with a straight-through gradient (VQ-VAE, van den Oord et al. 2017)."""
@@ -116,11 +114,9 @@ class VectorQuantizer(nn.Module):
         zq = self.proj_out(self.codes()[indices])  # (B, h, w, D)
         return zq.permute(0, 3, 1, 2)  # (B, D, h, w)
 
-
 def used_codes(indices, codebook_size):
     """bool (V,): which codes occur in indices."""
     return torch.bincount(indices.flatten(), minlength=codebook_size) > 0
-
 
 class LookupFreeQuantizer(nn.Module):
     """Lookup-free quantization (MAGVIT-v2, Yu et al. 2023): each channel is one bit, q = sign(z).
@@ -161,7 +157,6 @@ class LookupFreeQuantizer(nn.Module):
         bits = (indices[..., None] // self.powers) % 2  # (B, h, w, bits)
         return (bits.float() * 2 - 1).permute(0, 3, 1, 2)  # (B, bits, h, w)
 
-
 def codebook_usage(indices, codebook_size):
     """(fraction of codes used, perplexity) of a long run of indices: measure over many batches, not one."""
     counts = torch.bincount(indices.flatten().long().cpu(), minlength=codebook_size).double()
@@ -169,10 +164,8 @@ def codebook_usage(indices, codebook_size):
     perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item()
     return (counts > 0).double().mean().item(), perplexity
 
-
 # ----------------------------------------------------------------------------------------------------------
 # encoder and decoder (taming-transformers layout)
-
 
 @dataclass
 class ModelConfig:
@@ -195,10 +188,8 @@ class ModelConfig:
     disc_ch: int = 32  # PatchGAN discriminator channels
     disc_layers: int = 2  # PatchGAN stride-2 layers
 
-
 def Norm(c):
     return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)  # 32 groups, fewer for the narrow test models
-
 
 class ResBlock(nn.Module):
     def __init__(self, cin, cout):
@@ -211,7 +202,6 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
-
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels of a low-resolution feature map."""
@@ -226,13 +216,11 @@ class AttnBlock(nn.Module):
         h = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, 1, HW, C)
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
-
 def run_blocks(blocks, x, grad_ckpt):
     """Apply blocks in order; with grad_ckpt keep only block inputs and recompute the insides in backward."""
     for b in blocks:
         x = checkpoint(b, x, use_reentrant=False) if grad_ckpt and torch.is_grad_enabled() else b(x)
     return x
-
 
 class Encoder(nn.Module):
     def __init__(self, cfg):
@@ -260,7 +248,6 @@ class Encoder(nn.Module):
         x = run_blocks(self.mid, x, self.grad_ckpt)  # (B, ch*mult[-1], H/f, W/f)
         return self.out(x)  # (B, z_channels, H/f, W/f)
 
-
 class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -287,7 +274,6 @@ class Decoder(nn.Module):
         for blocks in self.levels:
             x = run_blocks(blocks, x, self.grad_ckpt)
         return self.conv_out(F.silu(self.norm_out(x)))  # (B, 3, H, W)
-
 
 class VQGAN(nn.Module):
     """Encoder -> quantizer -> decoder. encode: images -> ids (B, h, w); decode: ids -> images."""
@@ -336,7 +322,6 @@ class VQGAN(nn.Module):
         zq, indices, q_loss = self.quantize(self.features(x))
         return self.decoder(self.post_quant_conv(zq)), indices, q_loss
 
-
 def load_vqgan(path, device="cpu"):
     """Rebuild the VQ-GAN from its checkpoint alone (the config travels inside), in eval mode. A taming-transformers
     checkpoint is turned into one first with python vqgan.py --convert."""
@@ -346,15 +331,12 @@ def load_vqgan(path, device="cpu"):
     model.converted = "converted_from" in ckpt  # a taming model: its image size was chosen at --convert
     return model.to(device).eval()
 
-
 def shipped_weights(ckpt):
     """The weights a checkpoint ships: the moving average where training kept one (--ema), else the trained ones."""
     return ckpt.get("ema") or ckpt["model"]
 
-
 # ----------------------------------------------------------------------------------------------------------
 # losses: PatchGAN hinge loss, adaptive weight, LPIPS
-
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al. 2017): one real/fake logit per overlapping patch.
@@ -374,18 +356,15 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x):
         return self.net(x)  # (B, 1, ~H/2**n, ~W/2**n)
 
-
 def hinge_d_loss(logits_real, logits_fake):
     """Discriminator hinge loss: 1/2 [mean relu(1 - D(x)) + mean relu(1 + D(x_hat))]."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-
 
 def adaptive_weight(rec_loss, g_loss, last_layer):
     """lambda = ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4), clamped to [0, 1e4], detached (taming eq. 7)."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (g_rec.float().norm() / (g_gan.float().norm() + 1e-4)).clamp(0.0, 1e4).detach()
-
 
 class LPIPS(nn.Module):
     """Learned perceptual distance (Zhang et al. 2018) on VGG16 features, written in plain torch.
@@ -420,10 +399,8 @@ class LPIPS(nn.Module):
                     break
         return dist  # (B,)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # training configuration and presets
-
 
 @dataclass
 class TrainConfig:
@@ -462,7 +439,6 @@ class TrainConfig:
     seed: int = 0  # random seed (each process adds its rank)
     workers: int = 8  # threads decoding image files
 
-
 PRESETS = {
     # CPU demo: 32x32 toy faces -> 8x8 tokens (f = 4), ~3 minutes on 2 cores. The first design said 64x64; at 64x64 (f = 8)
     # the same CPU time gave 17.5 dB held-out PSNR against 23.7 dB here, so the demo uses 32x32 (README)
@@ -486,12 +462,8 @@ PRESETS = {
     ),
 }
 
-
-
-
 # ----------------------------------------------------------------------------------------------------------
 # data: the built-in toy faces and an image-folder loader
-
 
 def toy_faces(n, size, seed=0):
     """Procedural cartoon faces, np.uint8 (n, size, size, 3); image i depends only on (seed, i)."""
@@ -553,9 +525,7 @@ def toy_faces(n, size, seed=0):
         out[i] = np.asarray(img.resize((size, size), Image.LANCZOS))
     return out
 
-
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-
 
 def list_images(folder, size):
     """Sorted image paths under folder (recursive) that open and are at least size on their short side."""
@@ -584,7 +554,6 @@ def list_images(folder, size):
                        f"use --size {size // 2} or other images")
     return good
 
-
 def resize_and_crop(im, size, resample=Image.BICUBIC):
     """Short side resized to size, then the centre size x size crop (images and masks alike)."""
     w, h = im.size
@@ -594,7 +563,6 @@ def resize_and_crop(im, size, resample=Image.BICUBIC):
     left, top = (w - size) // 2, (h - size) // 2
     return im.crop((left, top, left + size, top + size))
 
-
 def open_upright(im):
     """Apply the EXIF orientation (phone photos are stored sideways) and bring 16-bit images to 8 bits by scaling
     (PIL's convert("RGB") would clip every value above 255 to white)."""
@@ -603,12 +571,10 @@ def open_upright(im):
         im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     return im
 
-
 def load_image(path, size):
     """One image file -> uint8 (size, size, 3): upright, RGB, short side resized to size, centre crop."""
     with Image.open(path) as im:
         return np.array(resize_and_crop(open_upright(im).convert("RGB"), size))  # a writable copy
-
 
 def load_mask(path, size):
     """A mask file (white = fill in) -> bool (size, size), resized and cropped like its image. A pixel is unknown
@@ -617,7 +583,6 @@ def load_mask(path, size):
         unknown = np.asarray(open_upright(im).convert("L")) > 127
     coverage = resize_and_crop(Image.fromarray(unknown.astype(np.float32), mode="F"), size, Image.BOX)
     return np.asarray(coverage) > 0
-
 
 def split_indices(n, val_fraction=0.05, seed=0):
     """Deterministic train/val split of n items that keeps rows (2i, 2i+1) on the same side.
@@ -632,7 +597,6 @@ def split_indices(n, val_fraction=0.05, seed=0):
     is_val = val_pairs.repeat_interleave(2)[:n]
     idx = torch.arange(n)
     return idx[~is_val], idx[is_val]
-
 
 class ImageData:
     """Indexable image set: the toy faces in memory, or files decoded on demand (FFHQ does not fit in RAM).
@@ -684,10 +648,8 @@ class ImageData:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
 
-
 # ----------------------------------------------------------------------------------------------------------
 # training
-
 
 def generator_loss(model, disc, last_layer, x, gan_on, disc_weight, lpips=None, perceptual_weight=0.0,
                    amp=nullcontext, l2_weight=0.0):
@@ -716,7 +678,6 @@ def generator_loss(model, disc, last_layer, x, gan_on, disc_weight, lpips=None, 
         stats.update(g=g_loss.item(), lam=lam.item())
     return loss, stats, x_rec, indices
 
-
 @torch.no_grad()
 def evaluate(model, data, device, batch=64, bf16=False):
     """Reconstruction PSNR (dB, images in [0, 1]) and codebook usage over the whole held-out set."""
@@ -733,12 +694,10 @@ def evaluate(model, data, device, batch=64, bf16=False):
     usage, ppl = codebook_usage(torch.cat(all_idx), model.codebook_size)
     return psnr, usage, ppl
 
-
 def compile_for_adaptive_weight():
     """The adaptive GAN weight differentiates the loss twice through the same graph (retain_graph=True), which a
     compiled backward that donates (frees) its buffers refuses; keep them. Found by the slow-tier compile test."""
     torch._functorch.config.donated_buffer = False
-
 
 def build_training(mcfg, tcfg, device, resume_ckpt=None):
     """Autoencoder, its moving average (or None), discriminator, optional LPIPS and their optimizers, fresh or from
@@ -771,11 +730,9 @@ def build_training(mcfg, tcfg, device, resume_ckpt=None):
     return (model, ema, disc, lpips, opt_g, opt_d, resume_ckpt["step"], resume_ckpt["history"],
             resume_ckpt.get("log_window") or new_window())
 
-
 def new_window():
     """Running sums of one log window: losses, the codebook indices seen (for usage) and the steps in it."""
     return {"rec": 0.0, "q": 0.0, "g": 0.0, "d": 0.0, "lam": 0.0, "idx": [], "n": 0}
-
 
 def train(mcfg, tcfg, resume_ckpt=None):
     ddp, rank, world, device, micro = setup_processes(tcfg)
@@ -895,10 +852,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
               f" | peak memory {peak_memory(device)}")
     finish_processes(ddp, stop, master, tcfg.out, step)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # encoding a dataset into latents, and token grids back into images
-
 
 @torch.no_grad()
 def encode_dataset(model, data, device, flip=True, batch=64, bf16=False):
@@ -921,7 +876,6 @@ def encode_dataset(model, data, device, flip=True, batch=64, bf16=False):
         raise BadInput("none of the images could be decoded; nothing to encode")
     return ids.astype(np.uint16 if model.codebook_size <= 65536 else np.int32)
 
-
 def fingerprint(state_dict):
     """A short identity of a VQ-GAN's token meaning: a hash of its quantizer and post-quantizer weights. Latents and
     SUNDAE checkpoints carry it, so a prior is never paired with a VQ-GAN of the same V whose ids mean other things."""
@@ -930,7 +884,6 @@ def fingerprint(state_dict):
         if k.startswith(("quantize.", "post_quant_conv.")) and state_dict[k].is_floating_point():
             h.update(k.encode() + state_dict[k].detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
 
 def encode_main(args):
     """vqgan.py --encode: every image of --data (or the toy faces) -> --out latents (N, h, w) uint16, and a sidecar
@@ -952,7 +905,6 @@ def encode_main(args):
     print(f"wrote {out} (+ {out}.json: V and the VQ-GAN's id): {ids.shape} {ids.dtype} (V={model.codebook_size}"
           f"{', with flipped copies' if flip else ''})")
 
-
 def check_tokens(array, vocab_size, h, w, name):
     """A token array (n, h, w) (or one (h, w) grid) of integer ids in [0, V) -> int64 tensor; BadInput otherwise."""
     if not np.issubdtype(array.dtype, np.integer):
@@ -965,7 +917,6 @@ def check_tokens(array, vocab_size, h, w, name):
         raise BadInput(f"{name} holds ids in [{lo}, {hi}], outside this model's vocabulary [0, {vocab_size})")
     return torch.from_numpy(array.astype(np.int64))
 
-
 def load_npy(path, flag):
     """An .npy array, memory-mapped (nothing is read until used); BadInput naming the flag if it is not one."""
     if not os.path.isfile(path):
@@ -977,7 +928,6 @@ def load_npy(path, flag):
     if not isinstance(array, np.ndarray):  # an .npz archive of several arrays
         raise BadInput(f"{flag} {path!r} is an .npz archive; save the (N, h, w) token array alone with np.save")
     return array
-
 
 @torch.no_grad()
 def decode_tokens(path, ckpt, outdir, grid_png, device, batch=16):
@@ -1001,48 +951,37 @@ def decode_tokens(path, ckpt, outdir, grid_png, device, batch=16):
     print(f"wrote {len(tokens)} PNGs ({model.config.size}x{model.config.size}) to {outdir}/" +
           (f" and {grid_png}" if grid_png else ""))
 
-
 # ----------------------------------------------------------------------------------------------------------
 # pretrained taming-transformers VQ-GANs (paper §3.1: "where such models are available, we use pretrained
 # VQ-GANs"), as nanoGPT's from_pretrained. Their layout differs from ours only in names, fused q/k/v and the
 # decoder's extra ResNet block per level; the architecture is read from the weight shapes.
 
+class _Lenient(pickle.Unpickler):
+    """Unpickles a trusted Lightning file on a machine without pytorch_lightning or omegaconf: the classes it names
+    but this machine lacks become an empty placeholder (the weights are plain tensors)."""
+
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (), {"__init__": lambda self, *a, **k: None, "__setstate__": lambda self, state: None})
 
 def read_foreign(path, trust=False):
     """torch.load a checkpoint from elsewhere: tensors and plain types only, unless the user trusts its source
-    (unpickling arbitrary objects can run arbitrary code, so we never do it silently). A trusted Lightning file
-    may pickle classes this machine lacks (pytorch_lightning, omegaconf): they load as empty placeholders."""
+    (unpickling arbitrary objects can run arbitrary code, so we never do it silently)."""
     if not os.path.isfile(path):
         raise BadInput(f"--convert {path!r} {'is a directory' if os.path.isdir(path) else 'not found'}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" not in str(e):  # not a refused class: a damaged file
+    except Exception as e:  # torch raises several types for foreign or damaged files
+        if not (isinstance(e, pickle.UnpicklingError) and "global" in str(e)):  # not a refused class: damaged
             raise BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); pass a .ckpt or .pt file")
         if not trust:
             raise BadInput(f"{path!r} pickles Python objects beyond tensors (Lightning checkpoints do), and loading "
                            f"them can run code; if you trust its source, pass --trust_checkpoint")
-    except Exception as e:
-        raise BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); pass a .ckpt or .pt file")
-
-    class Placeholder:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __setstate__(self, state):
-            pass
-
-    class Lenient(pickle.Unpickler):
-        def find_class(self, module, name):
-            try:
-                return super().find_class(module, name)
-            except (ImportError, AttributeError):  # not needed for the weights
-                return Placeholder
-
-    lenient = type(sys)("lenient_pickle")  # a pickle module whose Unpickler tolerates missing classes
-    lenient.__dict__.update(vars(pickle), Unpickler=Lenient)
+    lenient = type(sys)("lenient_pickle")  # a pickle module whose Unpickler is _Lenient
+    lenient.__dict__.update(vars(pickle), Unpickler=_Lenient)
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=lenient)
-
 
 def taming_state_dict(ckpt):
     """The VQModel weights in a taming checkpoint: a Lightning state_dict, or its first_stage_model.* part
@@ -1053,7 +992,6 @@ def taming_state_dict(ckpt):
                 prefix + "encoder.conv_in.weight" in sd:
             return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return None
-
 
 def taming_codebook(sd):
     """taming's quantizer -> (our codebook (V, embed_dim), V). Its layouts: VectorQuantizer(2) and
@@ -1068,7 +1006,6 @@ def taming_codebook(sd):
     if "quantize.used" in sd:
         codes = codes[sd["quantize.used"].long()]
     return codes, len(codes)
-
 
 def taming_config(sd, size):
     """Our ModelConfig for a taming VQModel, inferred from its weight shapes (which levels have attention, the
@@ -1086,7 +1023,6 @@ def taming_config(sd, size):
         attn_resolutions=tuple(size >> i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd),
         z_channels=z_channels, embed_dim=embed_dim, quantizer="vq", codebook_size=taming_codebook(sd)[1],
         code_dim=0, l2_norm=False, restart_after=0)  # taming: plain Euclidean lookup, no projection, no restarts
-
 
 def from_taming(sd, cfg):
     """Rename taming's weights into this file's layout (and fuse its separate q, k, v 1x1 convs into our qkv).
@@ -1118,7 +1054,6 @@ def from_taming(sd, cfg):
     out["quantize.unused_steps"] = torch.zeros(cfg.codebook_size, dtype=torch.long)
     return out
 
-
 def taming_lpips(sd):
     """taming's LPIPS weights (loss.perceptual_loss.*) in our LPIPS layout, or None: VGG slices keep the
     torchvision feature indices (net.slice2.5 -> features.5), lin{k}.model.1 -> lins.{k}."""
@@ -1134,7 +1069,6 @@ def taming_lpips(sd):
         elif p[0] == "scaling_layer":
             out[p[1]] = v
     return out if len(out) == len(LPIPS().state_dict()) else None
-
 
 def convert_taming(path, out, size=256, trust=False, overwrite=False):
     """vqgan.py --convert: a taming checkpoint -> a native vqgan.pt (weights_only-loadable, config inside), and its
@@ -1164,10 +1098,8 @@ def convert_taming(path, out, size=256, trust=False, overwrite=False):
         save_checkpoint(lp, lp_path)
         print(f"wrote {lp_path}: the checkpoint's LPIPS weights (use with --lpips {lp_path} --perceptual_weight 1.0)")
 
-
 # ----------------------------------------------------------------------------------------------------------
 # benchmark: one full training step (G and D) on random images
-
 
 def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
     """images/s and peak memory of VQ-GAN training steps with the GAN on, without data."""
@@ -1205,8 +1137,6 @@ def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
     print(f"device {name} | {'bf16' if bf16 else 'fp32'} | {mcfg.size}px, f={model.downsample_factor}, "
           f"V={mcfg.codebook_size} | batch {tcfg.batch_size} | grad_ckpt {tcfg.grad_ckpt} | compile {tcfg.compile}")
     print(f"{dt * 1e3:.0f} ms/step (G + D) | {tcfg.batch_size / dt:.2f} images/s | peak memory {mem}{cap}")
-
-
 
 def main(argv=None):
     parser = Parser(description="Train the VQ-GAN tokenizer, or encode images into latents.")
@@ -1267,17 +1197,14 @@ def main(argv=None):
         raise BadInput(f"toy faces come in sizes 16..1024, not {mcfg.size}")
     run_guarded(train, mcfg, tcfg, resume_ckpt, inputs=[tcfg.lpips])
 
-
 # ----------------------------------------------------------------------------------------------------------
 # plumbing shared by every script (sundae.py, sample.py and inpaint.py import it from here): flags from
 # dataclasses, one-line errors, devices and bf16, DDP, atomic writes and checkpoints, figures, benchmark timing.
 # Nothing here is about the VQ-GAN; a reader of the VQ-GAN may stop above.
 
-
 class BadInput(ValueError):
     """Input the user can fix (a file, a flag, a checkpoint). Library functions raise it; each script's __main__
     (run_main) prints its message as one line and exits 2. Any other exception is a bug and keeps its traceback."""
-
 
 def run_main(main):
     """A script's entry point: BadInput -> one line on stderr (from rank 0 only under torchrun), exit status 2."""
@@ -1291,14 +1218,12 @@ def run_main(main):
         print("interrupted: no output was half-written", file=sys.stderr)
         sys.exit(130)
 
-
 class Parser(argparse.ArgumentParser):
     """argparse, except that a bad flag is BadInput (one line, exit 2), not the whole usage text."""
 
     def error(self, message):
         hint = " (a value starting with '-' is written --flag=VALUE)" if "expected one argument" in message else ""
         raise BadInput(f"{message}{hint} (see --help)")
-
 
 def add_flags(parser, cls):
     """One flag per dataclass field, its help the field's trailing comment (one source of truth)."""
@@ -1314,16 +1239,13 @@ def add_flags(parser, cls):
         else:
             parser.add_argument(f"--{f.name}", type=f.type, default=None, help=f"{help} (default {f.default!r})")
 
-
 def overrides(args, cls):
     """The fields of cls that were given on the command line."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
 
-
 def tuples(config):
     """A stored config dict with its lists back as tuples (the dataclasses' tuple fields)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-
 
 def resumed_configs(ckpt, model_cls, train_cls, args):
     """--resume: the checkpoint's configs, except what this command line sets (e.g. --max_steps). --out stays where
@@ -1337,7 +1259,6 @@ def resumed_configs(ckpt, model_cls, train_cls, args):
     tcfg = replace(train_cls(**tuples(ckpt["train_config"])), **{**overrides(args, train_cls), "out": out})
     print(f"resuming from {out!r} at step {ckpt['step']}")
     return model_cls(**tuples(ckpt["model_config"])), tcfg
-
 
 def check_config(cfg, positive=(), nonneg=(), fractions=(), choices=None):
     """Refuse nonsense flag values before any work, one line naming the flag, the value and the rule: positive
@@ -1353,7 +1274,6 @@ def check_config(cfg, positive=(), nonneg=(), fractions=(), choices=None):
         if getattr(cfg, name) not in allowed:
             raise BadInput(f"--{name} must be one of {', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
 
-
 def check_train_config(tcfg, positive=(), nonneg=(), fractions=()):
     """The checks both training scripts share, plus their own."""
     check_config(tcfg, positive=("batch_size", "grad_accum", "lr", "log_every", "ckpt_every", "max_steps") + positive,
@@ -1363,7 +1283,6 @@ def check_train_config(tcfg, positive=(), nonneg=(), fractions=()):
         raise BadInput(f"--ema must be below 1 (a decay; 0 = off), got {tcfg.ema}")
     if tcfg.min_lr > tcfg.lr:
         raise BadInput(f"--min_lr {tcfg.min_lr} is above --lr {tcfg.lr}: the decay would rise; set it to at most --lr")
-
 
 def pick_device(name):
     """auto/cpu/cuda -> a torch.device. On a GPU, fp32 matmuls may use TF32 tensor cores from here on (as DiT):
@@ -1376,7 +1295,6 @@ def pick_device(name):
     torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"  # GPU only: fp32 matmuls on TF32 tensor cores
     return device
 
-
 def use_bf16(dtype, device):
     """--dtype: "auto" = bf16 autocast on CUDA (tensor cores), fp32 on the CPU; "bf16" and "fp32" force it on any
     device. bf16 autocast runs on the CPU too, which is how the GPU's code path is tested without one; it is faster
@@ -1385,12 +1303,10 @@ def use_bf16(dtype, device):
         raise BadInput(f"--dtype must be auto, bf16 or fp32, not {dtype!r}")
     return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
 
-
 def autocast(device, bf16):
     """The bf16 autocast context (or a no-op). What must stay fp32 (quantizer distances, the adaptive GAN weight,
     the transformer's head, the losses) turns it off locally or upcasts."""
     return torch.autocast(device.type, torch.bfloat16, enabled=bf16)
-
 
 def setup_processes(tcfg):
     """One process, or DDP when torchrun launched several (it sets WORLD_SIZE and RANK). Returns (ddp, rank, world,
@@ -1409,7 +1325,6 @@ def setup_processes(tcfg):
     torch.manual_seed(tcfg.seed + rank)
     return ddp, rank, world, device, tcfg.batch_size // (world * tcfg.grad_accum)
 
-
 def finish_processes(ddp, stop, master, out, step):
     """End of a training run: leave DDP together (a rank that tears down early aborts its peers); after Ctrl-C or
     SIGTERM say how to continue and exit 128 + the signal's number."""
@@ -1421,14 +1336,12 @@ def finish_processes(ddp, stop, master, out, step):
             print(f"interrupted at step {step}: saved {out!r}; continue with --resume", flush=True)
         sys.exit(128 + stop[0])
 
-
 def lr_at(step, tcfg):
     """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
     if step < tcfg.warmup:
         return tcfg.lr * (step + 1) / tcfg.warmup
     progress = min(1.0, (step - tcfg.warmup) / max(1, tcfg.max_steps - tcfg.warmup))
     return tcfg.min_lr + 0.5 * (tcfg.lr - tcfg.min_lr) * (1 + math.cos(math.pi * progress))
-
 
 @torch.no_grad()
 def ema_update(ema, model, decay, step):
@@ -1439,7 +1352,6 @@ def ema_update(ema, model, decay, step):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
-
 
 def stop_on_signals():
     """Ctrl-C or SIGTERM (what a cluster scheduler sends before it kills a job): the returned list gets the signal,
@@ -1454,7 +1366,6 @@ def stop_on_signals():
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return stop
-
 
 def run_guarded(train_fn, mcfg, tcfg, resume_ckpt, inputs):
     """train_fn(mcfg, tcfg, resume_ckpt) with what is on disk protected, before any heavy work: --out is checked
@@ -1482,51 +1393,38 @@ def run_guarded(train_fn, mcfg, tcfg, resume_ckpt, inputs):
             os.remove(lock.name)
             lock.close()
 
-
 MARK = "megapixel-sundae"  # written into every PNG the scripts save: such a figure may be replaced without asking
-
 
 def check_outputs(outputs, inputs=(), overwrite=False, outdir=""):
     """Before any heavy work, each output {flag: path}: not an input of this run nor another output, a file in a
     writable folder, PNG where it is a picture, and not an existing file that this project did not write, unless
-    overwrite (figures the scripts wrote, marked in their PNG metadata, are replaced freely). outdir: a folder for
-    one file per sample, created here."""
+    overwrite (a figure the scripts wrote carries MARK and is replaced freely). outdir: a folder, created here."""
     taken = {os.path.realpath(p): "an input" for p in inputs if p}
-    for flag, path in outputs.items():
-        if not path:
-            continue
-        real = os.path.realpath(path)
-        if real in taken:
-            raise BadInput(f"{flag} {path!r} is also {taken[real]} of this run; choose another path")
-        taken[real] = flag
-        folder = os.path.dirname(real)
-        if os.path.isdir(path):
-            raise BadInput(f"{flag} {path!r} is a directory; pass a file path")
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise BadInput(f"{flag} {path!r}: the folder {folder!r} does not exist or is not writable")
-        ext = os.path.splitext(path)[1].lower()
-        if ext in Image.registered_extensions() and ext != ".png":
-            raise BadInput(f"{flag} {path!r}: pictures are written as PNG; name it {os.path.splitext(path)[0]}.png")
+    for flag, path in ((f, p) for f, p in outputs.items() if p):
+        real, ext = os.path.realpath(path), os.path.splitext(path)[1].lower()
+        problem = f"is also {taken[real]} of this run" if real in taken else "is a directory" if os.path.isdir(path) \
+            else "is in a folder that does not exist or is not writable" if not os.access(os.path.dirname(real), os.W_OK) \
+            else "names another image format, but pictures are written as PNG" if ext in Image.registered_extensions() \
+            and ext != ".png" else None
+        if problem:
+            raise BadInput(f"{flag} {path!r} {problem}; choose another path")
         if os.path.exists(path) and not overwrite and not written_by_us(path):
             hint = "continue it with --resume, " if path.endswith(".pt") else ""
             raise BadInput(f"{flag} {path!r} already exists; {hint}replace it with --overwrite, or choose another path")
-    if outdir:
-        try:
+        taken[real] = flag
+    try:
+        if outdir:
             os.makedirs(outdir, exist_ok=True)
-        except OSError as e:
-            raise BadInput(f"--outdir {outdir!r} cannot be a folder ({e.strerror}); choose another path")
-        if not os.access(outdir, os.W_OK):
-            raise BadInput(f"--outdir {outdir!r} is not writable; choose another folder")
-
+    except OSError as e:
+        raise BadInput(f"--outdir {outdir!r} cannot be a folder ({e.strerror}); choose another path")
 
 def written_by_us(path):
     """Whether path is a PNG figure that one of the scripts wrote (its metadata carries MARK)."""
     try:
         with Image.open(path) as im:
-            return im.format == "PNG" and im.info.get("Software") == MARK
+            return im.info.get("Software") == MARK
     except Exception:  # not an image at all
         return False
-
 
 def write_atomic(path, write):
     """write(f) into path + ".tmp" (a binary file), then rename: a crash, Ctrl-C or full disk mid-write never leaves
@@ -1543,7 +1441,6 @@ def write_atomic(path, write):
         raise BadInput(f"cannot write {path!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); free "
                        f"space or choose another path (what was there is unchanged)") from e
 
-
 def save_checkpoint(obj, path):
     """torch.save, atomically; the checkpoint it replaces survives as path + ".prev", for a run that diverges while
     its numbers stay finite. Weights an exploding step made inf/NaN are never saved (the loss check stops the run)."""
@@ -1559,12 +1456,10 @@ def save_checkpoint(obj, path):
 
     write_atomic(path, write)
 
-
 def kept(path):
     """What a stopped run leaves on disk, for a message that is true."""
     found = [repr(p) for p in (path, path + ".prev") if os.path.exists(p)]
     return "kept " + " and ".join(found) if found else "no checkpoint was written"
-
 
 def load_checkpoint(path, kind):
     """A checkpoint this project wrote, of the expected kind: a dict of plain types and tensors (weights_only)."""
@@ -1583,7 +1478,6 @@ def load_checkpoint(path, kind):
                        f"; {hint}")
     return ckpt
 
-
 def load_weights(model, state_dict, path):
     """Weights into a model built from the same checkpoint's config; a damaged file or NaN weights stop here."""
     try:
@@ -1592,7 +1486,6 @@ def load_weights(model, state_dict, path):
         raise BadInput(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
     if not all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point()):
         raise BadInput(f"{path!r} holds NaN or infinite weights; use {path + '.prev'!r} if it exists, or retrain")
-
 
 def save_png(images, path, nrow, pad=2, scale=0):
     """Save (N, 3, H, W) images in [-1, 1] as one grid PNG with pad-pixel white gaps, atomically (pad=0, scale=1
@@ -1611,13 +1504,11 @@ def save_png(images, path, nrow, pad=2, scale=0):
     info.add_text("Software", MARK)
     write_atomic(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, "PNG", pnginfo=info))
 
-
 def save_figure(fig, path):
     """A matplotlib figure -> PNG, atomically, marked as the project's."""
     import matplotlib.pyplot as plt
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100, metadata={"Software": MARK}))
     plt.close(fig)
-
 
 def plot_curves(curves, path, title):
     """curves: {name: [(step, value), ...]} -> a log-scale PNG (matplotlib, no display needed)."""
@@ -1633,7 +1524,6 @@ def plot_curves(curves, path, title):
     fig.tight_layout()
     save_figure(fig, path)
 
-
 def peak_memory(device):
     """This process's peak memory: the CUDA allocator's peak on a GPU, the resident-set high-water mark on the CPU."""
     if device.type == "cuda":
@@ -1641,7 +1531,6 @@ def peak_memory(device):
     import resource  # Unix only: ru_maxrss is in KiB on Linux, in bytes on macOS
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return f"{rss / 2**30:.2f} GiB (process RSS peak)"
-
 
 def seconds_per_step(one_step, steps, device, warmup):
     """Mean seconds of one_step() over `steps` calls, after `warmup` calls (allocation, kernel choice, compilation).
@@ -1658,7 +1547,6 @@ def seconds_per_step(one_step, steps, device, warmup):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t) / steps
-
 
 if __name__ == "__main__":
     run_main(main)
