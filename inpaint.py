@@ -99,7 +99,7 @@ def main(argv=None):
     p.add_argument("--random_boxes", type=int, default=0, help="fill in N random boxes per image instead")
     p.add_argument("--samples", type=int, default=4, help="inpaintings per image")
     add_sampling_flags(p)
-    p.add_argument("--tokens", default="", help="inpaint token grids instead: an (B, h, w) .npy of ids (no VQ-GAN needed)")
+    p.add_argument("--tokens", default="", help="inpaint token grids instead: an (B, h, w) .npy of ids (no VQ-GAN)")
     p.add_argument("--known", default="", help="with --tokens: (B, h, w) .npy, bool or 0/1, 1 = keep this token")
     p.add_argument("--out", default="", help="figure: original | masked | inpaintings, a row per image (default inpaint.png); "
                                                "with --tokens the filled grids as (B * samples, h, w) .npy")

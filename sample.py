@@ -208,7 +208,8 @@ def evaluate(model, vq, vqgan_path, n, seed, batch, feature_vq=None, **sample_kw
     with torch.no_grad():
         recon = torch.cat([vq(real[i:i + batch].to(device))[0].float().clamp(-1, 1).cpu() for i in range(0, n, batch)])
     f_real = eval_features(feature_vq, real)
-    rows = [("SUNDAE samples", decode(vq, toks)), ("uniform random tokens", decode(vq, rand)), ("reconstructions", recon)]
+    rows = [("SUNDAE samples", decode(vq, toks)), ("uniform random tokens", decode(vq, rand)),
+            ("reconstructions", recon)]
     print(f"Frechet distance to {n} held-out images in VQ-GAN encoder feature space (lower is better):")
     for name, imgs in rows:
         print(f"  {name:22s} {frechet_distance(eval_features(feature_vq, imgs.cpu()), f_real):10.3f}")
@@ -242,7 +243,8 @@ def benchmark(preset, batches, steps, device, bf16):
     mc = sundae.PRESETS[preset][0]
     vcfg = vqgan.PRESETS[preset][0]
     h = vcfg.size // 2 ** (len(vcfg.ch_mult) - 1)
-    model = sundae.HourglassTransformer(**asdict(replace(mc, vocab_size=vcfg.codebook_size, height=h, width=h))).to(device).eval()
+    mc = replace(mc, vocab_size=vcfg.codebook_size, height=h, width=h)
+    model = sundae.HourglassTransformer(**asdict(mc)).to(device).eval()
     vq = vqgan.VQGAN(vcfg).to(device).eval()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name} | preset {preset}: {vcfg.size}px, {h}x{h} tokens, V={vcfg.codebook_size} | {steps} steps, "
@@ -251,7 +253,8 @@ def benchmark(preset, batches, steps, device, bf16):
     # FLOPs of one network call and one decode, counted by PyTorch: with the device's peak they give the floor
     # no implementation can beat, so the measured time says how far from the hardware we are
     f_step, f_dec = sundae.count_flops(lambda: model(one)), sundae.count_flops(lambda: vq.decode(one))
-    print(f"FLOPs per image: sampling {steps} x {f_step / 1e9:.2f} G = {steps * f_step / 1e9:.1f} G | decoding {f_dec / 1e9:.2f} G")
+    print(f"FLOPs per image: sampling {steps} x {f_step / 1e9:.2f} G = {steps * f_step / 1e9:.1f} G | decoding "
+          f"{f_dec / 1e9:.2f} G")
     peak = next((v for k, v in sundae.PEAK_BF16_FLOPS.items() if k in name), None)
     for b in batches:
         gen = torch.Generator(device).manual_seed(0)
@@ -259,7 +262,7 @@ def benchmark(preset, batches, steps, device, bf16):
         decode(vq, one.repeat(b, 1, 1), batch=b, bf16=bf16)
         sync(device)
         t = time.perf_counter()
-        toks, used = sample(model, b, steps, min_steps=steps, generator=gen, bf16=bf16)  # min_steps=steps: no early exit
+        toks, used = sample(model, b, steps, min_steps=steps, generator=gen, bf16=bf16)  # no early exit
         sync(device)
         t_s = time.perf_counter() - t
         t = time.perf_counter()

@@ -51,8 +51,8 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only)
     warmup: int = 100  # linear warm-up steps (the authors had none)
     grad_clip: float = 1.0  # clip the gradient norm; 0 = off (the authors had none)
-    temperature: tuple = PAPER_TEMPERATURE  # sample.py's and inpaint.py's default start,end temperature for this model (stored; tiny: 0.7,0.3)
-    ema: float = 0.999  # decay of an exponential moving average of the weights, used to validate, sample and save; 0 = off
+    temperature: tuple = PAPER_TEMPERATURE  # start,end temperature stored for sample.py and inpaint.py (tiny: 0.7,0.3)
+    ema: float = 0.999  # decay of a moving average of the weights, used to validate, sample and save; 0 = off
     max_steps: int = 1800  # optimizer steps
     val_fraction: float = 0.05  # share of the latents held out for validation
     val_every: int = 200  # steps between validation passes
@@ -139,7 +139,8 @@ def check_latents(array, vocab_size=0, name="latents"):
     if hi >= MAX_VOCAB:  # an embedding table this large would not fit anywhere: not token ids
         raise BadInput(f"{name} contain id {hi}; token ids must be below {MAX_VOCAB:,} (a codebook, not raw values)")
     if vocab_size and hi >= vocab_size:
-        raise BadInput(f"{name} contain id {hi} >= vocabulary size {vocab_size}; pass the right --vocab_size or --vqgan")
+        raise BadInput(f"{name} contain id {hi} >= vocabulary size {vocab_size}; pass the right --vocab_size or "
+                       f"--vqgan")
     return vocab_size or hi + 1
 
 def load_latents(path, vocab_size=0):
@@ -297,7 +298,7 @@ def build_model(mcfg, tcfg, device, resume_ckpt=None):
         ema.load_state_dict(resume_ckpt.get("ema") or resume_ckpt["model"])
     opt.load_state_dict(resume_ckpt["opt"])
     torch.set_rng_state(resume_ckpt["rng"])
-    # the open log window (loss sum, accuracy sum, steps) continues, so a resumed run logs what an uninterrupted one does
+    # the open log window (loss sum, accuracy sum, steps) continues: a resumed run logs what an uninterrupted one does
     return (model, ema, opt, resume_ckpt["step"], resume_ckpt["history"],
             list(resume_ckpt.get("log_window", (0.0, 0.0, 0))))
 
@@ -364,7 +365,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
             g["lr"] = lr
         # the global batch and its noise are functions of (seed, step, micro-batch): the same computation whatever
         # the number of processes, and a resumed run repeats exactly what it would have done
-        idx = torch.randint(len(train_idx), (tcfg.batch_size,), generator=torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step))
+        gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step)
+        idx = torch.randint(len(train_idx), (tcfg.batch_size,), generator=gen)
         for m in range(tcfg.grad_accum):
             gm = rank * tcfg.grad_accum + m  # global micro-batch number
             tokens = get_batch(array, train_idx[idx[gm * micro:(gm + 1) * micro]], device)
@@ -428,7 +430,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 def benchmark(mcfg, tcfg, steps=10):
     device = pick_device(tcfg.device)
     V, h, w = mcfg.vocab_size or 8192, mcfg.height or 32, mcfg.width or 32
-    model = HourglassTransformer(**asdict(replace(mcfg, vocab_size=V, height=h, width=w)), grad_ckpt=tcfg.grad_ckpt).to(device)
+    mcfg = replace(mcfg, vocab_size=V, height=h, width=w)
+    model = HourglassTransformer(**asdict(mcfg), grad_ckpt=tcfg.grad_ckpt).to(device)
     opt = make_optimizer(model, tcfg)
     fwd = torch.compile(model) if tcfg.compile else model
     bf16 = vqgan.use_bf16(tcfg.dtype, device)

@@ -415,7 +415,7 @@ class TrainConfig:
     beta2: float = 0.99  # Adam beta2; taming's 0.9 cost the 32x32 demo 0.3 dB (README)
     warmup: int = 100  # linear learning-rate warm-up steps
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 = off
-    ema: float = 0.99  # decay of a moving average of the autoencoder's weights, measured and saved as the model; 0 = off
+    ema: float = 0.99  # decay of a moving average of the weights, measured and shipped as the model; 0 = off
     max_steps: int = 2400  # optimizer steps in total
     disc_start: int = 1800  # step at which the GAN losses switch on
     disc_weight: float = 0.1  # scale of the adaptive GAN weight
@@ -431,7 +431,7 @@ class TrainConfig:
     ckpt_every: int = 600  # steps between checkpoints
     out: str = "vqgan.pt"  # checkpoint path (training) / latents path (--encode: latents.npy)
     resume: bool = False  # continue from --out
-    overwrite: bool = False  # replace an existing --out that is not this run's (with --encode: latents) instead of refusing
+    overwrite: bool = False  # replace an existing --out (a checkpoint, or latents with --encode) instead of refusing
     device: str = "auto"  # "auto", "cpu" or "cuda"
     compile: bool = False  # torch.compile the model
     grad_ckpt: bool = False  # activation checkpointing per block (less memory, ~30% slower)
@@ -440,7 +440,8 @@ class TrainConfig:
     workers: int = 8  # threads decoding image files
 
 PRESETS = {
-    # CPU demo: 32x32 toy faces -> 8x8 tokens (f = 4), ~3 minutes on 2 cores. The first design said 64x64; at 64x64 (f = 8)
+    # CPU demo: 32x32 toy faces -> 8x8 tokens (f = 4), ~4 minutes on 2 cores. The first design said 64x64; at 64x64
+    # (f = 8)
     # the same CPU time gave 17.5 dB held-out PSNR against 23.7 dB here, so the demo uses 32x32 (README)
     "tiny": (ModelConfig(), TrainConfig()),
     # FFHQ-256: f = 16, V = 1024, 16x16 tokens (the paper's FFHQ-256 setting). Both FFHQ presets keep taming's
@@ -449,7 +450,8 @@ PRESETS = {
         ModelConfig(size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
                     z_channels=256, codebook_size=1024, code_dim=32, l2_norm=True, restart_after=1000,
                     disc_ch=64, disc_layers=3),
-        TrainConfig(batch_size=16, lr=1e-4, min_lr=1e-4, beta1=0.5, beta2=0.9, warmup=1000, max_steps=300_000, disc_start=30_000, disc_weight=0.8,
+        TrainConfig(batch_size=16, lr=1e-4, min_lr=1e-4, beta1=0.5, beta2=0.9, warmup=1000, max_steps=300_000,
+                    disc_start=30_000, disc_weight=0.8,
                     l2_weight=0.0, ema=0.0, log_every=100, sample_every=2000, ckpt_every=2000),
     ),
     # FFHQ-1024, the paper's own: f = 32, V = 8192, 32x32 tokens; authors: batch 1, lr 5e-6, Adam (0.5, 0.9)
@@ -457,7 +459,8 @@ PRESETS = {
         ModelConfig(size=1024, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, attn_resolutions=(64,),
                     z_channels=256, codebook_size=8192, code_dim=32, l2_norm=True, restart_after=1000,
                     disc_ch=64, disc_layers=3),
-        TrainConfig(batch_size=1, lr=5e-6, min_lr=5e-6, beta1=0.5, beta2=0.9, warmup=0, max_steps=500_000, disc_start=15_000, disc_weight=0.5,
+        TrainConfig(batch_size=1, lr=5e-6, min_lr=5e-6, beta1=0.5, beta2=0.9, warmup=0, max_steps=500_000,
+                    disc_start=15_000, disc_weight=0.5,
                     l2_weight=0.0, ema=0.0, log_every=100, sample_every=2000, ckpt_every=2000, grad_ckpt=True),
     ),
 }
@@ -493,7 +496,7 @@ def toy_faces(n, size, seed=0):
         d.ellipse([cx - 1.5 * rx, cy + 0.8 * ry, cx + 1.5 * rx, cy + 2.6 * ry], fill=col(shirts[r.integers(8)], 6))
         style = r.integers(4)  # 0 bald, 1 short cap, 2 long hair behind the head, 3 bun
         if style == 2:
-            d.rounded_rectangle([cx - 1.2 * rx, cy - 1.15 * ry, cx + 1.2 * rx, cy + 0.9 * ry], radius=rx * 0.6, fill=hair)
+            d.rounded_rectangle([cx - 1.2 * rx, cy - 1.15 * ry, cx + 1.2 * rx, cy + 0.9 * ry], rx * 0.6, fill=hair)
         if style == 3:
             d.ellipse([cx - 0.45 * rx, cy - 1.5 * ry, cx + 0.45 * rx, cy - 0.7 * ry], fill=hair)
         d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=skin)
@@ -507,13 +510,15 @@ def toy_faces(n, size, seed=0):
             x = cx + sx * ex
             d.ellipse([x - er, ey - er * 0.8, x + er, ey + er * 0.8], fill=(250, 250, 250))
             d.ellipse([x + gx - er * 0.55, ey + gy - er * 0.55, x + gx + er * 0.55, ey + gy + er * 0.55], fill=iris)
-            d.ellipse([x + gx - er * 0.25, ey + gy - er * 0.25, x + gx + er * 0.25, ey + gy + er * 0.25], fill=(0, 0, 0))
+            d.ellipse([x + gx - er / 4, ey + gy - er / 4, x + gx + er / 4, ey + gy + er / 4], fill=(0, 0, 0))
             # brow: a thick line whose tilt expresses mood
             by, tilt = ey - er * u(1.3, 1.9), sx * u(-0.4, 0.5) * er
-            d.line([x - er, by + tilt, x + er, by - tilt], fill=tuple(int(c * 0.6) for c in hair), width=max(1, int(er * 0.35)))
+            brow = tuple(int(c * 0.6) for c in hair)
+            d.line([x - er, by + tilt, x + er, by - tilt], fill=brow, width=max(1, int(er * 0.35)))
         # nose: a darker triangle
         ny, nw = cy + ry * u(0.08, 0.2), rx * u(0.08, 0.15)
-        d.polygon([(cx, ny - ry * 0.18), (cx - nw, ny + nw * 0.6), (cx + nw, ny + nw * 0.6)], fill=tuple(int(c * 0.8) for c in skin))
+        nose = tuple(int(c * 0.8) for c in skin)
+        d.polygon([(cx, ny - ry * 0.18), (cx - nw, ny + nw * 0.6), (cx + nw, ny + nw * 0.6)], fill=nose)
         # mouth: a smile/frown arc or an open ellipse
         my, mw, lips = cy + ry * u(0.45, 0.6), rx * u(0.25, 0.5), col([180, 50, 60], 25)
         if r.random() < 0.7:
@@ -1018,7 +1023,8 @@ def taming_config(sd, size):
     if size % 2 ** (levels - 1):
         raise BadInput(f"--size {size} is not divisible by this model's downsample factor {2 ** (levels - 1)}")
     return ModelConfig(
-        size=size, ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+        size=size, ch=ch,
+        ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
         num_res_blocks=count("encoder.down.0.block."), dec_res_blocks=count("decoder.up.0.block."),
         attn_resolutions=tuple(size >> i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd),
         z_channels=z_channels, embed_dim=embed_dim, quantizer="vq", codebook_size=taming_codebook(sd)[1],
@@ -1143,7 +1149,7 @@ def main(argv=None):
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training preset")
     parser.add_argument("--encode", action="store_true", help="encode --data with --ckpt into --out (latents.npy)")
     parser.add_argument("--ckpt", default="vqgan.pt", help="VQ-GAN checkpoint to encode or decode with")
-    parser.add_argument("--benchmark", action="store_true", help="time training steps (G + D) on random images, no data")
+    parser.add_argument("--benchmark", action="store_true", help="time training steps (G + D) on random images")
     parser.add_argument("--mem_cap_gb", type=float, default=0.0, help="--benchmark on CUDA: cap this process at N GiB")
     parser.add_argument("--bench_steps", type=int, default=5, help="--benchmark: timed steps after one warm-up step")
     parser.add_argument("--convert", default="", help="taming-transformers .ckpt -> a vqgan.pt at --out (image side "
@@ -1183,7 +1189,8 @@ def main(argv=None):
         resume_ckpt = load_checkpoint(tcfg.out, "vqgan")
         mcfg, tcfg = resumed_configs(resume_ckpt, ModelConfig, TrainConfig, args)
     check_config(mcfg, positive=("size", "ch", "z_channels", "codebook_size", "beta", "disc_ch", "disc_layers"),
-                 nonneg=("num_res_blocks", "dec_res_blocks", "embed_dim", "code_dim", "restart_after", "entropy_weight"),
+                 nonneg=("num_res_blocks", "dec_res_blocks", "embed_dim", "code_dim", "restart_after",
+                         "entropy_weight"),
                  choices={"quantizer": ("vq", "lfq")})
     if not mcfg.ch_mult or min(mcfg.ch_mult) < 1:
         raise BadInput(f"--ch_mult needs at least one multiplier, all >= 1, got {','.join(map(str, mcfg.ch_mult))}")
@@ -1403,7 +1410,8 @@ def check_outputs(outputs, inputs=(), overwrite=False, outdir=""):
     for flag, path in ((f, p) for f, p in outputs.items() if p):
         real, ext = os.path.realpath(path), os.path.splitext(path)[1].lower()
         problem = f"is also {taken[real]} of this run" if real in taken else "is a directory" if os.path.isdir(path) \
-            else "is in a folder that does not exist or is not writable" if not os.access(os.path.dirname(real), os.W_OK) \
+            else "is in a folder that does not exist or is not writable" if not os.access(os.path.dirname(real),
+                                                                                          os.W_OK) \
             else "names another image format, but pictures are written as PNG" if ext in Image.registered_extensions() \
             and ext != ".png" else None
         if problem:
@@ -1474,8 +1482,8 @@ def load_checkpoint(path, kind):
     found = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if found != kind:
         hint = "convert it with python vqgan.py --convert" if taming_state_dict(ckpt) else f"pass the {kind} checkpoint"
-        raise BadInput(f"{path!r} is {f'a {found} checkpoint, not a {kind} one' if found else f'not a {kind} checkpoint'}"
-                       f"; {hint}")
+        what = f"a {found} checkpoint, not a {kind} one" if found else f"not a {kind} checkpoint"
+        raise BadInput(f"{path!r} is {what}; {hint}")
     return ckpt
 
 def load_weights(model, state_dict, path):
