@@ -34,6 +34,7 @@ class HourglassConfig:
     vocab_size: int = 0  # V; 0 = from the latents' sidecar or --vqgan, else max id in the data + 1
     height: int = 0  # token grid rows; 0 = from the data
     width: int = 0  # token grid columns; 0 = from the data
+    num_classes: int = 0  # class-conditional with this many classes (+ a "no class" entry); 0 = unconditional
 
 PRESETS = {
     "tiny": HourglassConfig(),  # CPU demo: 1.4M params on 8x8 toy-face tokens
@@ -177,7 +178,8 @@ class Level(nn.Module):
 class HourglassTransformer(nn.Module):
     """Tokens (B, h, w) -> logits (B, h, w, vocab_size); bidirectional, 2D-aware."""
 
-    def __init__(self, vocab_size, height, width, dim, heads, depth=(2, 10, 2), shorten=2, head_dim=0, grad_ckpt=False):
+    def __init__(self, vocab_size, height, width, dim, heads, depth=(2, 10, 2), shorten=2, head_dim=0, num_classes=0,
+                 grad_ckpt=False):
         super().__init__()
         depth = tuple(depth)
         if len(depth) % 2 == 0:
@@ -190,8 +192,12 @@ class HourglassTransformer(nn.Module):
             gh, gw = gh // shorten, gw // shorten
         self.vocab_size, self.height, self.width = vocab_size, height, width
         self.config = dict(vocab_size=vocab_size, height=height, width=width, dim=dim, heads=heads,
-                           depth=depth, shorten=shorten, head_dim=head_dim)
+                           depth=depth, shorten=shorten, head_dim=head_dim, num_classes=num_classes)
         self.embed = nn.Embedding(vocab_size, dim)  # no absolute positions: rotary embeddings carry them
+        # class-conditional (as the authors' MNIST model): a learned class vector added to every token's embedding;
+        # entry num_classes means "no class", so one network is conditional and unconditional (Ho & Salimans 2022)
+        self.num_classes = num_classes
+        self.class_embed = nn.Embedding(num_classes + 1, dim) if num_classes else None
         self.body = Level(dim, heads, depth, shorten, head_dim)
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)  # untied from the embedding
@@ -215,12 +221,17 @@ class HourglassTransformer(nn.Module):
             if isinstance(m, Level):
                 m.grad_ckpt = on
 
-    def features(self, tokens):
-        """Tokens (B, h, w) -> the last hidden states (B, h*w, D), before the final LayerNorm and the head."""
+    def features(self, tokens, labels=None):
+        """Tokens (B, h, w) (and class labels (B,), None = no class) -> the last hidden states (B, h*w, D), before
+        the final LayerNorm and the head."""
         B, h, w = tokens.shape
         if (h, w) != (self.height, self.width):
             raise ValueError(f"token grid {h}x{w} does not match the model's {self.height}x{self.width}")
         x = self.embed(tokens.reshape(B, h * w))  # (B, h*w, D) in raster order
+        if self.class_embed is not None:
+            if labels is None:
+                labels = torch.full((B,), self.num_classes, device=tokens.device)  # "no class"
+            x = x + self.class_embed(labels)[:, None]  # (B, h*w, D): the class reaches every position
         return self.body(x, h, w)  # (B, h*w, D)
 
     def project(self, x):
@@ -230,15 +241,15 @@ class HourglassTransformer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return self.head(self.ln_f(x.float()))
 
-    def forward(self, tokens):
+    def forward(self, tokens, labels=None):
         B, h, w = tokens.shape
-        return self.project(self.features(tokens)).reshape(B, h, w, self.vocab_size)  # (B, h, w, V), fp32
+        return self.project(self.features(tokens, labels)).reshape(B, h, w, self.vocab_size)  # (B, h, w, V), fp32
 
-    def logits_at(self, tokens, where):
+    def logits_at(self, tokens, where, labels=None):
         """Logits (K, V) at the K positions where the bool mask `where` (B, h, w) is set, in row-major order. A
         sampling step redraws only some positions, and the head is a D x V matmul per position (as costly as a
         transformer block at V = 8192), so the sampler asks for those positions only."""
-        x = self.features(tokens)  # (B, h*w, D)
+        x = self.features(tokens, labels)  # (B, h*w, D)
         return self.project(x[where.reshape(len(tokens), -1)])  # (K, V)
 
 # ----------------------------------------------------------------------------------------------------------

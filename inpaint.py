@@ -19,7 +19,7 @@ from PIL import Image
 
 import sundae
 import vqgan
-from sample import add_sampling_flags, decode, load_pair, sample, token_dtype
+from sample import add_sampling_flags, decode, load_pair, parse_classes, sample, token_dtype
 from vqgan import BadInput
 
 def pixel_to_token_mask(known_pixels, f):
@@ -59,6 +59,15 @@ def load_rgb(path, size, what):
         raise BadInput(f"cannot read {what} {path!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                        f"pass a PNG or JPEG file")
 
+def class_kwargs(args, model, n):
+    """--class K --guidance W -> the sampler's labels (K for all n fillings) and guidance; {} without --class."""
+    classes = parse_classes(args.classes, model, args.guidance)
+    if classes is None:
+        return {}
+    if len(classes) != 1:
+        raise BadInput(f"inpaint.py --class takes one class, got {args.classes!r}")
+    return {"labels": torch.full((n,), classes[0]), "guidance": args.guidance}
+
 def inpaint_tokens(args, device):
     """inpaint.py --tokens grid.npy --known known.npy --out filled.npy: the SUNDAE model alone fills in token grids.
     The output holds `samples` fillings of each grid: rows b * samples + k, shape (B * samples, h, w)."""
@@ -81,7 +90,8 @@ def inpaint_tokens(args, device):
     rep = lambda t: t.repeat_interleave(args.samples, 0).to(device)
     gen = torch.Generator(device).manual_seed(args.seed)
     filled = inpaint(model, rep(tokens), rep(known), steps=args.steps, temperature=args.temperature,
-                     proportion=args.proportion, generator=gen, bf16=args.bf16)
+                     proportion=args.proportion, generator=gen, bf16=args.bf16,
+                     **class_kwargs(args, model, len(tokens) * args.samples))
     assert torch.equal(filled[rep(known)], rep(tokens)[rep(known)]), "known tokens changed"
     ids = filled.cpu().numpy().astype(token_dtype(model.vocab_size))
     vqgan.write_atomic(args.out, lambda f: np.save(f, ids))
@@ -101,12 +111,9 @@ def main(argv=None):
     add_sampling_flags(p)
     p.add_argument("--tokens", default="", help="inpaint token grids instead: an (B, h, w) .npy of ids (no VQ-GAN)")
     p.add_argument("--known", default="", help="with --tokens: (B, h, w) .npy, bool or 0/1, 1 = keep this token")
-    p.add_argument("--out", default="", help="figure: original | masked | inpaintings, a row per image (default inpaint.png); "
-                                               "with --tokens the filled grids as (B * samples, h, w) .npy")
+    p.add_argument("--out", default="", help="figure: original | masked | inpaintings, a row per image (default "
+                                               "inpaint.png); with --tokens the filled grids as (B * samples, h, w) .npy")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that the scripts did not write")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
     args = p.parse_args(argv)
     device = vqgan.pick_device(args.device)
     args.bf16 = vqgan.use_bf16(args.dtype, device)
@@ -170,7 +177,7 @@ def main(argv=None):
     rep = lambda t: t.repeat_interleave(args.samples, 0)
     gen = torch.Generator(device).manual_seed(args.seed)
     filled = inpaint(model, rep(tokens), rep(known), steps=args.steps, temperature=args.temperature,
-                     proportion=args.proportion, generator=gen, bf16=args.bf16)
+                     proportion=args.proportion, generator=gen, bf16=args.bf16, **class_kwargs(args, model, B * args.samples))
     assert torch.equal(filled[rep(known)], rep(tokens)[rep(known)]), "known tokens changed"
     outs = decode(vq, filled, bf16=args.bf16).reshape(B, args.samples, 3, size, size)
     # what the model was given: known token cells in colour, the rest grey

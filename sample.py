@@ -39,9 +39,24 @@ def default_proportion(steps):
     half of them per step, which keeps the chain from oscillating (Savinov et al. §3)."""
     return (1.0, 1.0) if steps < 20 else (0.5, 0.5)
 
+def logits_where(model, x, where, labels=None, guidance=0.0):
+    """The model's logits (K, V) at the K positions where the bool mask `where` (B, h, w) is set. With class labels
+    and guidance w > 0, classifier-free guidance (Ho & Salimans 2022): cond + w (cond - uncond), both from one
+    forward pass of 2B grids (each with its label and with "no class"), still at those positions only."""
+    kw = {} if labels is None else {"labels": labels}
+    if labels is not None and guidance:
+        x, where = torch.cat([x, x]), torch.cat([where, where])  # (2B, h, w): conditional, then unconditional
+        kw = {"labels": torch.cat([labels, torch.full_like(labels, model.num_classes)])}
+    # our network computes its output head only where asked (any other module: all positions, then select)
+    logits = model.logits_at(x, where, **kw) if hasattr(model, "logits_at") else model(x, **kw)[where]  # (K or 2K, V)
+    if labels is not None and guidance:
+        cond, uncond = logits.chunk(2)  # rows in raster order: the first K are the conditional grids'
+        logits = cond + guidance * (cond - uncond)
+    return logits
+
 @torch.no_grad()
 def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10, init=None, known=None,
-           generator=None, trajectory=None, device=None, bf16=None):
+           generator=None, trajectory=None, device=None, bf16=None, labels=None, guidance=0.0):
     """Draw n token grids; returns (tokens (n, h, w), steps_used (n,)).
 
     model: any module with vocab_size, height, width that maps (B, h, w) ids to (B, h, w, V) logits.
@@ -53,7 +68,9 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
     always keep their init token (inpainting, paper §3.6). trajectory: a list that receives the whole batch's
     tokens at the start and after every step (for the paper's Figure 2). device: where to sample when no init
     is given (default: the generator's device, else the model's, else the CPU; a parameter-free model works).
-    bf16: run the network under bf16 autocast (default: on CUDA only); the logits stay fp32."""
+    bf16: run the network under bf16 autocast (default: on CUDA only); the logits stay fp32.
+    labels: a class per sample (n,) for a class-conditional model (None: unconditional); guidance: the
+    classifier-free guidance weight w (0 = the conditional model as it is)."""
     V, h, w = model.vocab_size, model.height, model.width
     proportion = default_proportion(steps) if proportion is None else tuple(proportion)
     if temperature is None:
@@ -75,6 +92,11 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
         if tuple(init.shape) != (n, h, w):
             raise BadInput(f"init tokens have shape {tuple(init.shape)}, expected (n, h, w) = {(n, h, w)}")
         x = init.to(device).long().clone()
+    if labels is not None:
+        labels = torch.as_tensor(labels, device=device).long().reshape(-1)
+        if len(labels) != n or not 0 <= int(labels.min()) <= int(labels.max()) < getattr(model, "num_classes", 0):
+            raise BadInput(f"labels must be n = {n} classes in [0, {getattr(model, 'num_classes', 0)}) of a "
+                           f"class-conditional model")
     free = torch.ones(n, dtype=torch.bool, device=device)  # samples with at least one position that may change
     if known is not None:
         if tuple(known.shape) != tuple(x.shape):
@@ -94,10 +116,9 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
         if known is not None:
             update &= ~known[active]  # known tokens never change; the mask is indexed by `active` as the batch
             #                           shrinks, which the authors' code forgot
-        # a parallel draw from the model at every position that takes one; the others' draws would be thrown
-        # away, so our network computes its output head only where needed (any other module: all, then select)
+        # a parallel draw from the model at every position that takes one (the others' draws would be thrown away)
         with vqgan.autocast(device, bf16):  # the head stays fp32 inside, as in training
-            logits = model.logits_at(xa, update) if hasattr(model, "logits_at") else model(xa)[update]  # (K, V)
+            logits = logits_where(model, xa, update, None if labels is None else labels[active], guidance)  # (K, V)
         new = xa.clone()
         new[update] = draw(logits, tau, generator)
         # a sample is settled when this step redrew at least one of its positions and none of them changed; a
@@ -292,7 +313,7 @@ def pair(s):
     return a, b
 
 def add_sampling_flags(p):
-    """The sampler's schedule flags, shared with inpaint.py."""
+    """The sampler's flags, shared with inpaint.py."""
     p.add_argument("--steps", type=int, default=100, help="maximum denoising steps")
     p.add_argument("--temperature", type=pair, default=None,
                    help="start,end temperature, 0 = greedy (default: the one its training stored with sundae.py "
@@ -300,6 +321,35 @@ def add_sampling_flags(p):
     p.add_argument("--proportion", type=pair, default=None,
                    help="start,end share of positions that take their new draw per step (default 1,1 below 20 steps, "
                         "as paper §3.5 asks, else 0.5,0.5)")
+    p.add_argument("--class", dest="classes", default="", help="class-conditional models: a class (index or name), "
+                   "a comma list, or 'all' (sample.py: --n samples of each, a row per class)")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w >= 0 (with --class): "
+                   "logits = cond + w (cond - uncond); 0 = the conditional model as it is")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
+
+def parse_classes(spec, model, guidance=0.0):
+    """--class: 'all', a comma list of indices or names (the class names the model's training data carried) -> list
+    of class indices, or None when not given."""
+    C, names = getattr(model, "num_classes", 0), getattr(model, "class_names", [])
+    if not 0 <= guidance < math.inf:
+        raise BadInput(f"--guidance must be >= 0 and finite, got {guidance}")
+    if not spec:
+        if guidance:
+            raise BadInput("--guidance needs --class: guidance pushes samples towards a class")
+        return None
+    if not C:
+        raise BadInput("--class needs a class-conditional model (sundae.py --labels); this one is unconditional")
+    if spec == "all":
+        return list(range(C))
+    out = []
+    for c in spec.split(","):
+        if c in names or (c.isdigit() and int(c) < C):
+            out.append(names.index(c) if c in names else int(c))
+        else:
+            raise BadInput(f"--class {c!r} is not a class of this model: 0..{C - 1} or {', '.join(names)}")
+    return out
 
 def main(argv=None):
     p = vqgan.Parser(description="Sample images from a trained SUNDAE + VQ-GAN.")
@@ -318,9 +368,6 @@ def main(argv=None):
     p.add_argument("--eval", type=int, default=0, help="Frechet distance of N samples to N held-out images")
     p.add_argument("--eval_vqgan", default="", help="--eval in this VQ-GAN's encoder features (default --vqgan's): one "
                                                     "fixed file compares pipelines whose tokenizers differ")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
     p.add_argument("--benchmark", action="store_true", help="time sampling and decoding at random weights")
     p.add_argument("--preset", default="", help="benchmark preset (default ffhq1024 on CUDA, tiny on CPU)")
     args = p.parse_args(argv)
@@ -349,6 +396,9 @@ def main(argv=None):
         vqgan.check_outputs({"--out": args.out, "--tokens": args.tokens, "--trajectory": args.trajectory},
                             [args.sundae, args.vqgan], args.overwrite, outdir=args.outdir)
     model, vq = load_pair(args.sundae, args.vqgan, device)
+    classes = parse_classes(args.classes, model, args.guidance)
+    if classes is not None and args.eval:
+        raise BadInput("--eval compares unconditional samples with held-out images; drop --class")
     if args.eval:
         feature_vq = vqgan.load_vqgan(args.eval_vqgan, device) if args.eval_vqgan else None
         if feature_vq is not None and feature_vq.config.size != vq.config.size:
@@ -362,14 +412,17 @@ def main(argv=None):
     sync(device)  # CUDA runs asynchronously: synchronise so the timings below measure the work, not its launch
     t = time.perf_counter()
     toks, used = [], []
-    for i in range(0, args.n, args.batch):
-        tk, u = sample(model, min(args.batch, args.n - i), args.steps, args.temperature, args.proportion,
-                       args.min_steps, generator=gen, trajectory=traj if i == 0 else None, bf16=bf16)
+    labels = None if classes is None else torch.tensor(classes).repeat_interleave(args.n)  # --n of each class
+    n = args.n * (1 if classes is None else len(classes))
+    for i in range(0, n, args.batch):
+        tk, u = sample(model, min(args.batch, n - i), args.steps, args.temperature, args.proportion, args.min_steps,
+                       generator=gen, trajectory=traj if i == 0 else None, bf16=bf16,
+                       labels=None if labels is None else labels[i:i + args.batch], guidance=args.guidance)
         toks.append(tk)
         used.append(u)
-        if args.n > args.batch:  # long runs report progress
-            done = min(args.n, i + args.batch)
-            print(f"sampled {done}/{args.n} | {(time.perf_counter() - t) / done * 1e3:.1f} ms/sample", flush=True)
+        if n > args.batch:  # long runs report progress
+            done = min(n, i + args.batch)
+            print(f"sampled {done}/{n} | {(time.perf_counter() - t) / done * 1e3:.1f} ms/sample", flush=True)
     toks, used = torch.cat(toks), torch.cat(used)
     sync(device)
     t_sample = time.perf_counter() - t
@@ -382,18 +435,19 @@ def main(argv=None):
         vqgan.write_atomic(args.tokens, lambda f: np.save(f, toks.cpu().numpy().astype(token_dtype(model.vocab_size))))
         print(f"wrote {args.tokens}: {tuple(toks.shape)} token grids, V={model.vocab_size}")
     if vq is None:  # no decoder: the grids as coloured tiles, as sundae.py draws its progress samples
-        sundae.save_token_picture(toks, model.vocab_size, args.out)
-        print(f"wrote {args.out}: {args.n} token grids | {steps} | sampling {t_sample:.2f} s "
-              f"({t_sample / args.n * 1e3:.1f} ms/sample) | {device}")
+        sundae.save_token_picture(toks, model.vocab_size, args.out, ncol=min(8, n) if classes is None else args.n)
+        print(f"wrote {args.out}: {n} token grids | {steps} | sampling {t_sample:.2f} s "
+              f"({t_sample / n * 1e3:.1f} ms/sample) | {device}")
         return
     t = time.perf_counter()
     images = decode(vq, toks, bf16=bf16)
     sync(device)
     t_decode = time.perf_counter() - t
-    vqgan.save_png(images, args.out, nrow=min(8, args.n))
-    print(f"wrote {args.out}: {args.n} samples | {steps} | "
-          f"sampling {t_sample:.2f} s ({t_sample / args.n * 1e3:.1f} ms/image) | decoding {t_decode:.2f} s "
-          f"({t_decode / args.n * 1e3:.1f} ms/image) | {device}")
+    vqgan.save_png(images, args.out, nrow=min(8, n) if classes is None else args.n)  # classes: a row each
+    rows = "" if classes is None else f" | a row per class: {', '.join(model.class_names[c] for c in classes)}"
+    print(f"wrote {args.out}: {n} samples | {steps} | "
+          f"sampling {t_sample:.2f} s ({t_sample / n * 1e3:.1f} ms/image) | decoding {t_decode:.2f} s "
+          f"({t_decode / n * 1e3:.1f} ms/image) | {device}{rows}")
     if args.outdir:
         for i, img in enumerate(images):  # the seed in the name: several runs can share one folder
             vqgan.save_png(img[None], os.path.join(args.outdir, f"{args.seed:04d}_{i:06d}.png"), nrow=1, pad=0, scale=1)

@@ -21,6 +21,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -43,6 +44,8 @@ PAPER_TEMPERATURE = (1.0, 0.7)  # sampling temperature, annealed from start to e
 class TrainConfig:
     data: str = "latents.npy"  # (N, h, w) integer array of token ids
     vqgan: str = ""  # VQ-GAN checkpoint: sets V and decodes progress samples into images
+    labels: str = ""  # (N,) integer class labels beside the latents (vqgan.py --encode writes *_labels.npy); "" = none
+    label_drop: float = 0.1  # share of labels replaced by "no class" in training (classifier-free guidance)
     unroll_steps: int = 2  # T, denoising steps unrolled in training (paper: 3 gives more diverse samples)
     batch_size: int = 32  # sequences per optimizer step, summed over processes and micro-batches
     grad_accum: int = 1  # micro-batches per optimizer step in each process
@@ -163,10 +166,22 @@ def latents_meta(path):
         raise BadInput(f"{path + '.json'!r}, the sidecar of the latents, is unreadable; delete it (and pass "
                        f"--vocab_size) or encode the latents again")
 
-def get_batch(array, idx, device):
-    """Rows idx of a (memory-mapped) array -> int64 (B, h, w) on device."""
-    rows = np.asarray(array[np.sort(idx.numpy())], dtype=np.int64)  # sorted: sequential reads from disk
-    return torch.from_numpy(rows).to(device, non_blocking=True)
+def get_batch(array, idx, device, labels=None):
+    """Rows idx of a (memory-mapped) array -> int64 (B, h, w) on device, and their labels (B,) (or None)."""
+    idx = np.sort(idx.numpy())  # sorted: sequential reads from disk
+    tokens = torch.from_numpy(np.asarray(array[idx], dtype=np.int64)).to(device, non_blocking=True)
+    return tokens, None if labels is None else torch.from_numpy(labels[idx].astype(np.int64)).to(device)
+
+def load_labels(path, n, num_classes=0):
+    """An (N,) .npy of integer class labels, one per row of the latents -> (labels, number of classes)."""
+    labels = np.asarray(vqgan.load_npy(path, "--labels"))
+    if labels.ndim != 1 or len(labels) != n or not np.issubdtype(labels.dtype, np.integer):
+        raise BadInput(f"--labels {path!r} must be an (N,) integer array with one label per latent grid (N = {n}), "
+                       f"got {labels.dtype} of shape {labels.shape}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or (num_classes and hi >= num_classes):
+        raise BadInput(f"--labels {path!r} hold classes in [{lo}, {hi}]; they must be in [0, {num_classes or 'N'})")
+    return labels, num_classes or hi + 1
 
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints
@@ -176,6 +191,7 @@ def load_sundae(path, device="cpu"):
     ckpt = vqgan.load_checkpoint(path, "sundae")
     model = HourglassTransformer(**vqgan.tuples(ckpt["model_config"]))
     model.vqgan_id = ckpt.get("vqgan_id")  # the VQ-GAN whose latents trained it, if known
+    model.class_names = ckpt.get("class_names") or [str(c) for c in range(model.num_classes)]
     # the sampling temperature its training stored; checkpoints from before the field existed get the paper's
     model.default_temperature = tuple(ckpt.get("train_config", {}).get("temperature", PAPER_TEMPERATURE))
     vqgan.load_weights(model, ckpt.get("ema") or ckpt["model"], path)  # the averaged weights, where training kept them
@@ -207,13 +223,13 @@ def progress_samples(model, n, steps, generator, temperature=PAPER_TEMPERATURE):
         x = torch.where(torch.rand(n, h, w, generator=generator, device=device) < 0.5, new, x)
     return x
 
-def save_token_picture(tokens, vocab_size, path):
-    """Token grids (n, h, w) as coloured tiles, for when no VQ-GAN is at hand."""
+def save_token_picture(tokens, vocab_size, path, ncol=8):
+    """Token grids (n, h, w) as coloured tiles, ncol per row, for when no VQ-GAN is at hand."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = len(tokens)
-    rows, cols = math.ceil(n / 8), min(n, 8)  # up to 8 grids per row
+    rows, cols = math.ceil(n / ncol), min(n, ncol)
     fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -232,9 +248,12 @@ def check_schedule(name, start_end, lo, hi):
 
 def check_config(mcfg, tcfg):
     """Nonsense flag values stop here, before any work, with one line naming the flag."""
-    vqgan.check_config(mcfg, positive=("dim", "heads", "shorten"), nonneg=("vocab_size", "height", "width", "head_dim"))
+    vqgan.check_config(mcfg, positive=("dim", "heads", "shorten"),
+                       nonneg=("vocab_size", "height", "width", "head_dim", "num_classes"))
     vqgan.check_train_config(tcfg, positive=("unroll_steps", "val_every", "val_batches", "sample_every"),
-                             nonneg=("weight_decay",), fractions=("val_fraction",))
+                             nonneg=("weight_decay", "label_drop"), fractions=("val_fraction",))
+    if tcfg.label_drop >= 1:
+        raise BadInput(f"--label_drop must be below 1 (the share of labels dropped), got {tcfg.label_drop}")
     check_schedule("temperature", tcfg.temperature, 0.0, math.inf)  # the sampler's own check, at training time
     if mcfg.head_dim % 4:
         raise BadInput(f"--head_dim {mcfg.head_dim} must divide by 4 (2D RoPE rotates channel pairs for rows and for "
@@ -261,8 +280,8 @@ def noise_seed(seed, step, micro):
 # training
 
 def prepare_data(mcfg, tcfg, resume_ckpt=None):
-    """The latents, checked against everything they must agree with -> (array, mcfg with V and the grid filled in,
-    train rows, validation rows, the VQ-GAN's id or None)."""
+    """The latents (and labels), checked against everything they must agree with -> (array, labels or None, mcfg
+    with V, the grid and the classes filled in, train rows, validation rows, the VQ-GAN's id or None, class names)."""
     meta = latents_meta(tcfg.data)  # V and the VQ-GAN's id, when vqgan.py --encode wrote the latents
     array, V = load_latents(tcfg.data, mcfg.vocab_size or meta.get("vocab_size", 0))
     N, h, w = array.shape
@@ -277,10 +296,17 @@ def prepare_data(mcfg, tcfg, resume_ckpt=None):
         asked = "--resume: the checkpoint models" if resume_ckpt else "--height/--width ask for"
         raise BadInput(f"{asked} {mcfg.height}x{mcfg.width} grids but {tcfg.data!r} holds {h}x{w}; pass the matching "
                        f"latents (the grid size is read from them)")
-    train_idx, val_idx = split_indices(N, tcfg.val_fraction)
+    train_idx, val_idx = split_indices(N, tcfg.val_fraction)  # the labels are indexed by the same rows
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise BadInput(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split needs at least 3")
-    return array, replace(mcfg, vocab_size=V, height=h, width=w), train_idx, val_idx, vqgan_id
+    labels, C, names = None, mcfg.num_classes, None
+    if tcfg.labels:
+        labels, C = load_labels(tcfg.labels, N, mcfg.num_classes)
+        names = meta.get("class_names") if len(meta.get("class_names") or []) == C else [str(c) for c in range(C)]
+    elif C:
+        raise BadInput(f"--num_classes {C} needs --labels, one class per latent grid")
+    mcfg = replace(mcfg, vocab_size=V, height=h, width=w, num_classes=C)
+    return array, labels, mcfg, train_idx, val_idx, vqgan_id, names
 
 def build_model(mcfg, tcfg, device, resume_ckpt=None):
     """The network, its moving average (or None) and optimizer, fresh or from a checkpoint ->
@@ -303,17 +329,17 @@ def build_model(mcfg, tcfg, device, resume_ckpt=None):
             list(resume_ckpt.get("log_window", (0.0, 0.0, 0))))
 
 @torch.no_grad()
-def validate(model, array, val_idx, micro, tcfg, autocast):
-    """Unrolled loss and accuracy on the held-out rows, with the same noise every time: comparable numbers."""
+def validate(model, array, val_idx, micro, tcfg, autocast, labels=None):
+    """Unrolled loss and accuracy on the held-out rows (with their labels), with the same noise every time."""
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(1234)
     n = min(len(val_idx), tcfg.val_batches * micro)
     loss_sum = acc_sum = 0.0
     for i in range(0, n, micro):
-        tokens = get_batch(array, val_idx[i:i + micro], device)
+        tokens, lab = get_batch(array, val_idx[i:i + micro], device, labels)
         with autocast():
-            loss, acc = unrolled_loss(model, tokens, model.vocab_size, tcfg.unroll_steps, gen)
+            loss, acc = unrolled_loss(partial(model, labels=lab), tokens, model.vocab_size, tcfg.unroll_steps, gen)
         loss_sum, acc_sum = loss_sum + loss.item() * len(tokens), acc_sum + acc.item() * len(tokens)
     model.train()
     return loss_sum / n, acc_sum / n
@@ -334,7 +360,7 @@ def save_progress_picture(model, decoder, step, path, autocast, temperature):
 def train(mcfg, tcfg, resume_ckpt=None):
     ddp, rank, world, device, micro = vqgan.setup_processes(tcfg)  # DDP under torchrun, else one process
     master = rank == 0
-    array, mcfg, train_idx, val_idx, vqgan_id = prepare_data(mcfg, tcfg, resume_ckpt)
+    array, labels, mcfg, train_idx, val_idx, vqgan_id, class_names = prepare_data(mcfg, tcfg, resume_ckpt)
     raw_model, ema, opt, step, history, window = build_model(mcfg, tcfg, device, resume_ckpt)
     eval_model = ema if ema is not None else raw_model  # what validation, progress samples and sampling use
     model = torch.compile(raw_model) if tcfg.compile else raw_model  # checkpoints come from raw_model, never a wrapper
@@ -347,13 +373,14 @@ def train(mcfg, tcfg, resume_ckpt=None):
         {"kind": "sundae", "model_config": asdict(mcfg), "train_config": asdict(tcfg), "model": raw_model.state_dict(),
          "ema": None if ema is None else ema.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
          "rng": torch.get_rng_state(), "log_window": [float(window[0]), float(window[1]), window[2]],
-         "vqgan_id": vqgan_id}, tcfg.out)
+         "vqgan_id": vqgan_id, "class_names": class_names}, tcfg.out)
     stop = vqgan.stop_on_signals()  # Ctrl-C or SIGTERM: finish the step, save, exit
     V, tokens_per_step = mcfg.vocab_size, tcfg.batch_size * mcfg.height * mcfg.width
     if master:
         print(f"sundae: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params | {mcfg.height}x{mcfg.width} "
               f"tokens, V={V} | {len(train_idx)} train / {len(val_idx)} val sequences | batch {tcfg.batch_size} = "
-              f"{world} x {tcfg.grad_accum} x {micro} | T={tcfg.unroll_steps} | {tokens_per_step} tokens/step on {device}",
+              f"{world} x {tcfg.grad_accum} x {micro} | T={tcfg.unroll_steps} | {tokens_per_step} tokens/step on {device}"
+              + (f" | {mcfg.num_classes} classes, label drop {tcfg.label_drop}" if labels is not None else ""),
               flush=True)
 
     # training loop
@@ -369,11 +396,14 @@ def train(mcfg, tcfg, resume_ckpt=None):
         idx = torch.randint(len(train_idx), (tcfg.batch_size,), generator=gen)
         for m in range(tcfg.grad_accum):
             gm = rank * tcfg.grad_accum + m  # global micro-batch number
-            tokens = get_batch(array, train_idx[idx[gm * micro:(gm + 1) * micro]], device)
+            tokens, lab = get_batch(array, train_idx[idx[gm * micro:(gm + 1) * micro]], device, labels)
             gen = torch.Generator(device).manual_seed(noise_seed(tcfg.seed, step, gm))
+            if lab is not None:  # label dropout: one network learns p(x | class) and p(x) (classifier-free guidance)
+                drop = torch.rand(len(lab), generator=gen, device=device) < tcfg.label_drop
+                lab = torch.where(drop, mcfg.num_classes, lab)
             with model.no_sync() if ddp and m < tcfg.grad_accum - 1 else nullcontext():  # all-reduce once, at the end
-                with autocast():
-                    loss, acc = unrolled_loss(model, tokens, V, tcfg.unroll_steps, gen)  # the SUNDAE objective
+                with autocast():  # the SUNDAE objective
+                    loss, acc = unrolled_loss(partial(model, labels=lab), tokens, V, tcfg.unroll_steps, gen)
                 (loss / tcfg.grad_accum).backward()
             # statistics stay on the device: reading them (.item()) would wait for the GPU every step
             window[0] += loss.detach() / tcfg.grad_accum
@@ -404,7 +434,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
                       f"{dt * 1e3:.0f} ms | {tokens_per_step / dt / 1e3:.1f}k tok/s | eta {eta / 60:.1f}m", flush=True)
             t_log, step_log, window = time.time(), step, [0.0, 0.0, 0]
         if master and (step % tcfg.val_every == 0 or step == tcfg.max_steps):  # held-out loss, the number to watch
-            vl, va = validate(eval_model, array, val_idx, micro, tcfg, autocast)
+            vl, va = validate(eval_model, array, val_idx, micro, tcfg, autocast, labels)
             history["val_loss"].append((step, vl))
             history["val_acc"].append((step, va))
             print(f"step {step}/{tcfg.max_steps} | val loss {vl:.3f} | val acc {va:.3f}", flush=True)

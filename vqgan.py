@@ -468,8 +468,11 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------------------
 # data: the built-in toy faces and an image-folder loader
 
-def toy_faces(n, size, seed=0):
-    """Procedural cartoon faces, np.uint8 (n, size, size, 3); image i depends only on (seed, i)."""
+TOY_CLASSES = ("red", "blue", "green", "yellow", "purple", "white", "black", "pink")  # the toy faces' shirt colours
+
+def toy_faces(n, size, seed=0, labels=False):
+    """Procedural cartoon faces, np.uint8 (n, size, size, 3); image i depends only on (seed, i). labels: also return
+    each face's shirt colour, an index into TOY_CLASSES (n,), as class labels for conditional models."""
     assert 16 <= size <= 1024, "toy_faces draws sizes from 16 to 1024"
     ss = 4 if size <= 256 else 2  # draw at ss x the size, then shrink: antialiased edges
     S = size * ss
@@ -481,7 +484,7 @@ def toy_faces(n, size, seed=0):
                       [190, 200, 230], [230, 200, 200], [200, 230, 230]])
     shirts = np.array([[200, 40, 40], [40, 90, 180], [40, 140, 70], [230, 180, 40], [120, 60, 150], [240, 240, 240],
                        [50, 50, 60], [230, 110, 160]])
-    out = np.empty((n, size, size, 3), np.uint8)
+    out, classes = np.empty((n, size, size, 3), np.uint8), np.empty(n, np.int64)
     for i in range(n):
         r = np.random.default_rng([seed, i])  # one stream per image: toy_faces(k) is a prefix of toy_faces(n)
         u = lambda lo, hi: float(r.uniform(lo, hi))
@@ -493,7 +496,8 @@ def toy_faces(n, size, seed=0):
         rx, ry = 0.3 * s, 0.3 * s * u(1.08, 1.3)  # head radii
         skin, hair = col(skins[r.integers(6)], 6), col(hairs[r.integers(6)], 6)
         # shoulders in a random shirt colour, below the head
-        d.ellipse([cx - 1.5 * rx, cy + 0.8 * ry, cx + 1.5 * rx, cy + 2.6 * ry], fill=col(shirts[r.integers(8)], 6))
+        classes[i] = r.integers(8)
+        d.ellipse([cx - 1.5 * rx, cy + 0.8 * ry, cx + 1.5 * rx, cy + 2.6 * ry], fill=col(shirts[classes[i]], 6))
         style = r.integers(4)  # 0 bald, 1 short cap, 2 long hair behind the head, 3 bun
         if style == 2:
             d.rounded_rectangle([cx - 1.2 * rx, cy - 1.15 * ry, cx + 1.2 * rx, cy + 0.9 * ry], rx * 0.6, fill=hair)
@@ -528,7 +532,7 @@ def toy_faces(n, size, seed=0):
         else:
             d.ellipse([cx - mw * 0.6, my - mw * 0.3, cx + mw * 0.6, my + mw * 0.45], fill=lips)
         out[i] = np.asarray(img.resize((size, size), Image.LANCZOS))
-    return out
+    return (out, classes) if labels else out
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -608,9 +612,9 @@ class ImageData:
     split: "train", "val" (held out: toy faces of another seed, or a deterministic share of the files) or "all"."""
 
     def __init__(self, data, size, split="train", toy_n=8192, val_n=256, workers=8):
-        if data == "toy":
-            self.images = toy_faces(val_n if split == "val" else toy_n, size, seed=1 if split == "val" else 0)
-            self.paths = None
+        if data == "toy":  # held-out faces: another seed
+            self.images, self.labels = toy_faces(val_n if split == "val" else toy_n, size, 1 if split == "val" else 0, True)
+            self.paths, self.class_names = None, TOY_CLASSES
         else:
             paths = list_images(data, size)
             if split != "all" and len(paths) < 2:
@@ -618,6 +622,11 @@ class ImageData:
             train, val = split_indices(len(paths), val_fraction=min(0.5, val_n / len(paths)))
             keep = {"train": train.tolist(), "val": val.tolist(), "all": range(len(paths))}[split]
             self.paths, self.images = [paths[i] for i in keep], None
+            # one sub-folder per class (root/class_name/*.png, the usual layout): labels in sorted folder order
+            top = [os.path.relpath(p, data).split(os.sep)[0] if os.sep in os.path.relpath(p, data) else None
+                   for p in self.paths]
+            self.class_names = sorted(set(top)) if None not in top and len(set(top)) > 1 else None
+            self.labels = np.array([self.class_names.index(t) for t in top]) if self.class_names else None
         self.size, self.pool, self.broken = size, ThreadPoolExecutor(workers), set()
 
     def __len__(self):
@@ -862,12 +871,14 @@ def train(mcfg, tcfg, resume_ckpt=None):
 
 @torch.no_grad()
 def encode_dataset(model, data, device, flip=True, batch=64, bf16=False):
-    """All images -> (N or 2N, h, w) ids; with flip each image is followed by its mirror image. A file that does
-    not decode is left out (with a warning), never replaced by a copy of another image."""
-    out = []
+    """All images -> (N or 2N, h, w) ids, and their labels (or None); with flip each image is followed by its mirror
+    image, with the same label. A file that does not decode is left out (with a warning), never replaced by a copy
+    of another image."""
+    out, kept = [], []
     t0 = time.time()
     for i in range(0, len(data), batch):
         x = data.batch(list(range(i, min(len(data), i + batch))), drop_broken=True).to(device)
+        kept += [j for j in range(i, min(len(data), i + batch)) if j not in data.broken]
         with autocast(device, bf16):
             ids = model.encode(x)
             if flip:  # interleave (image, flipped image): split_indices keeps each pair together
@@ -879,7 +890,8 @@ def encode_dataset(model, data, device, flip=True, batch=64, bf16=False):
     ids = torch.cat(out).numpy()
     if len(ids) == 0:
         raise BadInput("none of the images could be decoded; nothing to encode")
-    return ids.astype(np.uint16 if model.codebook_size <= 65536 else np.int32)
+    labels = None if data.labels is None else np.repeat(data.labels[kept], 2 if flip else 1)
+    return ids.astype(np.uint16 if model.codebook_size <= 65536 else np.int32), labels
 
 def fingerprint(state_dict):
     """A short identity of a VQ-GAN's token meaning: a hash of its quantizer and post-quantizer weights. Latents and
@@ -900,15 +912,20 @@ def encode_main(args):
         raise BadInput(f"--size {args.size}: this VQ-GAN works on {model.config.size}px images; drop --size (images "
                        f"are resized to it)")
     data, out, flip = args.data or tcfg.data, args.out or "latents.npy", tcfg.flip if args.flip is None else args.flip
-    check_outputs({"--out": out, "--out .json": out + ".json"}, [args.ckpt], overwrite=bool(args.overwrite))
+    labels_out = os.path.splitext(out)[0] + "_labels.npy"
+    check_outputs({"--out": out, "--out .json": out + ".json", "labels": labels_out}, [args.ckpt], bool(args.overwrite))
     device = pick_device(args.device or "auto")
     images = ImageData(data, model.config.size, "all", args.toy_n or tcfg.toy_n, workers=tcfg.workers)
-    ids = encode_dataset(model.to(device), images, device, flip=flip, bf16=use_bf16(args.dtype or "auto", device))
+    ids, labels = encode_dataset(model.to(device), images, device, flip, bf16=use_bf16(args.dtype or "auto", device))
     write_atomic(out, lambda f: np.save(f, ids))
-    meta = json.dumps({"vocab_size": model.codebook_size, "vqgan_id": fingerprint(model.state_dict())})
-    write_atomic(out + ".json", lambda f: f.write(meta.encode()))
+    meta = {"vocab_size": model.codebook_size, "vqgan_id": fingerprint(model.state_dict())}
+    if labels is not None:  # class sub-folders, or the toy faces' shirt colours: sundae.py --labels takes them
+        write_atomic(labels_out, lambda f: np.save(f, labels))
+        meta.update(labels=os.path.basename(labels_out), class_names=list(images.class_names))
+    write_atomic(out + ".json", lambda f: f.write(json.dumps(meta).encode()))
     print(f"wrote {out} (+ {out}.json: V and the VQ-GAN's id): {ids.shape} {ids.dtype} (V={model.codebook_size}"
-          f"{', with flipped copies' if flip else ''})")
+          f"{', with flipped copies' if flip else ''})" + (f"; {labels_out}: {len(images.class_names)} classes "
+                                                            f"({', '.join(images.class_names)})" if labels is not None else ""))
 
 def check_tokens(array, vocab_size, h, w, name):
     """A token array (n, h, w) (or one (h, w) grid) of integer ids in [0, V) -> int64 tensor; BadInput otherwise."""
