@@ -10,6 +10,7 @@ sample.py:sample while the known ones are held fixed and give the model its cont
     python inpaint.py --image face.png --mask mask.png           # white = fill in, black = keep
     python inpaint.py --random_boxes 3 --samples 6
     python inpaint.py --tokens grid.npy --known known.npy --out filled.npy --samples 4   # token grids, no VQ-GAN
+    python inpaint.py --sundae sundae_cond.pt --class red --guidance 1   # a class-conditional model: fill as a class
 
 Imports sample.py, sundae.py and vqgan.py; importing it does no work.
 """

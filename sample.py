@@ -11,6 +11,7 @@ its positions changed none of them.
     python sample.py --eval 256                        # Frechet distance to held-out images (no download)
     python sample.py --benchmark                       # images/s at random weights (ffhq1024 on CUDA, tiny on CPU)
     python sample.py --vqgan '' --tokens samples.npy   # no VQ-GAN: token grids (n, h, w) and a token picture
+    python sample.py --sundae sundae_cond.pt --class all --n 8 --guidance 1   # a row per class (sundae.py --labels)
 
 Imports sundae.py and vqgan.py; importing it does no work.
 """

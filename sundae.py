@@ -9,10 +9,11 @@ for T unrolled steps (feeding it its own detached samples), and averages the T c
     python sundae.py --data latents.npy --preset ffhq1024 --vqgan vqgan.pt --compile          # one GPU
     torchrun --standalone --nproc_per_node=8 sundae.py --data latents.npy --preset ffhq1024   # many GPUs
     python sundae.py --benchmark --preset ffhq1024 --batch_size 16                            # no data
+    python sundae.py --data latents.npy --labels latents_labels.npy --out sundae_cond.pt      # class-conditional
 
 Any (N, h, w) integer array works as data; the vocabulary is max id + 1 unless --vocab_size or --vqgan
-says otherwise. Imports hourglass.py, and vqgan.py for the bf16 autocast helpers and, with --vqgan, to decode
-progress pictures.
+says otherwise. Imports hourglass.py, and vqgan.py for its plumbing and, with --vqgan, to decode progress
+pictures.
 """
 import copy
 import json
