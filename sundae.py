@@ -77,7 +77,9 @@ PRESETS = {
     # CPU demo on 8x8 toy-face tokens: 1.4M params, ~4 minutes on 2 cores. Its samples are best annealed cooler
     # than the paper's 1.0 -> 0.7: 0.7 -> 0.3 halves the Frechet distance of the demo's samples to held-out faces
     # (README, Results, 3 seeds). Measure before reusing it elsewhere: on digits as tokens 1.0 -> 1.0 is best
-    "tiny": (hourglass.PRESETS["tiny"], TrainConfig(temperature=(0.7, 0.3))),
+    # With labels, its unconditional half learns only from the dropped ones: dropping 0.3 rather than 0.1 took the
+    # unconditional samples' Frechet distance from 16.4 to 7.0 on the toy faces, at the same conditional accuracy (README)
+    "tiny": (hourglass.PRESETS["tiny"], TrainConfig(temperature=(0.7, 0.3), label_drop=0.3)),
     # FFHQ-256 (16x16 tokens, V = 1024); the authors: AdamW, constant lr 3e-5, batch 64, no warm-up or clipping.
     # A constant learning rate does no averaging of its own: the EMA's long memory (0.9999) does it
     "ffhq256": (hourglass.PRESETS["ffhq256"],
