@@ -1426,11 +1426,15 @@ def check_outputs(outputs, inputs=(), overwrite=False, outdir=""):
     taken = {os.path.realpath(p): "an input" for p in inputs if p}
     for flag, path in ((f, p) for f, p in outputs.items() if p):
         real, ext = os.path.realpath(path), os.path.splitext(path)[1].lower()
-        problem = f"is also {taken[real]} of this run" if real in taken else "is a directory" if os.path.isdir(path) \
-            else "is in a folder that does not exist or is not writable" if not os.access(os.path.dirname(real),
-                                                                                          os.W_OK) \
-            else "names another image format, but pictures are written as PNG" if ext in Image.registered_extensions() \
-            and ext != ".png" else None
+        problem = None
+        if real in taken:
+            problem = f"is also {taken[real]} of this run"
+        elif os.path.isdir(path):
+            problem = "is a directory"
+        elif not os.access(os.path.dirname(real), os.W_OK):
+            problem = "is in a folder that does not exist or is not writable"
+        elif ext in Image.registered_extensions() and ext != ".png":
+            problem = "names another image format, but pictures are written as PNG"
         if problem:
             raise BadInput(f"{flag} {path!r} {problem}; choose another path")
         if os.path.exists(path) and not overwrite and not written_by_us(path):
