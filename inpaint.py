@@ -3,7 +3,7 @@ Inpainting with arbitrary masks: keep the tokens of the known part of an image, 
 
 McKinney & Willcocks §3.6. A non-autoregressive model sees the whole grid, so any mask works: a token is
 known iff all f x f pixels of its cell are known; unknown tokens start random and are denoised by
-sample.py:sample while the known ones are held fixed and give the model its context.
+sundae.py:sample while the known ones are held fixed and give the model its context.
 
     python inpaint.py                                            # held-out toy faces, centre box -> inpaint.png
     python inpaint.py --image face.png --box 8,16,24,28          # box in pixels of the model-sized image (32 px)
@@ -11,6 +11,7 @@ sample.py:sample while the known ones are held fixed and give the model its cont
     python inpaint.py --random_boxes 3 --samples 6
     python inpaint.py --tokens grid.npy --known known.npy --out filled.npy --samples 4   # token grids, no VQ-GAN
     python inpaint.py --sundae sundae_cond.pt --class red --guidance 1   # a class-conditional model: fill as a class
+    python inpaint.py --eval 256                                 # do fills agree with their context? (toy faces)
 
 Imports sample.py, sundae.py and vqgan.py; importing it does no work.
 """
@@ -41,6 +42,55 @@ def inpaint(model, tokens, known, **sample_kwargs):
     init = torch.where(known, tokens, noise)  # unknown tokens start uniformly random, like unconditional sampling
     out, _ = sample(model, len(tokens), init=init, known=known, **sample_kwargs)
     return out
+
+# ----------------------------------------------------------------------------------------------------------
+# does the fill agree with its context? (toy faces, whose true colours are known)
+
+def hole_masks(kind, n, size, rng):
+    """Pixels to fill in (n, size, size): the default centred box over eyes, nose and mouth, or per image one random
+    box whose sides are drawn from kind = (lo, hi) pixels."""
+    unknown = np.zeros((n, size, size), bool)
+    if kind == "default":
+        unknown[:, size * 3 // 8: size * 7 // 8, size // 4: size * 3 // 4] = True
+    for b in range(n if kind != "default" else 0):
+        bw, bh = rng.integers(kind[0], kind[1] + 1, 2)
+        x0, y0 = rng.integers(0, size - bw + 1), rng.integers(0, size - bh + 1)
+        unknown[b, y0:y0 + bh, x0:x0 + bw] = True
+    return unknown
+
+def context_agreement(model, vq, n, seed=0, **sample_kwargs):
+    """Inpaint n held-out toy faces and judge each fill by the generator's truth -> {hole: {name: value}}.
+
+    For every attribute (skin, hair, background, shirt) that the hole hides and the known pixels show (at least 4
+    pixels of the face's own colour on each side), a fill agrees when its median colour over the hidden pixels of
+    that attribute is nearest to the original's palette entry. err: mean absolute pixel error (0-255) over the
+    filled token cells; the same measures for a fill copied from a random other face are the chance baseline."""
+    size, f = vq.config.size, vq.downsample_factor
+    images, attrs = vqgan.toy_faces(n, size, seed=1, labels="all")  # held-out: vqgan.py trains on seed 0
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(next(vq.parameters()).device)
+    with torch.no_grad():
+        tokens = vq.encode(x)  # (n, h, w)
+    rng, gen = np.random.default_rng(seed), torch.Generator(x.device).manual_seed(seed)
+    other = images[(np.arange(n) + rng.integers(1, n, n)) % n].astype(float)  # a random other face for each
+    results = {}
+    for kind in ("default", (4, 10), (10, 16), (16, 24)):
+        known = pixel_to_token_mask(torch.from_numpy(~hole_masks(kind, n, size, rng)), f).to(x.device)
+        hole = ~known.repeat_interleave(f, 1).repeat_interleave(f, 2).cpu().numpy()  # (n, H, W): filled cells
+        fill = decode(vq, inpaint(model, tokens, known, generator=gen, **sample_kwargs))
+        fill = fill.clamp(-1, 1).add(1).mul(127.5).round().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
+        row = {}
+        for name, guess in (("inpaint", fill), ("random face", other)):
+            for a, (attr, palette) in enumerate(vqgan.TOY_PALETTES.items()):
+                hits = []
+                for i in range(n):
+                    mine = np.abs(images[i].astype(int) - palette[attrs[i, a]]).max(-1) <= 8  # its colour +- jitter
+                    if (mine & hole[i]).sum() >= 4 and (mine & ~hole[i]).sum() >= 4:
+                        c = np.median(guess[i][mine & hole[i]], 0)
+                        hits.append(((palette - c) ** 2).sum(1).argmin() == attrs[i, a])
+                row[f"{name} {attr}"] = (np.mean(hits) if hits else float("nan"), len(hits))
+            row[f"{name} err"] = np.abs(guess - images)[hole].mean()
+        results["default box" if kind == "default" else f"boxes {kind[0]}-{kind[1]} px"] = row
+    return results
 
 # ----------------------------------------------------------------------------------------------------------
 # command line
@@ -99,6 +149,21 @@ def inpaint_tokens(args, device):
     print(f"wrote {args.out}: {tuple(filled.shape)} = {len(tokens)} grid(s) x {args.samples} fillings | "
           f"{(~known).float().mean():.0%} of tokens filled in")
 
+def print_agreement(args, device):
+    """inpaint.py --eval N: context_agreement's table, a row per kind of hole."""
+    if args.eval < 2 or args.image or args.mask or args.box or args.random_boxes or args.tokens:
+        raise BadInput(f"--eval N inpaints N >= 2 held-out toy faces in its own holes, got --eval {args.eval}; "
+                       f"--image, --mask, --box, --random_boxes and --tokens do not apply")
+    model, vq = load_pair(args.sundae, args.vqgan, device)
+    rows = context_agreement(model, vq, args.eval, args.seed, steps=args.steps, temperature=args.temperature,
+                             proportion=args.proportion, bf16=args.bf16, **class_kwargs(args, model, args.eval))
+    attrs = list(vqgan.TOY_PALETTES)
+    print(f"fills that agree with the context ({args.eval} held-out toy faces; inpainted / a random other face's pixels)")
+    print(f"{'hole':18s}" + "".join(f"{a:>16s}" for a in attrs) + f"{'pixel error':>16s}")
+    for hole, row in rows.items():
+        cells = [f"{row['inpaint ' + a][0]:.0%} / {row['random face ' + a][0]:.0%}" for a in attrs]
+        print(f"{hole:18s}" + "".join(f"{c:>16s}" for c in cells) + f"{row['inpaint err']:>9.1f} / {row['random face err']:.1f}")
+
 def main(argv=None):
     p = vqgan.Parser(description="Inpaint images with a trained SUNDAE + VQ-GAN.")
     p.add_argument("--sundae", default="sundae.pt", help="SUNDAE checkpoint")
@@ -115,6 +180,8 @@ def main(argv=None):
     p.add_argument("--out", default="", help="figure: original | masked | inpaintings, a row per image (default "
                                                "inpaint.png); with --tokens the filled grids as (B * samples, h, w) .npy")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that the scripts did not write")
+    p.add_argument("--eval", type=int, default=0, help="judge fills of N held-out toy faces by their true colours: "
+                                                      "how often each agrees with the context, and the pixel error")
     args = p.parse_args(argv)
     device = vqgan.pick_device(args.device)
     args.bf16 = vqgan.use_bf16(args.dtype, device)
@@ -122,6 +189,8 @@ def main(argv=None):
         raise BadInput("--samples must be at least 1")
     if args.tokens or args.known:
         return inpaint_tokens(args, device)
+    if args.eval:
+        return print_agreement(args, device)
     args.out = args.out or "inpaint.png"
     if sum(map(bool, (args.mask, args.box, args.random_boxes))) > 1:
         raise BadInput("--mask, --box and --random_boxes each choose the region to fill in; pass only one of them")

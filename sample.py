@@ -9,6 +9,7 @@ its positions changed none of them.
     python sample.py --n 1000 --outdir fid_samples     # one PNG per sample, for torch-fidelity / clean-fid
     python sample.py --trajectory trajectory.png       # images decoded along one sampling run
     python sample.py --eval 256                        # Frechet distance to held-out images (no download)
+    python sample.py --calibrate --data latents.npy    # choose and store the sampling temperature (training does too)
     python sample.py --benchmark                       # images/s at random weights (ffhq1024 on CUDA, tiny on CPU)
     python sample.py --vqgan '' --tokens samples.npy   # no VQ-GAN: token grids (n, h, w) and a token picture
     python sample.py --sundae sundae_cond.pt --class all --n 8 --guidance 1   # a row per class (sundae.py --labels)
@@ -28,114 +29,11 @@ import torch.nn.functional as F
 
 import sundae
 import vqgan
-from sundae import PAPER_TEMPERATURE, check_schedule, draw  # shared with training (its progress samples, --temperature)
+from sundae import check_schedule, frechet_distance, sample  # beside training, which samples and calibrates
 from vqgan import BadInput
 
 # ----------------------------------------------------------------------------------------------------------
-# the sampler
-
-def default_proportion(steps):
-    """The update proportion's (start, end) when none is given. Paper §3.5: "for low step scenarios (T < 20) all
-    tokens must be able to be updated", so below 20 steps every position takes its new draw; with 20 or more,
-    half of them per step, which keeps the chain from oscillating (Savinov et al. §3)."""
-    return (1.0, 1.0) if steps < 20 else (0.5, 0.5)
-
-def logits_where(model, x, where, labels=None, guidance=0.0):
-    """The model's logits (K, V) at the K positions where the bool mask `where` (B, h, w) is set. With class labels
-    and guidance w > 0, classifier-free guidance (Ho & Salimans 2022): cond + w (cond - uncond), both from one
-    forward pass of 2B grids (each with its label and with "no class"), still at those positions only."""
-    kw = {} if labels is None else {"labels": labels}
-    if labels is not None and guidance:
-        x, where = torch.cat([x, x]), torch.cat([where, where])  # (2B, h, w): conditional, then unconditional
-        kw = {"labels": torch.cat([labels, torch.full_like(labels, model.num_classes)])}
-    # our network computes its output head only where asked (any other module: all positions, then select)
-    logits = model.logits_at(x, where, **kw) if hasattr(model, "logits_at") else model(x, **kw)[where]  # (K or 2K, V)
-    if labels is not None and guidance:
-        cond, uncond = logits.chunk(2)  # rows in raster order: the first K are the conditional grids'
-        logits = cond + guidance * (cond - uncond)
-    return logits
-
-@torch.no_grad()
-def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10, init=None, known=None,
-           generator=None, trajectory=None, device=None, bf16=None, labels=None, guidance=0.0):
-    """Draw n token grids; returns (tokens (n, h, w), steps_used (n,)).
-
-    model: any module with vocab_size, height, width that maps (B, h, w) ids to (B, h, w, V) logits.
-    temperature, proportion: (start, end), interpolated linearly over the steps, exactly the start at step 0
-    and the end at step steps-1; temperature 0 means greedy (argmax); temperature None = the model's
-    default_temperature (load_sundae sets the one its training stored), else the paper's (1.0, 0.7);
-    proportion None = default_proportion(steps).
-    init: starting tokens (n, h, w) (default uniform random). known: bool or 0/1 (n, h, w); those positions
-    always keep their init token (inpainting, paper §3.6). trajectory: a list that receives the whole batch's
-    tokens at the start and after every step (for the paper's Figure 2). device: where to sample when no init
-    is given (default: the generator's device, else the model's, else the CPU; a parameter-free model works).
-    bf16: run the network under bf16 autocast (default: on CUDA only); the logits stay fp32.
-    labels: a class per sample (n,) for a class-conditional model (None: unconditional); guidance: the
-    classifier-free guidance weight w (0 = the conditional model as it is)."""
-    V, h, w = model.vocab_size, model.height, model.width
-    proportion = default_proportion(steps) if proportion is None else tuple(proportion)
-    if temperature is None:
-        temperature = getattr(model, "default_temperature", PAPER_TEMPERATURE)
-    check_schedule("temperature", tuple(temperature), 0.0, math.inf)
-    check_schedule("proportion", proportion, 0.0, 1.0)
-    if steps < 1 or n < 1:
-        raise BadInput(f"need at least one sample and one step, got n={n}, steps={steps}")
-    if device is None:
-        device = init.device if init is not None else generator.device if generator is not None else \
-            next(model.parameters(), torch.empty(0)).device
-    device = torch.device(device)
-    bf16 = device.type == "cuda" if bf16 is None else bf16
-    if init is None:
-        if known is not None:
-            raise BadInput("known positions need init tokens to keep")
-        x = torch.randint(V, (n, h, w), generator=generator, device=device)
-    else:
-        if tuple(init.shape) != (n, h, w):
-            raise BadInput(f"init tokens have shape {tuple(init.shape)}, expected (n, h, w) = {(n, h, w)}")
-        x = init.to(device).long().clone()
-    if labels is not None:
-        labels = torch.as_tensor(labels, device=device).long().reshape(-1)
-        if len(labels) != n or not 0 <= int(labels.min()) <= int(labels.max()) < getattr(model, "num_classes", 0):
-            raise BadInput(f"labels must be n = {n} classes in [0, {getattr(model, 'num_classes', 0)}) of a "
-                           f"class-conditional model")
-    free = torch.ones(n, dtype=torch.bool, device=device)  # samples with at least one position that may change
-    if known is not None:
-        if tuple(known.shape) != tuple(x.shape):
-            raise BadInput(f"known mask has shape {tuple(known.shape)}, the tokens {tuple(x.shape)}")
-        known = known.to(device).bool()  # a 0/1 integer mask works too
-        free = (~known).flatten(1).any(1)
-    if trajectory is not None:
-        trajectory.append(x.clone())
-    active = torch.arange(n, device=device)  # samples still being denoised
-    steps_used = torch.zeros(n, dtype=torch.long, device=device)
-    for s in range(steps):
-        frac = s / (steps - 1) if steps > 1 else 0.0
-        tau = temperature[0] + (temperature[1] - temperature[0]) * frac  # annealed temperature (paper §3.5)
-        p = proportion[0] + (proportion[1] - proportion[0]) * frac  # share of positions that take their new draw
-        xa = x[active]  # (b, h, w)
-        update = torch.rand(xa.shape, generator=generator, device=device) < p  # random subset (Savinov et al.)
-        if known is not None:
-            update &= ~known[active]  # known tokens never change; the mask is indexed by `active` as the batch
-            #                           shrinks, which the authors' code forgot
-        # a parallel draw from the model at every position that takes one (the others' draws would be thrown away)
-        with vqgan.autocast(device, bf16):  # the head stays fp32 inside, as in training
-            logits = logits_where(model, xa, update, None if labels is None else labels[active], guidance)  # (K, V)
-        new = xa.clone()
-        new[update] = draw(logits, tau, generator)
-        # a sample is settled when this step redrew at least one of its positions and none of them changed; a
-        # step that happened to redraw nothing proves nothing (frequent with a small inpainting hole and p < 1).
-        # A sample without a free position is settled at once.
-        redrawn, changed = update.flatten(1).any(1), (new != xa).flatten(1).any(1)  # (b,) each
-        settled = (redrawn & ~changed) | ~free[active]
-        x[active] = new
-        steps_used[active] += 1
-        if trajectory is not None:
-            trajectory.append(x.clone())
-        if s + 1 >= min_steps:
-            active = active[~settled]  # a settled sample is frozen and leaves the batch
-        if len(active) == 0:
-            break
-    return x, steps_used
+# decoding and the evaluation
 
 @torch.no_grad()
 def decode(vq, tokens, batch=16, bf16=None):
@@ -177,20 +75,6 @@ def token_dtype(vocab_size):
 
 # ----------------------------------------------------------------------------------------------------------
 # evaluation: Frechet distance in the VQ-GAN encoder's feature space
-
-def frechet_distance(a, b):
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to rows of a and b (numpy).
-
-    tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), a symmetric PSD matrix, so
-    eigh suffices and no complex parts appear (unlike scipy.linalg.sqrtm in the FID reference code)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    ev, U = np.linalg.eigh(cov_a)
-    sqrt_a = (U * np.sqrt(np.clip(ev, 0, None))) @ U.T  # S_a^(1/2)
-    m = sqrt_a @ cov_b @ sqrt_a
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
 
 @torch.no_grad()
 def eval_features(vq, images, batch=64):
@@ -352,6 +236,27 @@ def parse_classes(spec, model, guidance=0.0):
             raise BadInput(f"--class {c!r} is not a class of this model: 0..{C - 1} or {', '.join(names)}")
     return out
 
+def calibrate_checkpoint(args, device, bf16):
+    """sample.py --calibrate --data latents.npy: the calibration that ends training, for an existing checkpoint: on the
+    validation split of its latents (the rows its training held out), and the choice stored back into it."""
+    if not (args.calibrate and args.data):
+        raise BadInput("--calibrate and --data go together: sample.py --calibrate --data LATENTS --sundae CKPT")
+    ckpt = vqgan.load_checkpoint(args.sundae, "sundae")
+    model = sundae.load_sundae(args.sundae, device)
+    array, _ = sundae.load_latents(args.data, model.vocab_size)
+    if array.shape[1:] != (model.height, model.width):
+        raise BadInput(f"--data {args.data!r} holds {array.shape[1]}x{array.shape[2]} grids, the model "
+                       f"{model.height}x{model.width}; pass the latents it was trained on")
+    _, val_idx = vqgan.split_indices(len(array), ckpt["train_config"].get("val_fraction", 0.05))
+    if len(val_idx) < 32:
+        raise BadInput(f"--data {args.data!r} has {len(val_idx)} held-out grids; calibration needs at least 32")
+    t = time.time()
+    best, table = sundae.calibrate(model, torch.from_numpy(np.asarray(array[val_idx], dtype=np.int64)), bf16=bf16)
+    sundae.print_calibration(table, best, f"{len(val_idx)} held-out grids, {time.time() - t:.0f} s")
+    ckpt["train_config"]["temperature"] = best  # what load_sundae gives sample.py and inpaint.py
+    vqgan.save_checkpoint(ckpt, args.sundae)
+    print(f"stored temperature {best[0]} -> {best[1]} in {args.sundae}")
+
 def main(argv=None):
     p = vqgan.Parser(description="Sample images from a trained SUNDAE + VQ-GAN.")
     p.add_argument("--sundae", default="sundae.pt", help="SUNDAE checkpoint")
@@ -369,6 +274,9 @@ def main(argv=None):
     p.add_argument("--eval", type=int, default=0, help="Frechet distance of N samples to N held-out images")
     p.add_argument("--eval_vqgan", default="", help="--eval in this VQ-GAN's encoder features (default --vqgan's): one "
                                                     "fixed file compares pipelines whose tokenizers differ")
+    p.add_argument("--calibrate", action="store_true", help="choose the temperature schedule on the held-out split "
+                                                            "of --data (as training does at its end); store it in --sundae")
+    p.add_argument("--data", default="", help="--calibrate: the latents --sundae was trained on")
     p.add_argument("--benchmark", action="store_true", help="time sampling and decoding at random weights")
     p.add_argument("--preset", default="", help="benchmark preset (default ffhq1024 on CUDA, tiny on CPU)")
     args = p.parse_args(argv)
@@ -383,6 +291,8 @@ def main(argv=None):
                                ("--min_steps", args.min_steps, 0), ("--eval", args.eval, 0), ("--seed", args.seed, 0)):
         if not least <= value < 2**63:
             raise BadInput(f"{flag} must be in [{least}, 2**63), got {value}")
+    if args.calibrate or args.data:
+        return calibrate_checkpoint(args, device, bf16)
     if args.eval == 1:
         raise BadInput("--eval needs at least 2 samples to fit a covariance (use 256 or more for a stable number)")
     for name, hi in (("temperature", math.inf), ("proportion", 1.0)):

@@ -56,7 +56,7 @@ EXERCISES = {  # key: (file, function, a tiny call of it)
     "unrolled_loss": ("sundae.py", "unrolled_loss", lambda: sundae.unrolled_loss(
         lambda x: torch.zeros(*x.shape, 4), torch.zeros(1, 2, 2, dtype=torch.long), 4)),
     "draw": ("sundae.py", "draw", lambda: sundae.draw(torch.zeros(2, 3), 1.0)),
-    "sampler": ("sample.py", "sample", lambda: sample.sample(Shift(4, 2, 2), 1, steps=1, min_steps=1)),
+    "sampler": ("sundae.py", "sample", lambda: sundae.sample(Shift(4, 2, 2), 1, steps=1, min_steps=1)),
     "token_mask": ("inpaint.py", "pixel_to_token_mask", lambda: inpaint.pixel_to_token_mask(torch.ones(1, 2, 2, dtype=torch.bool), 2)),
     "frechet": ("sample.py", "frechet_distance", lambda: sample.frechet_distance(np.eye(3), np.eye(3))),
 }
@@ -385,6 +385,23 @@ def test_corrupt_statistics():
     hist = torch.histc(per_seq, bins=4, min=0, max=1)
     assert (hist > 0.15 * len(per_seq)).all()
 
+def test_corrupt_box_share_confines_the_noise_to_one_uniform_rectangle():
+    # box_share = 1: each grid's noise is one box, sides uniform in 1..n, corner uniform where it fits. So a row
+    # r is inside with probability p(r) = 1/n sum_s #{tops t: t <= r < t + s} / (n - s + 1), independently per
+    # axis, and a token is replaced with probability p(r) p(c) (V huge: a replaced token always changes)
+    h, w, B = 4, 6, 40000
+    tokens = torch.zeros(B, h, w, dtype=torch.long)
+    changed = (sundae.corrupt(tokens, 2**40, torch.Generator().manual_seed(0), box_share=1.0) != 0).double()
+    p = lambda n: torch.tensor([sum((min(r, n - s) - max(0, r - s + 1) + 1) / (n - s + 1) for s in range(1, n + 1))
+                                / n for r in range(n)], dtype=torch.float64)
+    assert torch.allclose(changed.mean(0), p(h)[:, None] * p(w)[None], atol=0.012)
+    # half the grids boxed, half the paper's: the mean changed share mixes the two
+    mixed = sundae.corrupt(tokens, 2**40, torch.Generator().manual_seed(1), box_share=0.5) != 0
+    assert abs(mixed.double().mean() - 0.5 * (0.5 + p(h).mean() * p(w).mean())) < 0.006
+    # box_share = 0 is the paper's corruption, draw for draw
+    g = lambda: torch.Generator().manual_seed(3)
+    assert torch.equal(sundae.corrupt(tokens[:50], 9, g()), sundae.corrupt(tokens[:50], 9, g(), box_share=0.0))
+
 # ----------------------------------------------------------------------------------------------------------
 # sundae.py: unrolled_loss (-k unrolled_loss)
 
@@ -451,13 +468,13 @@ def test_unrolled_loss_with_one_step_is_plain_denoising_cross_entropy():
 def test_draw_follows_the_softmax_exactly():
     logits = torch.tensor([2.0, 1.0, 0.0, -float("inf"), 0.5])
     for tau in (1.0, 0.5):
-        x = sample.draw(logits.expand(200_000, 5), tau, torch.Generator().manual_seed(0))
+        x = sundae.draw(logits.expand(200_000, 5), tau, torch.Generator().manual_seed(0))
         freq = torch.bincount(x, minlength=5).double() / len(x)
         # 200000 draws: standard error at most 0.0011; 0.005 is 4.5 of them
         assert torch.allclose(freq, torch.softmax(logits.double() / tau, 0), atol=0.005), (tau, freq)
         assert freq[3] == 0  # probability 0 is never drawn
     z = torch.randn(7, 9)
-    assert torch.equal(sample.draw(z, 0.0), z.argmax(-1)) and sample.draw(z[:0], 1.0).shape == (0,)
+    assert torch.equal(sundae.draw(z, 0.0), z.argmax(-1)) and sundae.draw(z[:0], 1.0).shape == (0,)
 
 # ----------------------------------------------------------------------------------------------------------
 # sample.py: sample (-k sampler)
@@ -519,7 +536,7 @@ def test_sampler_reaches_a_peaked_target_in_one_step_and_freezes_at_min_steps():
     V = 9
     target = torch.randint(V, (4, 3, 5))
     m = Peaked(target, V, height=50.0)
-    out, used = sample.sample(m, 4, steps=40, temperature=(0.1, 0.1), proportion=(1.0, 1.0), min_steps=6,
+    out, used = sundae.sample(m, 4, steps=40, temperature=(0.1, 0.1), proportion=(1.0, 1.0), min_steps=6,
                               generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, target) and (used == 6).all() and len(m.batch_sizes) == 6
 
@@ -528,7 +545,7 @@ def test_sampler_schedules_hit_their_endpoints():
     # reads that step's temperature, whatever the sampler's code looks like (20000 samples: standard error 0.0035)
     needs("draw")
     m, traj, n = Peaked(torch.zeros(20000, 1, 1, dtype=torch.long), 2, height=1.0), [], 20000
-    sample.sample(m, n, steps=5, temperature=(2.0, 0.5), proportion=(1.0, 1.0), min_steps=5, trajectory=traj,
+    sundae.sample(m, n, steps=5, temperature=(2.0, 0.5), proportion=(1.0, 1.0), min_steps=5, trajectory=traj,
                   generator=torch.Generator().manual_seed(0))
     taus = np.array([2.0, 1.625, 1.25, 0.875, 0.5])  # exactly the start at step 0 and the end at S-1
     share = np.array([(x == 0).float().mean().item() for x in traj[1:]])
@@ -538,11 +555,11 @@ def test_sampler_follows_the_proportion_schedule_step_by_step():
     # 8192 positions per step: standard error 0.0055, tolerance 0.03 (5 standard errors)
     needs("draw")
     m, traj = Shift(5, 32, 32), []
-    sample.sample(m, 8, steps=5, temperature=(0.0, 0.0), proportion=(0.9, 0.1), min_steps=5, trajectory=traj,
+    sundae.sample(m, 8, steps=5, temperature=(0.0, 0.0), proportion=(0.9, 0.1), min_steps=5, trajectory=traj,
                   generator=torch.Generator().manual_seed(0))
     assert np.allclose(changed_per_step(traj), [0.9, 0.7, 0.5, 0.3, 0.1], atol=0.03)
     traj = []  # the default from 20 steps on: half the positions per step
-    sample.sample(m, 8, steps=25, temperature=(0.0, 0.0), min_steps=25, trajectory=traj,
+    sundae.sample(m, 8, steps=25, temperature=(0.0, 0.0), min_steps=25, trajectory=traj,
                   generator=torch.Generator().manual_seed(0))
     assert np.allclose(changed_per_step(traj), 0.5, atol=0.03)
     # proportion 0 never takes a draw: the input comes back unchanged
@@ -550,7 +567,7 @@ def test_sampler_follows_the_proportion_schedule_step_by_step():
     init = torch.randint(V, (3, 4, 4))
     m = Peaked(torch.zeros(3, 4, 4, dtype=torch.long), V)
     traj = []
-    out, used = sample.sample(m, 3, steps=25, proportion=(0.0, 0.0), init=init, generator=torch.Generator().manual_seed(0),
+    out, used = sundae.sample(m, 3, steps=25, proportion=(0.0, 0.0), init=init, generator=torch.Generator().manual_seed(0),
                               trajectory=traj)
     assert torch.equal(out, init) and torch.equal(traj[0], init) and len(traj) == 1 + used.max()
 
@@ -560,15 +577,15 @@ def test_sampler_updates_every_position_below_20_steps_and_half_of_them_from_20(
     V = 50
     target = torch.randint(V, (8, 6, 6), generator=torch.Generator().manual_seed(0))
     for steps in (1, 2, 5, 19):
-        out, _ = sample.sample(Peaked(target, V, height=50.0), 8, steps=steps, temperature=(0.5, 0.5), min_steps=1,
+        out, _ = sundae.sample(Peaked(target, V, height=50.0), 8, steps=steps, temperature=(0.5, 0.5), min_steps=1,
                                generator=torch.Generator().manual_seed(steps))
         assert torch.equal(out, target), steps
-    out, _ = sample.sample(Peaked(target, V, height=50.0), 8, steps=1, proportion=(0.5, 0.5), generator=torch.Generator().manual_seed(9))
+    out, _ = sundae.sample(Peaked(target, V, height=50.0), 8, steps=1, proportion=(0.5, 0.5), generator=torch.Generator().manual_seed(9))
     assert 0.3 < (out != target).float().mean() < 0.7  # the configured schedule is still honoured when given
     # the boundary: 19 steps update all positions, 20 steps the usual half
     for steps, share in ((19, 1.0), (20, 0.5)):
         traj = []
-        sample.sample(Shift(5, 32, 32), 4, steps=steps, temperature=(0.0, 0.0), min_steps=steps, trajectory=traj,
+        sundae.sample(Shift(5, 32, 32), 4, steps=steps, temperature=(0.0, 0.0), min_steps=steps, trajectory=traj,
                       generator=torch.Generator().manual_seed(0))
         assert np.allclose(changed_per_step(traj), share, atol=0.04), steps
 
@@ -579,7 +596,7 @@ def test_sampler_freezes_a_sample_after_a_step_that_redrew_something_and_it_leav
     init = torch.randint(V, (n, 4, 4), generator=torch.Generator().manual_seed(0))
     known = torch.ones(n, 4, 4, dtype=torch.bool)
     known[:, 2, 1] = False
-    out, used = sample.sample(AlwaysMoves(V, 4, 4), n, steps=30, proportion=(0.5, 0.5), min_steps=2, init=init,
+    out, used = sundae.sample(AlwaysMoves(V, 4, 4), n, steps=30, proportion=(0.5, 0.5), min_steps=2, init=init,
                               known=known.to(torch.uint8), generator=torch.Generator().manual_seed(0))
     assert (used == 30).all() and torch.equal(out[known], init[known])  # a 0/1 uint8 mask works as a bool one
     # frozen samples leave the batch
@@ -587,7 +604,7 @@ def test_sampler_freezes_a_sample_after_a_step_that_redrew_something_and_it_leav
     init = torch.randint(1, V, (n, 3, 3))
     init[::2, 0, 0] = 0  # samples 0, 2, 4 are converged
     m = HalfConverged(V, 3, 3)
-    out, used = sample.sample(m, n, steps=20, proportion=(1.0, 1.0), min_steps=4, init=init,
+    out, used = sundae.sample(m, n, steps=20, proportion=(1.0, 1.0), min_steps=4, init=init,
                               generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[::2], init[::2]) and (used[::2] == 4).all() and (used[1::2] == 20).all()
     assert m.batch_sizes == [6] * 4 + [3] * 16  # after min_steps the network only sees the 3 unfrozen samples
@@ -607,7 +624,7 @@ def test_sampler_keeps_known_tokens_for_any_mask_with_freezing():
     gen = torch.Generator().manual_seed(0)
     out = inpaint.inpaint(m, tokens, masks, steps=60, min_steps=1, proportion=(0.5, 0.5), generator=gen)
     assert torch.equal(out[masks], tokens[masks])  # bit-identical where known
-    _, used = sample.sample(m, 5, steps=60, min_steps=1, init=torch.where(masks, tokens, 0), known=masks,
+    _, used = sundae.sample(m, 5, steps=60, min_steps=1, init=torch.where(masks, tokens, 0), known=masks,
                             generator=torch.Generator().manual_seed(0))
     assert len(set(used.tolist())) > 1 and used[3] == 1  # freezing at different steps; all-known freezes at once
     real = hourglass.HourglassTransformer(V, h, w, 16, 2, depth=(1, 1, 1)).eval()  # and with a real network, batch 4
@@ -623,18 +640,18 @@ def test_sampler_computes_the_head_only_where_it_redraws():
         assert torch.allclose(m.logits_at(t, where), m(t)[where], atol=1e-5)
     plain = nn.Module()  # the same network seen through forward only: the sampler then selects after the head
     plain.vocab_size, plain.height, plain.width, plain.forward = 50, 4, 6, m.forward
-    a, _ = sample.sample(m, 64, steps=30, generator=torch.Generator().manual_seed(1))
-    b, _ = sample.sample(plain, 64, steps=30, generator=torch.Generator().manual_seed(1))
+    a, _ = sundae.sample(m, 64, steps=30, generator=torch.Generator().manual_seed(1))
+    b, _ = sundae.sample(plain, 64, steps=30, generator=torch.Generator().manual_seed(1))
     assert (a == b).float().mean() > 0.99  # the same draws, up to float rounding at a CDF boundary
 
 def test_sampler_checks_its_inputs_supports_greedy_and_parameter_free_models_and_repeats_with_a_seed():
     needs("draw", "rope", "resampling", "hourglass_level")
     V = 6
     m = Shift(V, 3, 3)  # no parameters at all, as a course stub might be
-    out, _ = sample.sample(m, 2, steps=3, temperature=(0.0, 0.0), proportion=(1.0, 1.0), min_steps=3,
+    out, _ = sundae.sample(m, 2, steps=3, temperature=(0.0, 0.0), proportion=(1.0, 1.0), min_steps=3,
                            init=torch.zeros(2, 3, 3, dtype=torch.long))
     assert torch.equal(out, torch.full((2, 3, 3), 3))  # greedy: exactly three shifts
-    out, _ = sample.sample(m, 2, steps=2, device="cpu")
+    out, _ = sundae.sample(m, 2, steps=2, device="cpu")
     assert out.shape == (2, 3, 3) and out.device.type == "cpu"
     for kwargs, match in [(dict(n=1, init=torch.zeros(2, 3, 3, dtype=torch.long)), "init tokens have shape"),
                           (dict(n=2, init=torch.zeros(2, 3, 3, dtype=torch.long), known=torch.ones(2, 3, 4)), "known mask"),
@@ -644,13 +661,13 @@ def test_sampler_checks_its_inputs_supports_greedy_and_parameter_free_models_and
                           (dict(n=2, steps=0), "at least one"),
                           (dict(n=2, known=torch.ones(2, 3, 3)), "need init")]:
         with pytest.raises(ValueError, match=match):
-            sample.sample(m, **kwargs)
+            sundae.sample(m, **kwargs)
     # the same seed gives the same samples, another seed others (a real network)
     torch.manual_seed(0)
     m = hourglass.HourglassTransformer(12, 4, 4, 16, 2, depth=(1, 1, 1)).eval()
-    a = sample.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(7))
-    b = sample.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(7))
-    c = sample.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(8))
+    a = sundae.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(7))
+    b = sundae.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(7))
+    c = sundae.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1211,7 +1228,7 @@ def test_the_sampling_temperature_is_the_presets_and_travels_in_the_checkpoint(p
     torch.save(ckpt, tmp_path / "t.pt")
     m = sundae.load_sundae(str(tmp_path / "t.pt"))
     assert m.default_temperature == (0.5, 0.2)
-    run = lambda **kw: sample.sample(m, 6, steps=12, generator=torch.Generator().manual_seed(3), **kw)[0]
+    run = lambda **kw: sundae.sample(m, 6, steps=12, generator=torch.Generator().manual_seed(3), **kw)[0]
     assert torch.equal(run(), run(temperature=(0.5, 0.2))) and not torch.equal(run(), run(temperature=(1.0, 0.7)))
     del ckpt["train_config"]["temperature"]  # a checkpoint from before the field: the paper's schedule
     torch.save(ckpt, tmp_path / "old.pt")
@@ -1219,6 +1236,52 @@ def test_the_sampling_temperature_is_the_presets_and_travels_in_the_checkpoint(p
     args = argparse.ArgumentParser()
     vqgan.add_flags(args, sundae.TrainConfig)
     assert args.parse_args(["--temperature", "0.9,0.25"]).temperature == (0.9, 0.25)  # floats, not ints
+
+class Tempered(nn.Module):
+    """Logits 0.7 log p at every position, whatever the input: sampling at temperature 0.7 draws exactly from p."""
+
+    def __init__(self, p, h, w):
+        super().__init__()
+        self.vocab_size, self.height, self.width = len(p), h, w
+        self.logits = nn.Parameter(0.7 * torch.log(p))
+        self.embed = nn.Embedding(len(p), 16)  # calibration's features: any fixed embedding works
+
+    def forward(self, x):
+        return self.logits.expand(*x.shape, -1)
+
+def test_calibration_picks_the_temperature_at_which_the_model_is_the_data():
+    needs("sampler", "frechet")
+    torch.manual_seed(0)
+    p = torch.softmax(2 * torch.randn(12), 0)
+    model = Tempered(p, 4, 4)
+    heldout = torch.multinomial(p, 512 * 16, replacement=True, generator=torch.Generator().manual_seed(1)).reshape(512, 4, 4)
+    # constant schedules: whenever a sample freezes, its tokens are exact draws at that temperature
+    constant = ((1.0, 1.0), (0.85, 0.85), (0.7, 0.7), (0.6, 0.6), (0.5, 0.5))
+    best, table = sundae.calibrate(model, heldout, n=256, schedules=constant)
+    assert best == (0.7, 0.7) and [row[0] for row in table] == list(constant)
+    distance = [row[1] for row in table]  # rising on both sides of the truth
+    assert distance[0] > distance[1] > distance[2] < distance[3] < distance[4]
+    assert sundae.calibrate(model, heldout, n=256)[0] in ((0.7, 0.7), (1.0, 0.7))  # the full grid: these two end at 0.7
+
+def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, capsys):
+    needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw", "sampler", "frechet")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "lat.npy", np.clip(np.add.outer(np.arange(4), np.arange(4)) + rng.integers(-1, 2, (400, 4, 4)), 0, 7))
+    run = lambda *flags: sundae.main(["--data", str(tmp_path / "lat.npy"), "--max_steps", "20", "--val_fraction", "0.1",
+                                      "--overwrite"] + TINY_SUNDAE + list(flags))
+    run("--out", str(tmp_path / "c.pt"))
+    out = capsys.readouterr().out
+    stored = tuple(torch.load(tmp_path / "c.pt", weights_only=True)["train_config"]["temperature"])
+    assert "calibration (40 held-out grids" in out and f"{stored[0]:.2f} -> {stored[1]:.2f}" in out.split("<- stored")[0][-80:]
+    assert stored in sundae.CALIBRATION_SCHEDULES and sundae.load_sundae(str(tmp_path / "c.pt")).default_temperature == stored
+    run("--out", str(tmp_path / "t.pt"), "--temperature", "0.9,0.4")  # the user's schedule wins
+    assert "calibration" not in capsys.readouterr().out
+    assert tuple(torch.load(tmp_path / "t.pt", weights_only=True)["train_config"]["temperature"]) == (0.9, 0.4)
+    # sample.py --calibrate on that checkpoint: the same choice as training made (the same held-out rows and noise)
+    sample.main(["--calibrate", "--data", str(tmp_path / "lat.npy"), "--sundae", str(tmp_path / "t.pt")])
+    assert sundae.load_sundae(str(tmp_path / "t.pt")).default_temperature == stored
+    run("--out", str(tmp_path / "f.pt"), "--val_fraction", "0.05")  # 20 held-out grids: too few to judge
+    assert "calibration skipped: 20 held-out grids, fewer than 32" in capsys.readouterr().out
 
 # ----------------------------------------------------------------------------------------------------------
 # sample.py and inpaint.py: pictures, evaluation
@@ -1421,7 +1484,7 @@ def test_token_inpainting_keeps_known_tokens_for_several_samples(foreign):
     assert not (filled[:, 0] == filled[:, 1]).all()  # several different fillings
 
 # ----------------------------------------------------------------------------------------------------------
-# class-conditional SUNDAE and classifier-free guidance (hourglass.py class_embed, sample.py:logits_where)
+# class-conditional SUNDAE and classifier-free guidance (hourglass.py class_embed, sundae.py:logits_where)
 
 def test_the_class_embedding_reaches_every_position():
     needs("rope", "resampling", "hourglass_level")
@@ -1447,10 +1510,10 @@ def test_guidance_zero_is_the_conditional_model_no_labels_the_unconditional_one_
     m.body.register_forward_pre_hook(lambda mod, args: batches.append(len(args[0])))
     with torch.no_grad():
         cond, uncond = m(x, lab)[where], m(x)[where]
-        assert torch.allclose(sample.logits_where(m, x, where, lab, 0.0), cond, atol=1e-5)  # w = 0: conditional
-        assert torch.allclose(sample.logits_where(m, x, where), uncond, atol=1e-5)  # no labels: unconditional
+        assert torch.allclose(sundae.logits_where(m, x, where, lab, 0.0), cond, atol=1e-5)  # w = 0: conditional
+        assert torch.allclose(sundae.logits_where(m, x, where), uncond, atol=1e-5)  # no labels: unconditional
         batches.clear()
-        guided = sample.logits_where(m, x, where, lab, 3.0)
+        guided = sundae.logits_where(m, x, where, lab, 3.0)
     assert torch.allclose(guided, cond + 3.0 * (cond - uncond), atol=1e-4)  # Ho & Salimans 2022, eq. 6
     assert batches == [6]  # both halves in one forward pass of 2B grids
 
@@ -1485,9 +1548,24 @@ def test_a_two_class_problem_is_learnt_and_each_class_keeps_its_statistics(tmp_p
     model = sundae.load_sundae(out)
     assert model.num_classes == 2 and model.class_names == ["0", "1"]
     for c in (0, 1):
-        toks, _ = sample.sample(model, 64, steps=20, labels=torch.full((64,), c), guidance=1.0,
+        toks, _ = sundae.sample(model, 64, steps=20, labels=torch.full((64,), c), guidance=1.0,
                                 generator=torch.Generator().manual_seed(c))
         assert ((toks // 2) == c).float().mean() > 0.95, c
+
+def test_a_hole_determined_by_its_context_is_filled_with_the_determined_tokens(tmp_path):
+    # each grid one colour c of 8: whatever the hole, its tokens are c, and only the context says which c
+    needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw", "sampler")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "lat.npy", np.broadcast_to(rng.integers(0, 8, (512, 1, 1)), (512, 4, 4)))
+    out = str(tmp_path / "flat.pt")
+    sundae.main(["--data", str(tmp_path / "lat.npy"), "--max_steps", "150", "--out", out, "--vocab_size", "8",
+                 "--warmup", "10", "--box_share", "0.5"] + TINY_SUNDAE[:6] + ["--log_every", "50"])
+    model = sundae.load_sundae(out)
+    truth = torch.arange(8).repeat(4)[:, None, None].expand(32, 4, 4)  # every colour, 4 times
+    known = torch.ones(32, 4, 4, dtype=torch.bool)
+    known[:, 1:4, 0:3] = False  # a 3 x 3 hole: 9 of 16 tokens, only 7 known ones around it
+    filled = inpaint.inpaint(model, truth, known, steps=20, generator=torch.Generator().manual_seed(0))
+    assert (filled == truth).float().mean() > 0.99
 
 def test_encoded_class_folders_and_toy_faces_carry_labels_and_names(pipeline, tmp_path):
     needs("vector_quantizer")
@@ -1604,6 +1682,11 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "convert a pickle without trust": (["vqgan.py", "--convert", str(t / "pickled.ckpt")], "--trust_checkpoint"),
         "convert onto itself": (["vqgan.py", "--convert", str(t / "plain.pt"), "--out", str(t / "plain.pt")], "also an input"),
         "no decoder but --eval": (S("--vqgan", "", "--eval", "4"), "need --vqgan"),
+        "--calibrate without --data": (S("--calibrate"), "--calibrate and --data go together"),
+        "--calibrate on too few grids": (S("--calibrate", "--data", p["latents"]), "needs at least 32"),
+        "--calibrate on grids of another size": (S("--calibrate", "--data", str(t / "grid8.npy")), "pass the latents"),
+        "inpaint --eval with --box": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--eval", "8",
+                                      "--box", "0,0,8,8"], "do not apply"),
         "missing --eval_vqgan": (S("--eval", "4", "--eval_vqgan", str(t / "none.pt")), "not found"),
         "negative --temperature at training": (["sundae.py", "--data", p["latents"], "--temperature", "-1,0.5",
                                                 "--out", str(t / "tt.pt")], "--temperature"),

@@ -468,36 +468,44 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------------------
 # data: the built-in toy faces and an image-folder loader
 
-TOY_CLASSES = ("red", "blue", "green", "yellow", "purple", "white", "black", "pink")  # the toy faces' shirt colours
+# colours come from small palettes with a little jitter: varied faces, but few enough colours that a 256-code
+# tokenizer and a CPU-sized prior can learn them in minutes (continuous colours made every flat region unique)
+TOY_PALETTES = {
+    "skin": np.array([[255, 224, 196], [241, 194, 160], [224, 172, 125], [198, 134, 86], [141, 85, 54], [94, 60, 40]]),
+    "hair": np.array([[20, 20, 20], [90, 55, 25], [150, 95, 45], [230, 195, 110], [180, 60, 30], [170, 170, 175]]),
+    "background": np.array([[200, 225, 240], [240, 220, 200], [210, 240, 210], [235, 210, 235], [245, 240, 200],
+                            [190, 200, 230], [230, 200, 200], [200, 230, 230]]),
+    "shirt": np.array([[200, 40, 40], [40, 90, 180], [40, 140, 70], [230, 180, 40], [120, 60, 150], [240, 240, 240],
+                       [50, 50, 60], [230, 110, 160]]),
+}
+TOY_CLASSES = ("red", "blue", "green", "yellow", "purple", "white", "black", "pink")  # the shirt colours' names
 
 def toy_faces(n, size, seed=0, labels=False):
     """Procedural cartoon faces, np.uint8 (n, size, size, 3); image i depends only on (seed, i). labels: also return
-    each face's shirt colour, an index into TOY_CLASSES (n,), as class labels for conditional models."""
+    each face's shirt colour, an index into TOY_CLASSES (n,), as class labels for conditional models; labels="all":
+    its palette index of every attribute, (n, 4) in TOY_PALETTES' order (the truth inpainting is judged by)."""
     assert 16 <= size <= 1024, "toy_faces draws sizes from 16 to 1024"
     ss = 4 if size <= 256 else 2  # draw at ss x the size, then shrink: antialiased edges
     S = size * ss
-    skins = np.array([[255, 224, 196], [241, 194, 160], [224, 172, 125], [198, 134, 86], [141, 85, 54], [94, 60, 40]])
-    hairs = np.array([[20, 20, 20], [90, 55, 25], [150, 95, 45], [230, 195, 110], [180, 60, 30], [170, 170, 175]])
-    # colours come from small palettes with a little jitter: varied faces, but few enough colours that a 256-code
-    # tokenizer and a CPU-sized prior can learn them in minutes (continuous colours made every flat region unique)
-    backs = np.array([[200, 225, 240], [240, 220, 200], [210, 240, 210], [235, 210, 235], [245, 240, 200],
-                      [190, 200, 230], [230, 200, 200], [200, 230, 230]])
-    shirts = np.array([[200, 40, 40], [40, 90, 180], [40, 140, 70], [230, 180, 40], [120, 60, 150], [240, 240, 240],
-                       [50, 50, 60], [230, 110, 160]])
-    out, classes = np.empty((n, size, size, 3), np.uint8), np.empty(n, np.int64)
+    skins, hairs, backs, shirts = TOY_PALETTES.values()
+    out, attrs = np.empty((n, size, size, 3), np.uint8), np.empty((n, 4), np.int64)
     for i in range(n):
         r = np.random.default_rng([seed, i])  # one stream per image: toy_faces(k) is a prefix of toy_faces(n)
         u = lambda lo, hi: float(r.uniform(lo, hi))
         col = lambda base, jit: tuple(int(c) for c in np.clip(base + r.integers(-jit, jit + 1, 3), 0, 255))
-        img = Image.new("RGB", (S, S), col(backs[r.integers(8)], 6))
+        attrs[i, 2] = r.integers(8)
+        img = Image.new("RGB", (S, S), col(backs[attrs[i, 2]], 6))
         d = ImageDraw.Draw(img)
         s = u(0.85, 1.1) * S  # overall scale
         cx, cy = S * (0.5 + u(-0.06, 0.06)), S * (0.5 + u(-0.05, 0.06))
         rx, ry = 0.3 * s, 0.3 * s * u(1.08, 1.3)  # head radii
-        skin, hair = col(skins[r.integers(6)], 6), col(hairs[r.integers(6)], 6)
+        attrs[i, 0] = r.integers(6)
+        skin = col(skins[attrs[i, 0]], 6)
+        attrs[i, 1] = r.integers(6)
+        hair = col(hairs[attrs[i, 1]], 6)
         # shoulders in a random shirt colour, below the head
-        classes[i] = r.integers(8)
-        d.ellipse([cx - 1.5 * rx, cy + 0.8 * ry, cx + 1.5 * rx, cy + 2.6 * ry], fill=col(shirts[classes[i]], 6))
+        attrs[i, 3] = r.integers(8)
+        d.ellipse([cx - 1.5 * rx, cy + 0.8 * ry, cx + 1.5 * rx, cy + 2.6 * ry], fill=col(shirts[attrs[i, 3]], 6))
         style = r.integers(4)  # 0 bald, 1 short cap, 2 long hair behind the head, 3 bun
         if style == 2:
             d.rounded_rectangle([cx - 1.2 * rx, cy - 1.15 * ry, cx + 1.2 * rx, cy + 0.9 * ry], rx * 0.6, fill=hair)
@@ -532,7 +540,7 @@ def toy_faces(n, size, seed=0, labels=False):
         else:
             d.ellipse([cx - mw * 0.6, my - mw * 0.3, cx + mw * 0.6, my + mw * 0.45], fill=lips)
         out[i] = np.asarray(img.resize((size, size), Image.LANCZOS))
-    return (out, classes) if labels else out
+    return (out, attrs if labels == "all" else attrs[:, 3]) if labels else out
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
