@@ -58,13 +58,26 @@ def hole_masks(kind, n, size, rng):
         unknown[b, y0:y0 + bh, x0:x0 + bw] = True
     return unknown
 
-def context_agreement(model, vq, n, seed=0, **sample_kwargs):
-    """Inpaint n held-out toy faces and judge each fill by the generator's truth -> {hole: {name: value}}.
+def palette_agreement(guess, images, attrs, hole):
+    """For each toy-face attribute (skin, hair, background, shirt): the share of images whose guess (n, H, W, 3) has,
+    over the hole's pixels of that attribute's colour in the original images (n, H, W, 3), a median colour nearest
+    to the original's palette entry (attrs (n, 4), toy_faces(labels="all")) -> {name: (share, images counted)}.
+    An image counts when the hole (n, H, W) hides at least 4 such pixels and the known pixels show at least 4."""
+    out = {}
+    for a, (name, palette) in enumerate(vqgan.TOY_PALETTES.items()):
+        hits = []
+        for i in range(len(images)):
+            mine = np.abs(images[i].astype(int) - palette[attrs[i, a]]).max(-1) <= 8  # its colour, +- the jitter
+            if (mine & hole[i]).sum() >= 4 and (mine & ~hole[i]).sum() >= 4:
+                c = np.median(guess[i][mine & hole[i]], 0)
+                hits.append(((palette - c) ** 2).sum(1).argmin() == attrs[i, a])
+        out[name] = (float(np.mean(hits)) if hits else float("nan"), len(hits))
+    return out
 
-    For every attribute (skin, hair, background, shirt) that the hole hides and the known pixels show (at least 4
-    pixels of the face's own colour on each side), a fill agrees when its median colour over the hidden pixels of
-    that attribute is nearest to the original's palette entry. err: mean absolute pixel error (0-255) over the
-    filled token cells; the same measures for a fill copied from a random other face are the chance baseline."""
+def context_agreement(model, vq, n, seed=0, **sample_kwargs):
+    """Inpaint n held-out toy faces in the default box and in random boxes of three sizes; judge each fill by the
+    generator's truth -> {hole: {"inpaint": palette_agreement, "random face": the same for the pixels of a random
+    other face (chance), "error": mean absolute pixel error (0-255) over the filled cells, "random error"}}."""
     size, f = vq.config.size, vq.downsample_factor
     images, attrs = vqgan.toy_faces(n, size, seed=1, labels="all")  # held-out: vqgan.py trains on seed 0
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(next(vq.parameters()).device)
@@ -78,18 +91,9 @@ def context_agreement(model, vq, n, seed=0, **sample_kwargs):
         hole = ~known.repeat_interleave(f, 1).repeat_interleave(f, 2).cpu().numpy()  # (n, H, W): filled cells
         fill = decode(vq, inpaint(model, tokens, known, generator=gen, **sample_kwargs))
         fill = fill.clamp(-1, 1).add(1).mul(127.5).round().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
-        row = {}
-        for name, guess in (("inpaint", fill), ("random face", other)):
-            for a, (attr, palette) in enumerate(vqgan.TOY_PALETTES.items()):
-                hits = []
-                for i in range(n):
-                    mine = np.abs(images[i].astype(int) - palette[attrs[i, a]]).max(-1) <= 8  # its colour +- jitter
-                    if (mine & hole[i]).sum() >= 4 and (mine & ~hole[i]).sum() >= 4:
-                        c = np.median(guess[i][mine & hole[i]], 0)
-                        hits.append(((palette - c) ** 2).sum(1).argmin() == attrs[i, a])
-                row[f"{name} {attr}"] = (np.mean(hits) if hits else float("nan"), len(hits))
-            row[f"{name} err"] = np.abs(guess - images)[hole].mean()
-        results["default box" if kind == "default" else f"boxes {kind[0]}-{kind[1]} px"] = row
+        results["default box" if kind == "default" else f"boxes {kind[0]}-{kind[1]} px"] = {
+            "inpaint": palette_agreement(fill, images, attrs, hole), "error": np.abs(fill - images)[hole].mean(),
+            "random face": palette_agreement(other, images, attrs, hole), "random error": np.abs(other - images)[hole].mean()}
     return results
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,15 +158,17 @@ def print_agreement(args, device):
     if args.eval < 2 or args.image or args.mask or args.box or args.random_boxes or args.tokens:
         raise BadInput(f"--eval N inpaints N >= 2 held-out toy faces in its own holes, got --eval {args.eval}; "
                        f"--image, --mask, --box, --random_boxes and --tokens do not apply")
+    if vqgan.load_checkpoint(args.vqgan, "vqgan").get("train_config", {}).get("data") != "toy":
+        raise BadInput(f"--eval judges fills of toy faces, whose true colours are known; --vqgan {args.vqgan!r} was "
+                       f"not trained on them (vqgan.py --data toy)")
     model, vq = load_pair(args.sundae, args.vqgan, device)
     rows = context_agreement(model, vq, args.eval, args.seed, steps=args.steps, temperature=args.temperature,
                              proportion=args.proportion, bf16=args.bf16, **class_kwargs(args, model, args.eval))
-    attrs = list(vqgan.TOY_PALETTES)
     print(f"fills that agree with the context ({args.eval} held-out toy faces; inpainted / a random other face's pixels)")
-    print(f"{'hole':18s}" + "".join(f"{a:>16s}" for a in attrs) + f"{'pixel error':>16s}")
-    for hole, row in rows.items():
-        cells = [f"{row['inpaint ' + a][0]:.0%} / {row['random face ' + a][0]:.0%}" for a in attrs]
-        print(f"{hole:18s}" + "".join(f"{c:>16s}" for c in cells) + f"{row['inpaint err']:>9.1f} / {row['random face err']:.1f}")
+    print(f"{'hole':18s}" + "".join(f"{a:>16s}" for a in vqgan.TOY_PALETTES) + f"{'pixel error':>16s}")
+    for hole, r in rows.items():
+        cells = [f"{r['inpaint'][a][0]:.0%} / {r['random face'][a][0]:.0%}" for a in vqgan.TOY_PALETTES]
+        print(f"{hole:18s}" + "".join(f"{c:>16s}" for c in cells) + f"{r['error']:>9.1f} / {r['random error']:.1f}")
 
 def main(argv=None):
     p = vqgan.Parser(description="Inpaint images with a trained SUNDAE + VQ-GAN.")

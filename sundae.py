@@ -3,7 +3,8 @@ Stage 2 of megapixel SUNDAE: train a step-unrolled denoising autoencoder on VQ t
 
 McKinney & Willcocks §2.4, §3.4; SUNDAE is Savinov et al. 2022. The network is hourglass.py's 2D-aware
 hourglass transformer. Training corrupts clean token grids with uniform noise, lets the model denoise them
-for T unrolled steps (feeding it its own detached samples), and averages the T cross-entropies.
+for T unrolled steps (feeding it its own detached samples), and averages the T cross-entropies. The sampler
+(paper §3.5) lives here too: training ends by choosing the sampling temperature on held-out grids.
 
     python sundae.py --data latents.npy                    # CPU demo (tiny preset), a few minutes
     python sundae.py --data latents.npy --preset ffhq1024 --vqgan vqgan.pt --compile          # one GPU
@@ -76,9 +77,8 @@ class TrainConfig:
     seed: int = 0  # random seed; data order and noise follow (seed, step), so runs and resumes repeat exactly
 
 PRESETS = {
-    # CPU demo on 8x8 toy-face tokens: 1.4M params, ~4 minutes on 2 cores. Its samples are best annealed cooler
-    # than the paper's 1.0 -> 0.7: 0.7 -> 0.3 halves the Frechet distance of the demo's samples to held-out faces
-    # (README, Results, 3 seeds). Measure before reusing it elsewhere: on digits as tokens 1.0 -> 1.0 is best
+    # CPU demo on 8x8 toy-face tokens: 1.4M params, ~5 minutes on 2 cores. Its temperature is the one its progress
+    # pictures use; the stored one is calibrated at the end (0.7 -> 0.3 on the toy faces, 1.2 -> 1.0 on digits).
     # With labels, its unconditional half learns only from the dropped ones: dropping 0.3 rather than 0.1 took the
     # unconditional samples' Frechet distance from 16.4 to 7.0 on the toy faces, at the same conditional accuracy (README)
     "tiny": (hourglass.PRESETS["tiny"], TrainConfig(temperature=(0.7, 0.3), label_drop=0.3)),

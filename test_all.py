@@ -1567,6 +1567,26 @@ def test_a_hole_determined_by_its_context_is_filled_with_the_determined_tokens(t
     filled = inpaint.inpaint(model, truth, known, steps=20, generator=torch.Generator().manual_seed(0))
     assert (filled == truth).float().mean() > 0.99
 
+def test_palette_agreement_judges_each_attribute_by_the_generators_truth(pipeline, capsys):
+    images, attrs = vqgan.toy_faces(16, 32, seed=1, labels="all")
+    assert np.array_equal(attrs[:, 3], vqgan.toy_faces(16, 32, seed=1, labels=True)[1])  # the shirt is the class
+    hole = np.zeros((16, 32, 32), bool)
+    hole[:, 12:28, 8:24] = True  # the default box
+    perfect = inpaint.palette_agreement(images.astype(float), images, attrs, hole)
+    assert all(share == 1.0 for share, count in perfect.values()) and perfect["skin"][1] >= 12
+    # the same faces with every skin pixel repainted in another skin tone: only skin disagrees
+    wrong = images.astype(float)
+    skins = vqgan.TOY_PALETTES["skin"]
+    for i in range(16):
+        mine = np.abs(images[i].astype(int) - skins[attrs[i, 0]]).max(-1) <= 8
+        wrong[i][mine] = skins[(attrs[i, 0] + 3) % 6]
+    judged = inpaint.palette_agreement(wrong, images, attrs, hole)
+    assert judged["skin"][0] == 0.0 and judged["shirt"][0] == 1.0
+    needs("sampler", "token_mask")
+    inpaint.main(["--sundae", pipeline["sundae"], "--vqgan", pipeline["vqgan"], "--eval", "8", "--steps", "4"])
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[2:]] == ["default", "boxes", "boxes", "boxes"] and "skin" in out[1]
+
 def test_encoded_class_folders_and_toy_faces_carry_labels_and_names(pipeline, tmp_path):
     needs("vector_quantizer")
     meta = json.load(open(pipeline["latents"] + ".json"))  # the toy faces: their shirt colour is the class
