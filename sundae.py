@@ -58,7 +58,7 @@ class TrainConfig:
     warmup: int = 100  # linear warm-up steps (the authors had none)
     grad_clip: float = 1.0  # clip the gradient norm; 0 = off (the authors had none)
     temperature: tuple = PAPER_TEMPERATURE  # start,end sampling temperature stored for sample.py and inpaint.py
-    calibrate: bool = True  # at the end, store the schedule whose samples best match held-out grids (not with --temperature)
+    calibrate: bool = True  # end by storing the sampling schedule that fits held-out grids best (--temperature wins)
     ema: float = 0.999  # decay of a moving average of the weights, used to validate, sample and save; 0 = off
     max_steps: int = 1800  # optimizer steps
     val_fraction: float = 0.05  # share of the latents held out for validation
@@ -80,7 +80,7 @@ PRESETS = {
     # CPU demo on 8x8 toy-face tokens: 1.4M params, ~5 minutes on 2 cores. Its temperature is the one its progress
     # pictures use; the stored one is calibrated at the end (0.7 -> 0.3 on the toy faces, 1.2 -> 1.0 on digits).
     # With labels, its unconditional half learns only from the dropped ones: dropping 0.3 rather than 0.1 took the
-    # unconditional samples' Frechet distance from 16.4 to 7.0 on the toy faces, at the same conditional accuracy (README)
+    # unconditional samples' Frechet distance from 16.4 to 7.0 on the toy faces, at the same conditional accuracy (docs/RESULTS.md)
     "tiny": (hourglass.PRESETS["tiny"], TrainConfig(temperature=(0.7, 0.3), label_drop=0.3)),
     # FFHQ-256 (16x16 tokens, V = 1024); the authors: AdamW, constant lr 3e-5, batch 64, no warm-up or clipping.
     # A constant learning rate does no averaging of its own: the EMA's long memory (0.9999) does it
@@ -367,7 +367,8 @@ def calibrate(model, heldout, n=128, schedules=CALIBRATION_SCHEDULES, seed=0, **
     for schedule in schedules:
         gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)  # the same noise for every schedule
         grids, steps = sample(model, n, temperature=schedule, generator=gen, **sample_kwargs)
-        table.append((schedule, frechet_distance(embedding_features(model, grids), reference), steps.float().mean().item()))
+        distance = frechet_distance(embedding_features(model, grids), reference)
+        table.append((schedule, distance, steps.float().mean().item()))
     return min(table, key=lambda row: row[1])[0], table
 
 def print_calibration(table, best, what):

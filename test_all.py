@@ -58,7 +58,7 @@ EXERCISES = {  # key: (file, function, a tiny call of it)
     "draw": ("sundae.py", "draw", lambda: sundae.draw(torch.zeros(2, 3), 1.0)),
     "sampler": ("sundae.py", "sample", lambda: sundae.sample(Shift(4, 2, 2), 1, steps=1, min_steps=1)),
     "token_mask": ("inpaint.py", "pixel_to_token_mask", lambda: inpaint.pixel_to_token_mask(torch.ones(1, 2, 2, dtype=torch.bool), 2)),
-    "frechet": ("sample.py", "frechet_distance", lambda: sample.frechet_distance(np.eye(3), np.eye(3))),
+    "frechet": ("sundae.py", "frechet_distance", lambda: sundae.frechet_distance(np.eye(3), np.eye(3))),
 }
 
 def needs(*keys):
@@ -477,7 +477,7 @@ def test_draw_follows_the_softmax_exactly():
     assert torch.equal(sundae.draw(z, 0.0), z.argmax(-1)) and sundae.draw(z[:0], 1.0).shape == (0,)
 
 # ----------------------------------------------------------------------------------------------------------
-# sample.py: sample (-k sampler)
+# sundae.py: sample (-k sampler)
 
 class Peaked(nn.Module):
     """Logits peaked at a fixed target grid, whatever the input; counts the rows it is called on."""
@@ -691,13 +691,13 @@ def test_pixel_to_token_mask_is_an_and_over_each_cell():
                         torch.ones(2, 4, 4, dtype=torch.bool))
 
 # ----------------------------------------------------------------------------------------------------------
-# sample.py: frechet_distance (-k frechet)
+# sundae.py: frechet_distance (-k frechet)
 
 def test_frechet_distance_is_zero_symmetric_and_exact_for_diagonal_covariances():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(500, 4)), rng.normal(2.0, 3.0, size=(400, 4))
-    assert abs(sample.frechet_distance(a, a)) < 1e-8  # zero for identical sets
-    assert np.isclose(sample.frechet_distance(a, b), sample.frechet_distance(b, a))  # symmetric
+    assert abs(sundae.frechet_distance(a, a)) < 1e-8  # zero for identical sets
+    assert np.isclose(sundae.frechet_distance(a, b), sundae.frechet_distance(b, a))  # symmetric
     # closed form for diagonal covariances: ||mu_a - mu_b||^2 + sum (s_a - s_b)^2; build sets whose sample
     # covariance is exactly diagonal from orthogonal +-1 columns (a Hadamard matrix)
     H = np.array([[1]])
@@ -708,7 +708,7 @@ def test_frechet_distance_is_zero_symmetric_and_exact_for_diagonal_covariances()
     A, B = ma + cols * sa, mb + cols * sb
     var_scale = np.sqrt(8 / 7)  # np.cov divides by N - 1
     closed = ((ma - mb) ** 2).sum() + (((sa - sb) * var_scale) ** 2).sum()
-    assert np.isclose(sample.frechet_distance(A, B), closed)
+    assert np.isclose(sundae.frechet_distance(A, B), closed)
 
 def test_frechet_distance_matches_a_reference_for_full_covariances():
     # correlated features: tr((S_a S_b)^1/2) = sum of sqrt(eigenvalues of S_a S_b) (real and >= 0 for SPD pairs);
@@ -719,7 +719,7 @@ def test_frechet_distance_matches_a_reference_for_full_covariances():
     Sa, Sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     tr_sqrt = np.sqrt(np.linalg.eigvals(Sa @ Sb).real.clip(0)).sum()
     ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(Sa) + np.trace(Sb) - 2 * tr_sqrt
-    assert np.isclose(sample.frechet_distance(a, b), ref, rtol=1e-8)
+    assert np.isclose(sundae.frechet_distance(a, b), ref, rtol=1e-8)
     sqrtm = lambda S: (lambda ev, U: (U * np.sqrt(ev)) @ U.T)(*np.linalg.eigh(S))
     wrong = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(Sa) + np.trace(Sb) - 2 * np.trace(sqrtm(Sa) @ sqrtm(Sb))
     assert not np.isclose(ref, wrong, rtol=1e-3)  # the test can tell the two apart
