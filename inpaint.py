@@ -93,7 +93,8 @@ def context_agreement(model, vq, n, seed=0, **sample_kwargs):
         fill = fill.clamp(-1, 1).add(1).mul(127.5).round().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
         results["default box" if kind == "default" else f"boxes {kind[0]}-{kind[1]} px"] = {
             "inpaint": palette_agreement(fill, images, attrs, hole), "error": np.abs(fill - images)[hole].mean(),
-            "random face": palette_agreement(other, images, attrs, hole), "random error": np.abs(other - images)[hole].mean()}
+            "random face": palette_agreement(other, images, attrs, hole),
+            "random error": np.abs(other - images)[hole].mean()}
     return results
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def print_agreement(args, device):
     model, vq = load_pair(args.sundae, args.vqgan, device)
     rows = context_agreement(model, vq, args.eval, args.seed, steps=args.steps, temperature=args.temperature,
                              proportion=args.proportion, bf16=args.bf16, **class_kwargs(args, model, args.eval))
-    print(f"fills that agree with the context ({args.eval} held-out toy faces; inpainted / a random other face's pixels)")
+    print(f"fills that agree with the context ({args.eval} held-out toy faces; inpainted / a random face's pixels)")
     print(f"{'hole':18s}" + "".join(f"{a:>16s}" for a in vqgan.TOY_PALETTES) + f"{'pixel error':>16s}")
     for hole, r in rows.items():
         cells = [f"{r['inpaint'][a][0]:.0%} / {r['random face'][a][0]:.0%}" for a in vqgan.TOY_PALETTES]

@@ -274,8 +274,8 @@ def main(argv=None):
     p.add_argument("--eval", type=int, default=0, help="Frechet distance of N samples to N held-out images")
     p.add_argument("--eval_vqgan", default="", help="--eval in this VQ-GAN's encoder features (default --vqgan's): one "
                                                     "fixed file compares pipelines whose tokenizers differ")
-    p.add_argument("--calibrate", action="store_true", help="choose the temperature schedule on the held-out split "
-                                                            "of --data (as training does at its end); store it in --sundae")
+    p.add_argument("--calibrate", action="store_true", help="choose the temperature schedule on --data's held-out "
+                                                            "split (as training does at its end); store it in --sundae")
     p.add_argument("--data", default="", help="--calibrate: the latents --sundae was trained on")
     p.add_argument("--benchmark", action="store_true", help="time sampling and decoding at random weights")
     p.add_argument("--preset", default="", help="benchmark preset (default ffhq1024 on CUDA, tiny on CPU)")

@@ -80,7 +80,7 @@ PRESETS = {
     # CPU demo on 8x8 toy-face tokens: 1.4M params, ~5 minutes on 2 cores. Its temperature is the one its progress
     # pictures use; the stored one is calibrated at the end (0.7 -> 0.3 on the toy faces, 1.2 -> 1.0 on digits).
     # With labels, its unconditional half learns only from the dropped ones: dropping 0.3 rather than 0.1 took the
-    # unconditional samples' Frechet distance from 16.4 to 7.0 on the toy faces, at the same conditional accuracy (docs/RESULTS.md)
+    # unconditional samples' Frechet distance from 16.4 to 7.0 on the toy faces, at the same class accuracy (docs)
     "tiny": (hourglass.PRESETS["tiny"], TrainConfig(temperature=(0.7, 0.3), label_drop=0.3)),
     # FFHQ-256 (16x16 tokens, V = 1024); the authors: AdamW, constant lr 3e-5, batch 64, no warm-up or clipping.
     # A constant learning rate does no averaging of its own: the EMA's long memory (0.9999) does it
@@ -108,8 +108,8 @@ def corrupt(tokens, vocab_size, generator=None, box_share=0.0):
     replace = torch.rand(tokens.shape, **kw) < alpha  # (B, h, w)
     if box_share:
         # The paper's noise is spread uniformly, so a corrupted token nearly always has clean neighbours; an
-        # inpainting hole is contiguous, its middle far from any known token. Trained on uniform noise alone the
-        # tiny model filled the default face box with the wrong skin colour in 55% of fills (README)
+        # inpainting hole is contiguous, its middle far from any known token. On the toy faces 0.5 took the default
+        # box's skin agreement from 45% to 52% but worsened unconditional samples, so it is off (docs/RESULTS.md)
         hw = torch.tensor(tokens.shape[1:], device=tokens.device)  # (2,) = h, w
         side = (torch.rand(B, 2, **kw) * hw).long() + 1  # (B, 2): the box's height and width
         top = (torch.rand(B, 2, **kw) * (hw - side + 1)).long()  # (B, 2): its first row and column
