@@ -613,6 +613,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
         if step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
             save()
 
+    save()  # the trained weights are safe on disk before calibrating (a second Ctrl-C there stops at once)
     if master and not stop and tcfg.calibrate:  # the sampling schedule that fits this model and this data
         if len(val_idx) < 32:
             print(f"calibration skipped: {len(val_idx)} held-out grids, fewer than 32; keeping the temperature "
@@ -623,7 +624,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
             best, table = calibrate(eval_model, heldout, bf16=bf16)
             print_calibration(table, best, f"{len(val_idx)} held-out grids, {time.time() - t_cal:.0f} s")
             tcfg = replace(tcfg, temperature=best)  # what save() stores and sample.py and inpaint.py use
-    save()
+            save()
     if master and not stop:
         vqgan.plot_curves({k: history[k] for k in ("train_loss", "val_loss")}, os.path.splitext(tcfg.out)[0] + "_loss.png",
                           "SUNDAE training: unrolled cross-entropy (nats)")

@@ -1282,6 +1282,15 @@ def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, c
     assert sundae.load_sundae(str(tmp_path / "t.pt")).default_temperature == stored
     run("--out", str(tmp_path / "f.pt"), "--val_fraction", "0.05")  # 20 held-out grids: too few to judge
     assert "calibration skipped: 20 held-out grids, fewer than 32" in capsys.readouterr().out
+    def interrupted(*args, **kwargs):  # a second Ctrl-C while calibrating
+        raise KeyboardInterrupt
+    sundae.calibrate, calibrate = interrupted, sundae.calibrate
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run("--out", str(tmp_path / "k.pt"))
+    finally:
+        sundae.calibrate = calibrate
+    assert torch.load(tmp_path / "k.pt", weights_only=True)["step"] == 20  # the trained weights were saved first
 
 # ----------------------------------------------------------------------------------------------------------
 # sample.py and inpaint.py: pictures, evaluation
