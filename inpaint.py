@@ -46,16 +46,18 @@ def inpaint(model, tokens, known, **sample_kwargs):
 # ----------------------------------------------------------------------------------------------------------
 # does the fill agree with its context? (toy faces, whose true colours are known)
 
-def hole_masks(kind, n, size, rng):
-    """Pixels to fill in (n, size, size): the default centred box over eyes, nose and mouth, or per image one random
-    box whose sides are drawn from kind = (lo, hi) pixels."""
+def hole_masks(n, size, rng=None, sides=None, boxes=1):
+    """Pixels to fill in (n, size, size): the default centred box over eyes, nose and mouth, or (with rng) `boxes`
+    random boxes per image whose sides are drawn from range(*sides) pixels."""
     unknown = np.zeros((n, size, size), bool)
-    if kind == "default":
+    if rng is None:
         unknown[:, size * 3 // 8: size * 7 // 8, size // 4: size * 3 // 4] = True
-    for b in range(n if kind != "default" else 0):
-        bw, bh = rng.integers(kind[0], kind[1] + 1, 2)
-        x0, y0 = rng.integers(0, size - bw + 1), rng.integers(0, size - bh + 1)
-        unknown[b, y0:y0 + bh, x0:x0 + bw] = True
+        return unknown
+    for b in range(n):
+        for _ in range(boxes):
+            bw, bh = rng.integers(*sides, 2)
+            x0, y0 = rng.integers(0, size - bw), rng.integers(0, size - bh)
+            unknown[b, y0:y0 + bh, x0:x0 + bw] = True
     return unknown
 
 def palette_agreement(guess, images, attrs, hole):
@@ -86,12 +88,13 @@ def context_agreement(model, vq, n, seed=0, **sample_kwargs):
     rng, gen = np.random.default_rng(seed), torch.Generator(x.device).manual_seed(seed)
     other = images[(np.arange(n) + rng.integers(1, n, n)) % n].astype(float)  # a random other face for each
     results = {}
-    for kind in ("default", (4, 10), (10, 16), (16, 24)):
-        known = pixel_to_token_mask(torch.from_numpy(~hole_masks(kind, n, size, rng)), f).to(x.device)
+    for sides in (None, (4, 11), (10, 17), (16, 25)):
+        unknown = hole_masks(n, size) if sides is None else hole_masks(n, size, rng, sides)
+        known = pixel_to_token_mask(torch.from_numpy(~unknown), f).to(x.device)
         hole = ~known.repeat_interleave(f, 1).repeat_interleave(f, 2).cpu().numpy()  # (n, H, W): filled cells
         fill = decode(vq, inpaint(model, tokens, known, generator=gen, **sample_kwargs))
         fill = fill.clamp(-1, 1).add(1).mul(127.5).round().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
-        results["default box" if kind == "default" else f"boxes {kind[0]}-{kind[1]} px"] = {
+        results["default box" if sides is None else f"boxes {sides[0]}-{sides[1] - 1} px"] = {
             "inpaint": palette_agreement(fill, images, attrs, hole), "error": np.abs(fill - images)[hole].mean(),
             "random face": palette_agreement(other, images, attrs, hole),
             "random error": np.abs(other - images)[hole].mean()}
@@ -237,14 +240,9 @@ def main(argv=None):
             raise BadInput(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size}")
         unknown[:, y0:y1, x0:x1] = True
     elif args.random_boxes:
-        rng = np.random.default_rng(args.seed)
-        for b in range(B):
-            for _ in range(args.random_boxes):
-                bw, bh = rng.integers(size // 8, size // 2, 2)
-                x0, y0 = rng.integers(0, size - bw), rng.integers(0, size - bh)
-                unknown[b, y0:y0 + bh, x0:x0 + bw] = True
+        unknown = hole_masks(B, size, np.random.default_rng(args.seed), (size // 8, size // 2), args.random_boxes)
     else:  # default: a centred box over the eyes, nose and mouth
-        unknown[:, size * 3 // 8: size * 7 // 8, size // 4: size * 3 // 4] = True
+        unknown = hole_masks(B, size)
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)  # (B, 3, H, W)
     known = pixel_to_token_mask(torch.from_numpy(~unknown), f).to(device)  # (B, h, w)
