@@ -43,6 +43,17 @@ def inpaint(model, tokens, known, **sample_kwargs):
     out, _ = sample(model, len(tokens), init=init, known=known, **sample_kwargs)
     return out
 
+def best_fit(vq, images, known_pixels, fills):
+    """fills (B * K, h, w): K fillings of each of the B images (B, 3, H, W) in [-1, 1] -> (B, h, w), for each image
+    the fill whose decoded image best reproduces its known pixels (bool (B, H, W)). Why this helps: the context's
+    tokens carry colour coarsely (one code serves several skin tones), so the prior alone often picks the wrong one;
+    the decoder's receptive field crosses the hole's border, so a fill that clashes with the context also changes
+    the decoded pixels around the hole. Not in the paper: a deviation that costs K samples per fill."""
+    B, K = len(images), len(fills) // len(images)
+    err = (decode(vq, fills) - images.repeat_interleave(K, 0)).pow(2).mean(1)  # (B * K, H, W)
+    err = (err * known_pixels.repeat_interleave(K, 0)).sum((1, 2)).reshape(B, K)
+    return fills[err.argmin(1) + torch.arange(B, device=fills.device) * K]
+
 # ----------------------------------------------------------------------------------------------------------
 # does the fill agree with its context? (toy faces, whose true colours are known)
 
@@ -76,8 +87,9 @@ def palette_agreement(guess, images, attrs, hole):
         out[name] = (float(np.mean(hits)) if hits else float("nan"), len(hits))
     return out
 
-def context_agreement(model, vq, n, seed=0, **sample_kwargs):
-    """Inpaint n held-out toy faces in the default box and in random boxes of three sizes; judge each fill by the
+def context_agreement(model, vq, n, seed=0, candidates=1, **sample_kwargs):
+    """Inpaint n held-out toy faces (best_fit of `candidates` fillings) in the default box and in random boxes of
+    three sizes; judge each fill by the
     generator's truth -> {hole: {"inpaint": palette_agreement, "random face": the same for the pixels of a random
     other face (chance), "error": mean absolute pixel error (0-255) over the filled cells, "random error"}}."""
     size, f = vq.config.size, vq.downsample_factor
@@ -92,7 +104,9 @@ def context_agreement(model, vq, n, seed=0, **sample_kwargs):
         unknown = hole_masks(n, size) if sides is None else hole_masks(n, size, rng, sides)
         known = pixel_to_token_mask(torch.from_numpy(~unknown), f).to(x.device)
         hole = ~known.repeat_interleave(f, 1).repeat_interleave(f, 2).cpu().numpy()  # (n, H, W): filled cells
-        fill = decode(vq, inpaint(model, tokens, known, generator=gen, **sample_kwargs))
+        rep = lambda t: t.repeat_interleave(candidates, 0)
+        fills = inpaint(model, rep(tokens), rep(known), generator=gen, **sample_kwargs)
+        fill = decode(vq, best_fit(vq, x, torch.from_numpy(~unknown).to(x.device), fills))
         fill = fill.clamp(-1, 1).add(1).mul(127.5).round().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
         results["default box" if sides is None else f"boxes {sides[0]}-{sides[1] - 1} px"] = {
             "inpaint": palette_agreement(fill, images, attrs, hole), "error": np.abs(fill - images)[hole].mean(),
@@ -166,8 +180,9 @@ def print_agreement(args, device):
         raise BadInput(f"--eval judges fills of toy faces, whose true colours are known; --vqgan {args.vqgan!r} was "
                        f"not trained on them (vqgan.py --data toy)")
     model, vq = load_pair(args.sundae, args.vqgan, device)
-    rows = context_agreement(model, vq, args.eval, args.seed, steps=args.steps, temperature=args.temperature,
-                             proportion=args.proportion, bf16=args.bf16, **class_kwargs(args, model, args.eval))
+    rows = context_agreement(model, vq, args.eval, args.seed, args.candidates, steps=args.steps,
+                             temperature=args.temperature, proportion=args.proportion, bf16=args.bf16,
+                             **class_kwargs(args, model, args.eval * args.candidates))
     print(f"fills that agree with the context ({args.eval} held-out toy faces; inpainted / a random face's pixels)")
     print(f"{'hole':18s}" + "".join(f"{a:>16s}" for a in vqgan.TOY_PALETTES) + f"{'pixel error':>16s}")
     for hole, r in rows.items():
@@ -184,6 +199,8 @@ def main(argv=None):
     p.add_argument("--box", default="", help="x0,y0,x1,y1: fill in this box (pixels of the model-sized image)")
     p.add_argument("--random_boxes", type=int, default=0, help="fill in N random boxes per image instead")
     p.add_argument("--samples", type=int, default=4, help="inpaintings per image")
+    p.add_argument("--candidates", type=int, default=8, help="sample each inpainting this many times and keep the one "
+                   "whose decoded image best matches the known pixels (images only; 1 = the paper's single sample)")
     add_sampling_flags(p)
     p.add_argument("--tokens", default="", help="inpaint token grids instead: an (B, h, w) .npy of ids (no VQ-GAN)")
     p.add_argument("--known", default="", help="with --tokens: (B, h, w) .npy, bool or 0/1, 1 = keep this token")
@@ -195,8 +212,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = vqgan.pick_device(args.device)
     args.bf16 = vqgan.use_bf16(args.dtype, device)
-    if args.samples < 1:
-        raise BadInput("--samples must be at least 1")
+    if args.samples < 1 or args.candidates < 1:
+        raise BadInput(f"--samples and --candidates must be at least 1, got {args.samples} and {args.candidates}")
     if args.tokens or args.known:
         return inpaint_tokens(args, device)
     if args.eval:
@@ -248,11 +265,12 @@ def main(argv=None):
     known = pixel_to_token_mask(torch.from_numpy(~unknown), f).to(device)  # (B, h, w)
     with torch.no_grad():
         tokens = vq.encode(x)  # (B, h, w)
-    # every image repeated `samples` times: one batch, and samples freeze independently
-    rep = lambda t: t.repeat_interleave(args.samples, 0)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    filled = inpaint(model, rep(tokens), rep(known), steps=args.steps, temperature=args.temperature,
-                     proportion=args.proportion, generator=gen, bf16=args.bf16, **class_kwargs(args, model, B * args.samples))
+    # every image repeated samples x candidates times: one batch, and each filling freezes independently
+    rep = lambda t, k=args.samples: t.repeat_interleave(k, 0)
+    K, gen = args.samples * args.candidates, torch.Generator(device).manual_seed(args.seed)
+    fills = inpaint(model, rep(tokens, K), rep(known, K), steps=args.steps, temperature=args.temperature,
+                    proportion=args.proportion, generator=gen, bf16=args.bf16, **class_kwargs(args, model, B * K))
+    filled = best_fit(vq, rep(x), rep(torch.from_numpy(~unknown).to(device)), fills)
     assert torch.equal(filled[rep(known)], rep(tokens)[rep(known)]), "known tokens changed"
     outs = decode(vq, filled, bf16=args.bf16).reshape(B, args.samples, 3, size, size)
     # what the model was given: known token cells in colour, the rest grey

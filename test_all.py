@@ -690,6 +690,26 @@ def test_pixel_to_token_mask_is_an_and_over_each_cell():
         inpaint.inpaint(Peaked(torch.zeros(2, 3, 4, dtype=torch.long), 5), torch.zeros(2, 3, 4, dtype=torch.long),
                         torch.ones(2, 4, 4, dtype=torch.bool))
 
+class CellDecoder(nn.Module):
+    """A stand-in VQ-GAN whose token v decodes to a flat 2 x 2 cell of grey level v / 10: errors by hand."""
+
+    def decode(self, ids):
+        return (ids.float() / 10).repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None].expand(-1, 3, -1, -1)
+
+def test_best_fit_keeps_the_fill_that_best_reproduces_the_known_pixels():
+    truth = torch.tensor([[1, 2], [3, 4]])
+    image = CellDecoder().decode(truth[None])  # (1, 3, 4, 4)
+    known = torch.ones(1, 4, 4, dtype=torch.bool)
+    known[0, 2:, 2:] = False  # the hole: cell (1, 1)
+    known[0, 0, 0] = False  # and one pixel of cell (0, 0), whose other three pixels are known
+    fills = torch.stack([truth.masked_fill(torch.eye(2, dtype=torch.bool), 0),  # wrong in (0, 0): 3 known pixels off
+                         truth.masked_fill(truth == 2, 7),  # wrong in a fully known cell: 4 pixels off
+                         truth.masked_fill(truth == 4, 9)])  # wrong only in the hole: fits every known pixel
+    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills), fills[2][None])
+    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills[:2]), fills[0][None])  # fewer pixels off
+    two = inpaint.best_fit(CellDecoder(), image.repeat(2, 1, 1, 1), known.repeat(2, 1, 1), fills[[0, 2, 2, 1]])
+    assert torch.equal(two, fills[[2, 2]])  # per image: candidates b * K ... b * K + K - 1 belong to image b
+
 # ----------------------------------------------------------------------------------------------------------
 # sundae.py: frechet_distance (-k frechet)
 
@@ -1758,6 +1778,8 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "a seed beyond 64 bits": (["sundae.py", "--data", p["latents"], "--seed", str(2**70)], "--seed"),
         "encode at another size": (["vqgan.py", "--encode", "--ckpt", p["vqgan"], "--size", "64", "--out", str(t / "e.npy")], "--size"),
         "inpaint with zero steps": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--steps", "0"], "--steps"),
+        "inpaint with zero candidates": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"], "--candidates", "0"],
+                                         "--candidates"),
         "second writer of the same checkpoint": (["sundae.py", "--data", p["latents"], "--out", str(t / "locked.pt")], "another run"),
         "sample output onto a checkpoint": (S("--out", p["vqgan"]), "also an input"),
         "token inpainting without --known": (["inpaint.py", "--sundae", p["sundae"], "--tokens", str(t / "big.npy")], "--known"),
