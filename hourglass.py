@@ -84,7 +84,8 @@ class Attention(nn.Module):
 
     def forward(self, x, h, w, stride):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, heads, N, hd) each
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, N, hd) each
         q, k = rope_2d(q, h, w, stride), rope_2d(k, h, w, stride)  # positions after the head split: every head
         y = F.scaled_dot_product_attention(q, k, v)  # non-causal: SUNDAE sees the whole grid (paper §3.2)
         return self.proj(y.transpose(1, 2).reshape(B, N, -1))  # (B, N, D)
@@ -187,8 +188,9 @@ class HourglassTransformer(nn.Module):
         gh, gw = height, width
         for level in range(len(depth) // 2):  # every shortened level must split into whole k x k patches
             if gh % shorten or gw % shorten:
-                raise ValueError(f"a {height}x{width} token grid is {gh}x{gw} at level {level}, which does not divide "
-                                 f"by shorten={shorten}; use a grid divisible by {shorten ** (len(depth) // 2)} or fewer levels")
+                raise ValueError(f"a {height}x{width} token grid is {gh}x{gw} at level {level}, which does not "
+                                 f"divide by shorten={shorten}; use a grid divisible by {shorten ** (len(depth) // 2)} "
+                                 f"or fewer levels")
             gh, gw = gh // shorten, gw // shorten
         self.vocab_size, self.height, self.width = vocab_size, height, width
         self.config = dict(vocab_size=vocab_size, height=height, width=width, dim=dim, heads=heads,
@@ -261,9 +263,10 @@ def count_flops(fn):
     and counts those as 0; we give the CPU kernel the same formula, so a count does not depend on the device (without
     it the 1024² prior's forward was undercounted by 9% on the CPU)."""
     from torch.utils import flop_counter
-    raw = lambda f: getattr(f, "__wrapped__", f)  # the GPU kernels' formulas, taking shapes (FlopCounterMode wraps them)
-    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: raw(flop_counter.sdpa_flop),
-                     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: raw(flop_counter.sdpa_backward_flop)}
+    raw = lambda f: getattr(f, "__wrapped__", f)  # the GPU kernels' formulas, taking shapes (FlopCounterMode wraps)
+    aten = torch.ops.aten
+    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: raw(flop_counter.sdpa_flop),
+                     aten._scaled_dot_product_flash_attention_for_cpu_backward: raw(flop_counter.sdpa_backward_flop)}
     with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         fn()
     return counter.get_total_flops()
@@ -296,17 +299,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.benchmark:
         for name, p in PRESETS.items():
-            m = HourglassTransformer(**asdict(replace(p, vocab_size=args.vocab_size, height=args.height, width=args.width)))
+            p = replace(p, vocab_size=args.vocab_size, height=args.height, width=args.width)
             print(f"{name:9s} dim {p.dim:4d} heads {p.heads:2d} depth {p.depth}: "
-                  f"{sum(q.numel() for q in m.parameters()) / 1e6:.1f}M params (V={args.vocab_size}, {args.height}x{args.width})")
+                  f"{sum(q.numel() for q in HourglassTransformer(**asdict(p)).parameters()) / 1e6:.1f}M params "
+                  f"(V={args.vocab_size}, {args.height}x{args.width})")
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     p = replace(PRESETS[args.preset], vocab_size=args.vocab_size, height=args.height, width=args.width)
     hourglass = HourglassTransformer(**asdict(p)).to(device).eval()
     flat = HourglassTransformer(**asdict(replace(p, depth=(sum(p.depth),)))).to(device).eval()  # same blocks, no levels
     tokens = torch.randint(args.vocab_size, (args.batch, args.height, args.width), device=device)
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads) | "
-          f"{'bf16' if device.type == 'cuda' else 'fp32'} | batch {args.batch} | {args.height}x{args.width} tokens | preset {args.preset}")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {name} ({torch.get_num_threads()} threads) | {'bf16' if device.type == 'cuda' else 'fp32'} | "
+          f"batch {args.batch} | {args.height}x{args.width} tokens | preset {args.preset}")
     res = {}
     for name, m in (("hourglass", hourglass), ("flat", flat)):
         t = forward_time(torch.compile(m) if args.compile else m, tokens, args.reps, device)

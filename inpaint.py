@@ -205,7 +205,7 @@ def main(argv=None):
     p.add_argument("--tokens", default="", help="inpaint token grids instead: an (B, h, w) .npy of ids (no VQ-GAN)")
     p.add_argument("--known", default="", help="with --tokens: (B, h, w) .npy, bool or 0/1, 1 = keep this token")
     p.add_argument("--out", default="", help="figure: original | masked | inpaintings, a row per image (default "
-                                               "inpaint.png); with --tokens the filled grids as (B * samples, h, w) .npy")
+                   "inpaint.png); with --tokens the filled grids as (B * samples, h, w) .npy")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that the scripts did not write")
     p.add_argument("--eval", type=int, default=0, help="judge fills of N held-out toy faces by their true colours: "
                                                       "how often each agrees with the context, and the pixel error")

@@ -182,9 +182,10 @@ def benchmark(preset, batches, steps, device, bf16):
         sync(device)
         t_b = time.perf_counter() - t
         floor = f" | FLOP floor at peak {(steps * f_step + f_dec) * b / peak * 1e3:.1f} ms" if peak else ""
-        print(f"batch {b:3d}: sampling {t_s:.3f} s ({t_s / steps * 1e3:.1f} ms/step: network body {t_b / steps * 1e3:.1f}, "
-              f"head + draw + bookkeeping {(t_s - t_b) / steps * 1e3:.1f}) + decoding {t_d:.3f} s = {(t_s + t_d) / b:.4f} "
-              f"s/image | {b / (t_s + t_d):.2f} images/s{floor} | peak memory {vqgan.peak_memory(device)}")
+        print(f"batch {b:3d}: sampling {t_s:.3f} s ({t_s / steps * 1e3:.1f} ms/step: network body "
+              f"{t_b / steps * 1e3:.1f}, head + draw + bookkeeping {(t_s - t_b) / steps * 1e3:.1f}) + decoding "
+              f"{t_d:.3f} s = {(t_s + t_d) / b:.4f} s/image | {b / (t_s + t_d):.2f} images/s{floor} | peak memory "
+              f"{vqgan.peak_memory(device)}")
 
 # ----------------------------------------------------------------------------------------------------------
 # command line

@@ -626,8 +626,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
             tcfg = replace(tcfg, temperature=best)  # what save() stores and sample.py and inpaint.py use
             save()
     if master and not stop:
-        vqgan.plot_curves({k: history[k] for k in ("train_loss", "val_loss")}, os.path.splitext(tcfg.out)[0] + "_loss.png",
-                          "SUNDAE training: unrolled cross-entropy (nats)")
+        vqgan.plot_curves({k: history[k] for k in ("train_loss", "val_loss")},
+                          os.path.splitext(tcfg.out)[0] + "_loss.png", "SUNDAE training: unrolled cross-entropy (nats)")
         print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min | val loss {history['val_loss'][-1][1]:.3f} | "
               f"val acc {history['val_acc'][-1][1]:.3f} | peak memory {vqgan.peak_memory(device)}", flush=True)
     vqgan.finish_processes(ddp, stop, master, tcfg.out, step)

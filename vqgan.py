@@ -621,7 +621,8 @@ class ImageData:
 
     def __init__(self, data, size, split="train", toy_n=8192, val_n=256, workers=8):
         if data == "toy":  # held-out faces: another seed
-            self.images, self.labels = toy_faces(val_n if split == "val" else toy_n, size, 1 if split == "val" else 0, True)
+            val = split == "val"
+            self.images, self.labels = toy_faces(val_n if val else toy_n, size, int(val), labels=True)
             self.paths, self.class_names = None, TOY_CLASSES
         else:
             paths = list_images(data, size)
@@ -932,8 +933,8 @@ def encode_main(args):
         meta.update(labels=os.path.basename(labels_out), class_names=list(images.class_names))
     write_atomic(out + ".json", lambda f: f.write(json.dumps(meta).encode()))
     print(f"wrote {out} (+ {out}.json: V and the VQ-GAN's id): {ids.shape} {ids.dtype} (V={model.codebook_size}"
-          f"{', with flipped copies' if flip else ''})" + (f"; {labels_out}: {len(images.class_names)} classes "
-                                                            f"({', '.join(images.class_names)})" if labels is not None else ""))
+          f"{', with flipped copies' if flip else ''})" + ("" if labels is None else f"; {labels_out}: "
+          f"{len(images.class_names)} classes ({', '.join(images.class_names)})"))
 
 def check_tokens(array, vocab_size, h, w, name):
     """A token array (n, h, w) (or one (h, w) grid) of integer ids in [0, V) -> int64 tensor; BadInput otherwise."""
