@@ -146,9 +146,9 @@ def inpaint_tokens(args, device):
     The output holds `samples` fillings of each grid: rows b * samples + k, shape (B * samples, h, w)."""
     if not (args.tokens and args.known and args.out):
         raise BadInput("token inpainting needs --tokens grid.npy, --known known.npy and --out filled.npy")
-    if args.image or args.mask or args.box or args.random_boxes:
-        raise BadInput("--tokens inpaints token grids: --image, --mask, --box and --random_boxes do not apply; use "
-                       "--known to say which tokens to keep")
+    if args.image or args.mask or args.box or args.random_boxes or args.candidates is not None:
+        raise BadInput("--tokens inpaints token grids: --image, --mask, --box, --random_boxes and --candidates (which "
+                       "compares decoded pixels) do not apply; use --known to say which tokens to keep")
     vqgan.check_outputs({"--out": args.out}, [args.sundae, args.tokens, args.known], args.overwrite)
     model = sundae.load_sundae(args.sundae, device)
     tokens = vqgan.check_tokens(vqgan.load_npy(args.tokens, "--tokens"), model.vocab_size, model.height, model.width,
@@ -199,8 +199,8 @@ def main(argv=None):
     p.add_argument("--box", default="", help="x0,y0,x1,y1: fill in this box (pixels of the model-sized image)")
     p.add_argument("--random_boxes", type=int, default=0, help="fill in N random boxes per image instead")
     p.add_argument("--samples", type=int, default=4, help="inpaintings per image")
-    p.add_argument("--candidates", type=int, default=8, help="sample each inpainting this many times and keep the one "
-                   "whose decoded image best matches the known pixels (images only; 1 = the paper's single sample)")
+    p.add_argument("--candidates", type=int, help="sample each inpainting this many times and keep the one whose "
+                   "decoded image best matches the known pixels (default 8; 1 = the paper's single sample)")
     add_sampling_flags(p)
     p.add_argument("--tokens", default="", help="inpaint token grids instead: an (B, h, w) .npy of ids (no VQ-GAN)")
     p.add_argument("--known", default="", help="with --tokens: (B, h, w) .npy, bool or 0/1, 1 = keep this token")
@@ -212,10 +212,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = vqgan.pick_device(args.device)
     args.bf16 = vqgan.use_bf16(args.dtype, device)
-    if args.samples < 1 or args.candidates < 1:
+    if args.samples < 1 or (args.candidates is not None and args.candidates < 1):
         raise BadInput(f"--samples and --candidates must be at least 1, got {args.samples} and {args.candidates}")
     if args.tokens or args.known:
         return inpaint_tokens(args, device)
+    args.candidates = 8 if args.candidates is None else args.candidates
     if args.eval:
         return print_agreement(args, device)
     args.out = args.out or "inpaint.png"
