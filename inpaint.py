@@ -3,7 +3,8 @@ Inpainting with arbitrary masks: keep the tokens of the known part of an image, 
 
 McKinney & Willcocks §3.6. A non-autoregressive model sees the whole grid, so any mask works: a token is
 known iff all f x f pixels of its cell are known; unknown tokens start random and are denoised by
-sundae.py:sample while the known ones are held fixed and give the model its context.
+sundae.py:sample while the known ones are held fixed and give the model its context. Not in the paper: each image
+is filled 8 times and best_fit keeps the fill whose decoded image best reproduces the known pixels.
 
     python inpaint.py                                            # held-out toy faces, centre box -> inpaint.png
     python inpaint.py --image face.png --box 8,16,24,28          # box in pixels of the model-sized image (32 px)
