@@ -90,22 +90,22 @@ def palette_agreement(guess, images, attrs, hole):
 
 def context_agreement(model, vq, n, seed=0, candidates=1, **sample_kwargs):
     """Inpaint n held-out toy faces (best_fit of `candidates` fillings) in the default box and in random boxes of
-    three sizes; judge each fill by the
-    generator's truth -> {hole: {"inpaint": palette_agreement, "random face": the same for the pixels of a random
-    other face (chance), "error": mean absolute pixel error (0-255) over the filled cells, "random error"}}."""
+    three sizes; judge each fill by the generator's truth -> {hole: {"inpaint": palette_agreement, "random face":
+    the same for the pixels of a random other face (chance), "error": mean absolute pixel error (0-255) over the
+    filled cells, "random error"}}."""
     size, f = vq.config.size, vq.downsample_factor
     images, attrs = vqgan.toy_faces(n, size, seed=1, labels="all")  # held-out: vqgan.py trains on seed 0
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(next(vq.parameters()).device)
     with torch.no_grad():
         tokens = vq.encode(x)  # (n, h, w)
     rng, gen = np.random.default_rng(seed), torch.Generator(x.device).manual_seed(seed)
+    rep = lambda t: t.repeat_interleave(candidates, 0)
     other = images[(np.arange(n) + rng.integers(1, n, n)) % n].astype(float)  # a random other face for each
     results = {}
     for sides in (None, (4, 11), (10, 17), (16, 25)):
         unknown = hole_masks(n, size) if sides is None else hole_masks(n, size, rng, sides)
         known = pixel_to_token_mask(torch.from_numpy(~unknown), f).to(x.device)
         hole = ~known.repeat_interleave(f, 1).repeat_interleave(f, 2).cpu().numpy()  # (n, H, W): filled cells
-        rep = lambda t: t.repeat_interleave(candidates, 0)
         fills = inpaint(model, rep(tokens), rep(known), generator=gen, **sample_kwargs)
         fill = decode(vq, best_fit(vq, x, torch.from_numpy(~unknown).to(x.device), fills))
         fill = fill.clamp(-1, 1).add(1).mul(127.5).round().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
