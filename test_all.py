@@ -705,10 +705,23 @@ def test_best_fit_keeps_the_fill_that_best_reproduces_the_known_pixels():
     fills = torch.stack([truth.masked_fill(torch.eye(2, dtype=torch.bool), 0),  # wrong in (0, 0): 3 known pixels off
                          truth.masked_fill(truth == 2, 7),  # wrong in a fully known cell: 4 pixels off
                          truth.masked_fill(truth == 4, 9)])  # wrong only in the hole: fits every known pixel
-    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills), fills[2][None])
-    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills[:2]), fills[0][None])  # fewer pixels off
-    two = inpaint.best_fit(CellDecoder(), image.repeat(2, 1, 1, 1), known.repeat(2, 1, 1), fills[[0, 2, 2, 1]])
+    fit = lambda *a: inpaint.best_fit(CellDecoder(), *a, colour_weight=0)  # the known-pixel term alone
+    assert torch.equal(fit(image, known, fills), fills[2][None])
+    assert torch.equal(fit(image, known, fills[:2]), fills[0][None])  # fewer pixels off
+    two = fit(image.repeat(2, 1, 1, 1), known.repeat(2, 1, 1), fills[[0, 2, 2, 1]])
     assert torch.equal(two, fills[[2, 2]])  # per image: candidates b * K ... b * K + K - 1 belong to image b
+
+def test_best_fit_prefers_fills_painted_in_the_colours_of_the_known_pixels():
+    image = CellDecoder().decode(torch.tensor([[[1, 5], [5, 5]]]))  # one known cell of grey 0.1, the rest a hole
+    known = torch.zeros(1, 4, 4, dtype=torch.bool)
+    known[0, :2, :2] = True
+    # every fill reproduces the known cell exactly; they differ only in the colours they paint the hole with
+    fills = torch.tensor([[[1, 9], [1, 1]],  # the known colour, and one cell (a new feature, e.g. an eye) in another
+                          [[1, 2], [2, 2]]])  # every hole pixel a little off the known colour (another skin tone)
+    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills), fills[0][None])  # the median, not the mean
+    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills[[1, 0]]), fills[0][None])
+    fills = torch.tensor([[[1, 3], [3, 3]], [[1, 2], [2, 2]]])  # further from grey 0.1 loses
+    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills), fills[1][None])
 
 # ----------------------------------------------------------------------------------------------------------
 # sundae.py: frechet_distance (-k frechet)
