@@ -16,25 +16,32 @@ Imports nothing from this project; importing it does no work.
 import argparse
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+def flag(default, help):
+    """A config field and its command-line help (sundae.py makes one --flag per field, with vqgan.add_flags)."""
+    return field(default=default, metadata={"help": help})
+
 @dataclass
 class HourglassConfig:
     """The network's whole shape: HourglassTransformer(**asdict(config)). Checkpoints store asdict(config)."""
-    dim: int = 128  # transformer width
-    heads: int = 4  # attention heads
-    head_dim: int = 0  # width of one head, a multiple of 4 for 2D RoPE; 0 = dim / heads (the heads split the width)
-    depth: tuple = (1, 4, 1)  # blocks per hourglass level: (pre, valley, post); (2, 2, 8, 2, 2) nests two levels
-    shorten: int = 2  # k: each level merges k x k patches
-    vocab_size: int = 0  # V; 0 = from the latents' sidecar or --vqgan, else max id in the data + 1
-    height: int = 0  # token grid rows; 0 = from the data
-    width: int = 0  # token grid columns; 0 = from the data
-    num_classes: int = 0  # class-conditional with this many classes (+ a "no class" entry); 0 = unconditional
+    dim: int = flag(128, "transformer width")
+    heads: int = flag(4, "attention heads")
+    head_dim: int = flag(0, "width of one head, a multiple of 4 for 2D RoPE; 0 = dim / heads (the heads split "
+                            "the width)")
+    depth: tuple = flag((1, 4, 1), "blocks per hourglass level: (pre, valley, post); (2, 2, 8, 2, 2) nests "
+                                   "two levels")
+    shorten: int = flag(2, "k: each level merges k x k patches")
+    vocab_size: int = flag(0, "V; 0 = from the latents' sidecar or --vqgan, else max id in the data + 1")
+    height: int = flag(0, "token grid rows; 0 = from the data")
+    width: int = flag(0, "token grid columns; 0 = from the data")
+    num_classes: int = flag(0, "class-conditional with this many classes (+ a 'no class' entry); 0 = "
+                               "unconditional")
 
 PRESETS = {
     "tiny": HourglassConfig(),  # CPU demo: 1.4M params on 8x8 toy-face tokens
@@ -46,14 +53,21 @@ PRESETS = {
 # 2D rotary position embeddings
 
 def rope_2d(x, h, w, stride=1, base=10000.0):
-    """Rotate queries or keys by their 2D grid position (RoFormer, Su et al.; 2D as in Biderman et al.).
+    """Rotate queries or keys by their 2D grid position (RoFormer, Su et al.; 2D as in Biderman et al.; paper §3.2).
 
-    x: (B, heads, h*w, head_dim) in raster order, already split into heads, so every head gets positions
-    (the authors' code rotated before the head split, so only head 0 did). The first half of each
-    head's channels is rotated by the row position, the second half by the column position, in pairs
-    (x[2j], x[2j+1]) by angle pos * base**(-j / n_pairs). Then <rope(q, p), rope(k, p')> depends on p' - p only.
-    stride: at a coarse level a token stands for a stride x stride patch; we place it at the patch centre in
-    fine-grid units, so a position means the same thing at every level of the hourglass."""
+    x: (B, heads, h*w, head_dim) in raster order (position n is row n // w, column n % w), already split into
+    heads, so every head gets positions (the authors' code rotated before the head split, so only head 0 did).
+    Returns the same shape and dtype as x, computed in float32.
+    The conventions (the tests check each one):
+    - head_dim D divides by 4. Channels pair up as neighbours, (x[2i], x[2i+1]) for i = 0 .. D/2 - 1. The
+      first D/4 pairs (channels 0 .. D/2 - 1) are the row half, the last D/4 pairs the column half.
+    - Pair j of a half (j = 0 .. n_pairs - 1, n_pairs = D/4) turns by the angle pos * base**(-j / n_pairs),
+      pos being the token's row (row half) or column (column half).
+    - Counter-clockwise: (a, b) -> (a cos t - b sin t, a sin t + b cos t).
+    - stride: at a coarse level a token stands for a stride x stride patch of the finest grid; it sits at the
+      patch centre in fine-grid units, pos = (i + 0.5) * stride - 0.5 for coarse row or column i, so a
+      position means the same thing at every level (stride 1: pos = i).
+    Then <rope(q, p), rope(k, p')> depends on p' - p only, and norms are preserved."""
     B, H, N, D = x.shape
     assert N == h * w, f"sequence length {N} is not h*w = {h}*{w}"
     assert D % 4 == 0, f"head_dim {D} must divide by 4 (two halves of channel pairs)"
@@ -118,6 +132,9 @@ class Downsample2D(nn.Module):
         self.proj = nn.Linear(k * k * dim, dim)
 
     def forward(self, x, h, w):
+        """x: (B, h*w, D) in raster order over the fine h x w grid (h, w divisible by k) -> (B, (h/k)*(w/k), D) in
+        raster order over the coarse grid: coarse token (i, j) is self.proj of the k*k vectors of fine rows
+        i*k .. i*k+k-1, columns j*k .. j*k+k-1, concatenated (in any fixed order: the Linear learns it)."""
         B, N, D = x.shape
         k = self.k
         x = x.reshape(B, h // k, k, w // k, k, D)  # (B, h/k, k, w/k, k, D): split rows and columns into patches
@@ -136,6 +153,9 @@ class Upsample2D(nn.Module):
         self.proj = nn.Linear(dim, k * k * dim)
 
     def forward(self, x, h, w):
+        """x: (B, (h/k)*(w/k), D) in raster order over the coarse grid; h, w are the fine grid -> (B, h*w, D) in
+        raster order: self.proj turns coarse token (i, j) into k*k vectors of D (in any fixed order), which become
+        the fine tokens of rows i*k .. i*k+k-1, columns j*k .. j*k+k-1."""
         B, M, D = x.shape
         k = self.k
         x = self.proj(x).reshape(B, h // k, w // k, k, k, D)  # (B, h/k, w/k, k, k, D)
@@ -167,6 +187,11 @@ class Level(nn.Module):
         return x
 
     def forward(self, x, h, w, stride=1):
+        """x: (B, h*w, D) on an h x w grid whose tokens stand for stride x stride patches of the finest grid ->
+        (B, h*w, D). Run self.pre; if this level has an inner level (self.inner is not None): keep the result as
+        the skip, shorten with self.down, run self.inner on the (h/k) x (w/k) grid at stride * k, lengthen with
+        self.up, add the skip, run self.post (Nawrot et al. §3; paper §3.2). Blocks run through
+        self.run(blocks, x, h, w, stride), which passes h, w and stride on to each block's rotary embeddings."""
         x = self.run(self.pre, x, h, w, stride)  # (B, h*w, D)
         if self.inner is None:
             return x

@@ -26,11 +26,11 @@ from sample import add_sampling_flags, decode, load_pair, parse_classes, sample,
 from vqgan import BadInput
 
 def pixel_to_token_mask(known_pixels, f):
-    """known_pixels: bool (B, H, W) -> bool (B, H/f, W/f); a token is known iff all f x f pixels of its cell are
-    known (logical AND over the cell, paper §3.6), so no unknown pixel is ever covered by a kept token."""
+    """Which tokens inpainting may keep (paper §3.6): known_pixels bool (B, H, W), H and W multiples of f ->
+    bool (B, H/f, W/f). Token (i, j) stands for the f x f pixel cell of rows i*f .. i*f+f-1 and columns
+    j*f .. j*f+f-1; it is known iff all f*f pixels of its cell are known (a logical AND over the cell), so no
+    unknown pixel is ever covered by a kept token."""
     B, H, W = known_pixels.shape
-    if H % f or W % f:
-        raise BadInput(f"a {H}x{W} mask does not divide into {f}x{f} token cells")
     cells = known_pixels.reshape(B, H // f, f, W // f, f)  # (B, h, f, w, f): each token's cell
     return cells.all(dim=4).all(dim=2)  # (B, h, w)
 
@@ -58,11 +58,11 @@ def best_fit(vq, images, known_pixels, fills, colour_weight=1.0):
     decoded = decode(vq, fills).reshape(B, K, *images.shape[1:])  # (B, K, 3, H, W)
     s = max(1, images.shape[-1] // 32)  # pixel stride for the colour term
     score = torch.zeros(B, K, device=fills.device)
-    for b, (image, known, mine) in enumerate(zip(images, known_pixels, decoded)):
-        err = (mine - image).pow(2).sum(1)  # (K, H, W)
+    for b, (image, known, painted) in enumerate(zip(images, known_pixels, decoded)):
+        err = (painted - image).pow(2).sum(1)  # (K, H, W)
         score[b] = (err * known).sum((1, 2)) / known.sum().clamp(min=1)
         palette = image[:, ::s, ::s].permute(1, 2, 0)[known[::s, ::s]]  # (P, 3): the known pixels' colours
-        hole = mine[:, :, ::s, ::s].permute(0, 2, 3, 1)[:, ~known[::s, ::s]]  # (K, Q, 3): the fills' colours
+        hole = painted[:, :, ::s, ::s].permute(0, 2, 3, 1)[:, ~known[::s, ::s]]  # (K, Q, 3): the fills' colours
         if colour_weight and len(palette) and hole.shape[1]:
             score[b] += colour_weight * torch.cdist(hole, palette[None]).amin(2).pow(2).median(1).values
     return fills.reshape(B, K, *fills.shape[1:])[torch.arange(B), score.argmin(1)]
@@ -93,9 +93,9 @@ def palette_agreement(guess, images, attrs, hole):
     for a, (name, palette) in enumerate(vqgan.TOY_PALETTES.items()):
         hits = []
         for i in range(len(images)):
-            mine = np.abs(images[i].astype(int) - palette[attrs[i, a]]).max(-1) <= 8  # its colour, +- the jitter
-            if (mine & hole[i]).sum() >= 4 and (mine & ~hole[i]).sum() >= 4:
-                c = np.median(guess[i][mine & hole[i]], 0)
+            has = np.abs(images[i].astype(int) - palette[attrs[i, a]]).max(-1) <= 8  # its colour, +- the jitter
+            if (has & hole[i]).sum() >= 4 and (has & ~hole[i]).sum() >= 4:
+                c = np.median(guess[i][has & hole[i]], 0)
                 hits.append(((palette - c) ** 2).sum(1).argmin() == attrs[i, a])
         out[name] = (float(np.mean(hits)) if hits else float("nan"), len(hits))
     return out
@@ -111,14 +111,14 @@ def context_agreement(model, vq, n, seed=0, candidates=1, **sample_kwargs):
     with torch.no_grad():
         tokens = vq.encode(x)  # (n, h, w)
     rng, gen = np.random.default_rng(seed), torch.Generator(x.device).manual_seed(seed)
-    rep = lambda t: t.repeat_interleave(candidates, 0)
+    repeat = lambda t: t.repeat_interleave(candidates, 0)
     other = images[(np.arange(n) + rng.integers(1, n, n)) % n].astype(float)  # a random other face for each
     results = {}
     for sides in (None, (4, 11), (10, 17), (16, 25)):
         unknown = hole_masks(n, size) if sides is None else hole_masks(n, size, rng, sides)
         known = pixel_to_token_mask(torch.from_numpy(~unknown), f).to(x.device)
         hole = ~known.repeat_interleave(f, 1).repeat_interleave(f, 2).cpu().numpy()  # (n, H, W): filled cells
-        fills = inpaint(model, rep(tokens), rep(known), generator=gen, **sample_kwargs)
+        fills = inpaint(model, repeat(tokens), repeat(known), generator=gen, **sample_kwargs)
         fill = decode(vq, best_fit(vq, x, torch.from_numpy(~unknown).to(x.device), fills))
         fill = fill.clamp(-1, 1).add(1).mul(127.5).round().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
         results["default box" if sides is None else f"boxes {sides[0]}-{sides[1] - 1} px"] = {
@@ -173,12 +173,12 @@ def inpaint_tokens(args, device):
     if known.dtype != bool and not (np.issubdtype(known.dtype, np.integer) and np.isin(known, (0, 1)).all()):
         raise BadInput(f"--known must be bool or 0/1 integers (1 = keep), got dtype {known.dtype} with other values")
     known = torch.from_numpy(known.astype(bool))
-    rep = lambda t: t.repeat_interleave(args.samples, 0).to(device)
+    repeat = lambda t: t.repeat_interleave(args.samples, 0).to(device)
     gen = torch.Generator(device).manual_seed(args.seed)
-    filled = inpaint(model, rep(tokens), rep(known), steps=args.steps, temperature=args.temperature,
+    filled = inpaint(model, repeat(tokens), repeat(known), steps=args.steps, temperature=args.temperature,
                      proportion=args.proportion, generator=gen, bf16=args.bf16,
                      **class_kwargs(args, model, len(tokens) * args.samples))
-    assert torch.equal(filled[rep(known)], rep(tokens)[rep(known)]), "known tokens changed"
+    assert torch.equal(filled[repeat(known)], repeat(tokens)[repeat(known)]), "known tokens changed"
     ids = filled.cpu().numpy().astype(token_dtype(model.vocab_size))
     vqgan.write_atomic(args.out, lambda f: np.save(f, ids))
     print(f"wrote {args.out}: {tuple(filled.shape)} = {len(tokens)} grid(s) x {args.samples} fillings | "
@@ -280,12 +280,12 @@ def main(argv=None):
     with torch.no_grad():
         tokens = vq.encode(x)  # (B, h, w)
     # every image repeated samples x candidates times: one batch, and each filling freezes independently
-    rep = lambda t, k=args.samples: t.repeat_interleave(k, 0)
+    repeat = lambda t, k=args.samples: t.repeat_interleave(k, 0)
     K, gen = args.samples * args.candidates, torch.Generator(device).manual_seed(args.seed)
-    fills = inpaint(model, rep(tokens, K), rep(known, K), steps=args.steps, temperature=args.temperature,
+    fills = inpaint(model, repeat(tokens, K), repeat(known, K), steps=args.steps, temperature=args.temperature,
                     proportion=args.proportion, generator=gen, bf16=args.bf16, **class_kwargs(args, model, B * K))
-    filled = best_fit(vq, rep(x), rep(torch.from_numpy(~unknown).to(device)), fills)
-    assert torch.equal(filled[rep(known)], rep(tokens)[rep(known)]), "known tokens changed"
+    filled = best_fit(vq, repeat(x), repeat(torch.from_numpy(~unknown).to(device)), fills)
+    assert torch.equal(filled[repeat(known)], repeat(tokens)[repeat(known)]), "known tokens changed"
     outs = decode(vq, filled, bf16=args.bf16).reshape(B, args.samples, 3, size, size)
     # what the model was given: known token cells in colour, the rest grey
     keep = known.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None]  # (B, 1, H, W)

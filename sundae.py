@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import vqgan
 import hourglass
 from hourglass import HourglassTransformer, count_flops
-from vqgan import BadInput, add_flags, lr_at, overrides, pick_device, split_indices  # one copy of the plumbing
+from vqgan import BadInput, add_flags, flag, lr_at, overrides, pick_device, split_indices  # one copy of the plumbing
 
 # ----------------------------------------------------------------------------------------------------------
 # config
@@ -44,37 +44,46 @@ PAPER_TEMPERATURE = (1.0, 0.7)  # sampling temperature, annealed from start to e
 
 @dataclass
 class TrainConfig:
-    data: str = "latents.npy"  # (N, h, w) integer array of token ids
-    vqgan: str = ""  # VQ-GAN checkpoint: sets V and decodes progress samples into images
-    labels: str = ""  # (N,) integer class labels beside the latents (vqgan.py --encode writes *_labels.npy); "" = none
-    label_drop: float = 0.1  # share of labels replaced by "no class" in training (classifier-free guidance)
-    box_share: float = 0.0  # share of training grids whose noise is one random box of tokens (for inpainting)
-    unroll_steps: int = 2  # T, denoising steps unrolled in training (paper: 3 gives more diverse samples)
-    batch_size: int = 32  # sequences per optimizer step, summed over processes and micro-batches
-    grad_accum: int = 1  # micro-batches per optimizer step in each process
-    lr: float = 2e-3  # peak learning rate (AdamW)
-    min_lr: float = 2e-4  # cosine decay reaches this at max_steps
-    weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only)
-    warmup: int = 100  # linear warm-up steps (the authors had none)
-    grad_clip: float = 1.0  # clip the gradient norm; 0 = off (the authors had none)
-    temperature: tuple = PAPER_TEMPERATURE  # start,end sampling temperature stored for sample.py and inpaint.py
-    calibrate: bool = True  # end by storing the sampling schedule that fits held-out grids best (--temperature wins)
-    ema: float = 0.999  # decay of a moving average of the weights, used to validate, sample and save; 0 = off
-    max_steps: int = 1800  # optimizer steps
-    val_fraction: float = 0.05  # share of the latents held out for validation
-    val_every: int = 200  # steps between validation passes
-    val_batches: int = 8  # validation batches per pass
-    log_every: int = 50  # steps between log lines
-    sample_every: int = 500  # steps between progress sample grids
-    ckpt_every: int = 500  # steps between checkpoints
-    out: str = "sundae.pt"  # checkpoint path
-    resume: bool = False  # continue from --out
-    overwrite: bool = False  # replace an existing --out (a checkpoint of another run) instead of refusing
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    compile: bool = False  # torch.compile the model
-    grad_ckpt: bool = False  # activation checkpointing per block
-    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32", on any device
-    seed: int = 0  # random seed; data order and noise follow (seed, step), so runs and resumes repeat exactly
+    data: str = flag("latents.npy", "(N, h, w) integer array of token ids")
+    vqgan: str = flag("", "VQ-GAN checkpoint: sets V and decodes progress samples into images")
+    labels: str = flag("", "(N,) integer class labels beside the latents (vqgan.py --encode writes "
+                           "*_labels.npy); '' = none")
+    label_drop: float = flag(0.1, "share of labels replaced by 'no class' in training (classifier-free "
+                                  "guidance)")
+    box_share: float = flag(0.0, "share of training grids whose noise is one random box of tokens (for "
+                                 "inpainting)")
+    unroll_steps: int = flag(2, "T, denoising steps unrolled in training (paper: 3 gives more diverse "
+                                "samples)")
+    batch_size: int = flag(32, "sequences per optimizer step, summed over processes and micro-batches")
+    grad_accum: int = flag(1, "micro-batches per optimizer step in each process")
+    lr: float = flag(2e-3, "peak learning rate (AdamW)")
+    min_lr: float = flag(2e-4, "cosine decay reaches this at max_steps")
+    weight_decay: float = flag(0.01, "AdamW decoupled weight decay (matrices only)")
+    warmup: int = flag(100, "linear warm-up steps (the authors had none)")
+    grad_clip: float = flag(1.0, "clip the gradient norm; 0 = off (the authors had none)")
+    temperature: tuple = flag(PAPER_TEMPERATURE, "start,end sampling temperature stored for sample.py and "
+                                                 "inpaint.py")
+    calibrate: bool = flag(True, "end by storing the sampling schedule that fits held-out grids best "
+                                 "(--temperature wins)")
+    ema: float = flag(0.999, "decay of a moving average of the weights, used to validate, sample and save; 0 "
+                             "= off")
+    max_steps: int = flag(1800, "optimizer steps")
+    val_fraction: float = flag(0.05, "share of the latents held out for validation")
+    val_every: int = flag(200, "steps between validation passes")
+    val_batches: int = flag(8, "validation batches per pass")
+    log_every: int = flag(50, "steps between log lines")
+    sample_every: int = flag(500, "steps between progress sample grids")
+    ckpt_every: int = flag(500, "steps between checkpoints")
+    out: str = flag("sundae.pt", "checkpoint path")
+    resume: bool = flag(False, "continue from --out")
+    overwrite: bool = flag(False, "replace an existing --out (a checkpoint of another run) instead of "
+                                  "refusing")
+    device: str = flag("auto", "'auto', 'cpu' or 'cuda'")
+    compile: bool = flag(False, "torch.compile the model")
+    grad_ckpt: bool = flag(False, "activation checkpointing per block")
+    dtype: str = flag("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32', on any device")
+    seed: int = flag(0, "random seed; data order and noise follow (seed, step), so runs and resumes repeat "
+                        "exactly")
 
 PRESETS = {
     # CPU demo on 8x8 toy-face tokens: 1.4M params, ~5 minutes on 2 cores. Its temperature is the one its progress
@@ -96,45 +105,59 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------------------
 # the SUNDAE objective (paper §2.4)
 
-def corrupt(tokens, vocab_size, generator=None, box_share=0.0):
-    """Per sequence draw a rate alpha ~ U(0, 1); replace each token with prob. alpha by a uniform random id.
+def corrupt(tokens, vocab_size, generator=None):
+    """SUNDAE's corruption (Savinov et al. §3; paper §2.4): uniform noise at a random rate per sequence.
 
-    A replaced token may draw its own id again, so the expected changed fraction is 1/2 (1 - 1/V).
-    box_share: the share of grids (B, h, w) whose noise is instead one random rectangle of tokens, all replaced (sides
-    uniform in 1..h and 1..w), outside which they stay clean: what inpainting shows the model (a deviation)."""
+    tokens: int64 (B, ...) ids in [0, vocab_size), one sequence per row -> int64, the same shape and device.
+    For each sequence draw a rate alpha ~ U(0, 1); replace each of its tokens independently with probability
+    alpha by an id drawn uniformly from [0, vocab_size), which may be the token's own (so the expected changed
+    fraction is 1/2 (1 - 1/V)). Every random draw uses `generator` (None: torch's global one), on tokens.device."""
     B = tokens.shape[0]
-    kw = dict(generator=generator, device=tokens.device)
-    alpha = torch.rand(B, *[1] * (tokens.dim() - 1), **kw)  # (B, 1, 1): one corruption rate per sequence
-    replace = torch.rand(tokens.shape, **kw) < alpha  # (B, h, w)
-    if box_share:
-        # The paper's noise is spread uniformly, so a corrupted token nearly always has clean neighbours; an
-        # inpainting hole is contiguous, its middle far from any known token. On the toy faces 0.5 took the default
-        # box's skin agreement from 45% to 52% but worsened unconditional samples, so it is off (docs/RESULTS.md)
-        hw = torch.tensor(tokens.shape[1:], device=tokens.device)  # (2,) = h, w
-        side = (torch.rand(B, 2, **kw) * hw).long() + 1  # (B, 2): the box's height and width
-        top = (torch.rand(B, 2, **kw) * (hw - side + 1)).long()  # (B, 2): its first row and column
-        rows, cols = (torch.arange(n, device=tokens.device) for n in tokens.shape[1:])
-        inside = ((rows[:, None] >= top[:, :1, None]) & (rows[:, None] < (top + side)[:, :1, None])  # (B, h, w)
-                  & (cols >= top[:, 1:, None]) & (cols < (top + side)[:, 1:, None]))
-        boxed = torch.rand(B, 1, 1, **kw) < box_share
-        replace = torch.where(boxed, inside, replace)  # a boxed grid: all of its box is noise, as an inpainting hole
-    noise = torch.randint(vocab_size, tokens.shape, **kw)
+    alpha = torch.rand(B, *[1] * (tokens.dim() - 1), generator=generator, device=tokens.device)  # (B, 1, 1)
+    replace = torch.rand(tokens.shape, generator=generator, device=tokens.device) < alpha  # (B, h, w)
+    noise = torch.randint(vocab_size, tokens.shape, generator=generator, device=tokens.device)
     return torch.where(replace, noise, tokens)
 
-def unrolled_loss(model, tokens, vocab_size, unroll_steps=2, generator=None, box_share=0.0):
-    """SUNDAE's unrolled denoising loss (Savinov et al. §3): (loss, accuracy) averaged over the T steps.
+def box_corrupt(tokens, vocab_size, generator=None, share=0.5):
+    """corrupt, except that a `share` of the grids (B, h, w) get their noise as one random box of tokens, all of them
+    replaced (sides uniform in 1..h and 1..w, placed uniformly where they fit), and are clean outside it. Not in the
+    paper (sundae.py --box_share): its noise is spread uniformly, so a corrupted token nearly always has clean
+    neighbours, while an inpainting hole is contiguous, its middle far from any known token."""
+    x = corrupt(tokens, vocab_size, generator)  # first, so that share 0 is corrupt draw for draw
+    B, h, w = tokens.shape
+    kw = dict(generator=generator, device=tokens.device)
+    hw = torch.tensor([h, w], device=tokens.device)
+    side = (torch.rand(B, 2, **kw) * hw).long() + 1  # (B, 2): the box's height and width
+    top = (torch.rand(B, 2, **kw) * (hw - side + 1)).long()  # (B, 2): its first row and column
+    rows, cols = torch.arange(h, device=tokens.device), torch.arange(w, device=tokens.device)
+    inside = ((rows[:, None] >= top[:, :1, None]) & (rows[:, None] < (top + side)[:, :1, None])  # (B, h, w)
+              & (cols >= top[:, 1:, None]) & (cols < (top + side)[:, 1:, None]))
+    boxed = torch.rand(B, 1, 1, **kw) < share  # (B, 1, 1)
+    noise = torch.randint(vocab_size, tokens.shape, **kw)
+    return torch.where(boxed, torch.where(inside, noise, tokens), x)
 
-    x_1 = corrupt(x_0); for t = 1..T: logits_t = f(x_t), x_{t+1} ~ Categorical(softmax(logits_t)), sampled at
-    temperature 1 and detached. Loss = 1/T sum_t CE(logits_t, x_0). Step t > 1 trains the model on its own
-    mistakes, which is what it will see when sampling from noise."""
-    x = corrupt(tokens, vocab_size, generator, box_share)  # (B, h, w)
+def unrolled_loss(model, tokens, vocab_size, unroll_steps=2, generator=None, corrupt=corrupt):
+    """SUNDAE's unrolled denoising loss (Savinov et al. §3; paper §2.4) -> (loss, accuracy).
+
+    model: maps int64 (B, h, w) ids to logits (B, h, w, V), V = vocab_size. tokens: int64 (B, h, w), the clean
+    grids x_0. corrupt(tokens, vocab_size, generator) makes x_1 (the parameter defaults to the function above).
+    For t = 1..T (T = unroll_steps), call the model once on x_t: logits_t = model(x_t); then draw x_{t+1} from
+    softmax(logits_t) at temperature 1, one independent draw per position. Step t > 1 thus trains the model on
+    its own mistakes, which is what it meets when sampling from noise.
+    - loss: a scalar tensor with gradient, 1/T sum_t CE(logits_t, x_0), the cross-entropy averaged over all
+      tokens of the batch. Compute it from float32 logits (.float(): under bf16 autocast the softmax over V
+      needs fp32).
+    - accuracy: a scalar tensor, 1/T sum_t mean(argmax logits_t == x_0).
+    - Every random draw (the corruption and the samples) uses `generator`, on the logits' device. A sample is
+      ids: no gradient flows through it (draw it under torch.no_grad())."""
+    x = corrupt(tokens, vocab_size, generator)  # (B, h, w)
     losses, accuracy = [], 0.0
     for t in range(unroll_steps):
         logits = model(x).float()  # (B, h, w, V), upcast: the softmax and CE in fp32 under bf16 autocast
         losses.append(F.cross_entropy(logits.reshape(-1, vocab_size), tokens.reshape(-1)))
         accuracy = accuracy + (logits.argmax(-1) == tokens).float().mean() / unroll_steps
         if t < unroll_steps - 1:
-            with torch.no_grad():  # the sample is a constant input to the next step: no gradient through it
+            with torch.no_grad():  # the sample is a constant input to the next step
                 # Gumbel-max trick: argmax(logits + Gumbel noise) is an exact draw from softmax(logits). Unlike
                 # torch.multinomial it does not raise on NaN logits, so a diverging run reaches the NaN check
                 u = torch.rand(logits.shape, generator=generator, device=logits.device)  # (B, h, w, V)
@@ -147,7 +170,7 @@ def unrolled_loss(model, tokens, vocab_size, unroll_steps=2, generator=None, box
 MAX_VOCAB = 2**20  # the largest vocabulary accepted (the biggest VQ-GAN codebooks are 2**18 = 262144)
 
 def check_latents(array, vocab_size=0, name="latents"):
-    """Validate an (N, h, w) integer token array; returns V (given, or max id + 1). Raises ValueError."""
+    """Validate an (N, h, w) integer token array; returns V (given, or max id + 1); BadInput if not."""
     if array.ndim != 3:
         raise BadInput(f"{name} must be an (N, h, w) array of token ids, got shape {tuple(array.shape)}; "
                          f"write them with vqgan.py --encode or reshape to (N, h, w)")
@@ -220,9 +243,13 @@ def load_sundae(path, device="cpu"):
 # sampling (paper §3.5): sample.py and inpaint.py call it, and training itself (progress pictures, calibration)
 
 def draw(logits, tau, generator=None):
-    """One exact categorical draw per row of logits (K, V) at temperature tau (0 = the argmax), by inverting the
-    CDF: the first token whose cumulative probability exceeds u ~ U(0, total). It needs one uniform number per row,
-    not V (Gumbel-max), and at V = 8192 it is 5x faster on the CPU than torch.multinomial (measured)."""
+    """One categorical draw per row (paper §3.5): logits float (K, V), tau >= 0 -> ids int64 (K,).
+
+    Row k's id is drawn exactly from softmax(logits[k] / tau); tau = 0 means the argmax (greedy). K may be 0. A
+    token of probability 0 (logit -inf) is never drawn. Every random draw uses `generator` (None: torch's global
+    one), on the logits' device.
+    Here by inverting the CDF: the first token whose cumulative probability exceeds u ~ U(0, total), one uniform
+    number per row rather than V (Gumbel-max), 5x faster on the CPU than torch.multinomial at V = 8192."""
     if tau == 0 or len(logits) == 0:
         return logits.argmax(-1)
     cdf = torch.softmax(logits.float() / tau, dim=-1).double().cumsum(-1)  # float64: no drift over 8192 terms
@@ -253,11 +280,10 @@ def logits_where(model, x, where, labels=None, guidance=0.0):
 @torch.no_grad()
 def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10, init=None, known=None,
            generator=None, trajectory=None, device=None, bf16=None, labels=None, guidance=0.0):
-    """Draw n token grids; returns (tokens (n, h, w), steps_used (n,)).
+    """Draw n token grids with `model`; returns (tokens (n, h, w), steps_used (n,)). The loop itself is denoise.
 
     model: any module with vocab_size, height, width that maps (B, h, w) ids to (B, h, w, V) logits.
-    temperature, proportion: (start, end), interpolated linearly over the steps, exactly the start at step 0
-    and the end at step steps-1; temperature 0 means greedy (argmax); temperature None = the model's
+    temperature, proportion: (start, end) schedules (see denoise); temperature None = the model's
     default_temperature (load_sundae sets the one its training stored), else the paper's (1.0, 0.7);
     proportion None = default_proportion(steps).
     init: starting tokens (n, h, w) (default uniform random). known: bool or 0/1 (n, h, w); those positions
@@ -266,39 +292,69 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
     is given (default: the generator's device, else the model's, else the CPU; a parameter-free model works).
     bf16: run the network under bf16 autocast (default: on CUDA only); the logits stay fp32.
     labels: a class per sample (n,) for a class-conditional model (None: unconditional); guidance: the
-    classifier-free guidance weight w (0 = the conditional model as it is)."""
-    V, h, w = model.vocab_size, model.height, model.width
-    proportion = default_proportion(steps) if proportion is None else tuple(proportion)
-    if temperature is None:
-        temperature = getattr(model, "default_temperature", PAPER_TEMPERATURE)
-    check_schedule("temperature", tuple(temperature), 0.0, math.inf)
-    check_schedule("proportion", proportion, 0.0, 1.0)
-    if steps < 1 or n < 1:
-        raise BadInput(f"need at least one sample and one step, got n={n}, steps={steps}")
+    classifier-free guidance weight w (0 = the conditional model as it is). Bad arguments raise BadInput."""
+    temperature = getattr(model, "default_temperature", PAPER_TEMPERATURE) if temperature is None else temperature
+    proportion = default_proportion(steps) if proportion is None else proportion
+    check_sample_inputs(model, n, steps, tuple(temperature), tuple(proportion), init, known, labels)
     if device is None:
         device = init.device if init is not None else generator.device if generator is not None else \
             next(model.parameters(), torch.empty(0)).device
     device = torch.device(device)
     bf16 = device.type == "cuda" if bf16 is None else bf16
-    if init is None:
-        if known is not None:
-            raise BadInput("known positions need init tokens to keep")
-        x = torch.randint(V, (n, h, w), generator=generator, device=device)
-    else:
-        if tuple(init.shape) != (n, h, w):
-            raise BadInput(f"init tokens have shape {tuple(init.shape)}, expected (n, h, w) = {(n, h, w)}")
-        x = init.to(device).long().clone()
+    x = torch.randint(model.vocab_size, (n, model.height, model.width), generator=generator, device=device) \
+        if init is None else init.to(device).long().clone()
+    known = None if known is None else known.to(device).bool()  # a 0/1 integer mask works too
+    labels = None if labels is None else torch.as_tensor(labels, device=device).long().reshape(-1)
+
+    def logits_at(xa, where, active):  # the samples still active, the positions redrawn, their rows of x
+        with vqgan.autocast(device, bf16):  # the head stays fp32 inside, as in training
+            return logits_where(model, xa, where, None if labels is None else labels[active], guidance)
+
+    return denoise(logits_at, x, steps, tuple(temperature), tuple(proportion), min_steps, known, generator,
+                   trajectory)
+
+def check_sample_inputs(model, n, steps, temperature, proportion, init, known, labels):
+    """sample's arguments, checked before any work: BadInput naming the problem."""
+    check_schedule("temperature", temperature, 0.0, math.inf)
+    check_schedule("proportion", proportion, 0.0, 1.0)
+    if steps < 1 or n < 1:
+        raise BadInput(f"need at least one sample and one step, got n={n}, steps={steps}")
+    shape = (n, model.height, model.width)
+    if init is None and known is not None:
+        raise BadInput("known positions need init tokens to keep")
+    if init is not None and tuple(init.shape) != shape:
+        raise BadInput(f"init tokens have shape {tuple(init.shape)}, expected (n, h, w) = {shape}")
+    if known is not None and tuple(known.shape) != shape:
+        raise BadInput(f"known mask has shape {tuple(known.shape)}, the tokens {shape}")
+    classes = getattr(model, "num_classes", 0)
     if labels is not None:
-        labels = torch.as_tensor(labels, device=device).long().reshape(-1)
-        if len(labels) != n or not 0 <= int(labels.min()) <= int(labels.max()) < getattr(model, "num_classes", 0):
-            raise BadInput(f"labels must be n = {n} classes in [0, {getattr(model, 'num_classes', 0)}) of a "
-                           f"class-conditional model")
-    free = torch.ones(n, dtype=torch.bool, device=device)  # samples with at least one position that may change
-    if known is not None:
-        if tuple(known.shape) != tuple(x.shape):
-            raise BadInput(f"known mask has shape {tuple(known.shape)}, the tokens {tuple(x.shape)}")
-        known = known.to(device).bool()  # a 0/1 integer mask works too
-        free = (~known).flatten(1).any(1)
+        labels = torch.as_tensor(labels).reshape(-1)
+        if len(labels) != n or not 0 <= int(labels.min()) <= int(labels.max()) < classes:
+            raise BadInput(f"labels must be n = {n} classes in [0, {classes}) of a class-conditional model")
+
+def denoise(logits_at, x, steps, temperature, proportion, min_steps=10, known=None, generator=None,
+            trajectory=None):
+    """SUNDAE's sampler (paper §3.5, §3.6): parallel denoising steps with annealed schedules and per-sample
+    freezing. Returns (tokens int64 (n, h, w), steps_used int64 (n,)).
+
+    logits_at(xa, where, active) -> float logits (K, V): the network's logits for the grids xa (b, h, w) at the K
+    positions where the bool mask `where` (b, h, w) is set, in row-major order; `active` (b,) int64 are the rows
+    of x that xa holds. x: int64 (n, h, w), the starting tokens (not modified). known: bool (n, h, w) or None.
+    For each step s = 0 .. steps-1:
+    - temperature and proportion are (start, end) pairs, interpolated linearly: the start at s = 0, the end at
+      s = steps - 1 (the start alone when steps == 1).
+    - Only active samples take part (at first all n). Each of their positions is redrawn with probability
+      p_s (one uniform draw per position), never a known one; the redrawn positions take
+      draw(logits_at(...), tau_s, generator), all of them from one call.
+    - A sample has settled when this step redrew at least one of its positions and none of them changed,
+      or at once if it has no unknown position. After a step with s + 1 >= min_steps, settled samples are
+      frozen: they leave the active batch, so logits_at never sees them again. Stop when none is left.
+    - steps_used counts the steps each sample took part in. trajectory, if a list, receives a copy of all n
+      grids before the first step and after every step.
+    Every random draw uses `generator` (None: torch's global one), on x's device."""
+    x = x.clone()
+    n, device = len(x), x.device
+    free = torch.ones(n, dtype=torch.bool, device=device) if known is None else (~known).flatten(1).any(1)
     if trajectory is not None:
         trajectory.append(x.clone())
     active = torch.arange(n, device=device)  # samples still being denoised
@@ -312,14 +368,10 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
         if known is not None:
             update &= ~known[active]  # known tokens never change; the mask is indexed by `active` as the batch
             #                           shrinks, which the authors' code forgot
-        # a parallel draw from the model at every position that takes one (the others' draws would be thrown away)
-        with vqgan.autocast(device, bf16):  # the head stays fp32 inside, as in training
-            logits = logits_where(model, xa, update, None if labels is None else labels[active], guidance)  # (K, V)
         new = xa.clone()
-        new[update] = draw(logits, tau, generator)
-        # a sample is settled when this step redrew at least one of its positions and none of them changed; a
-        # step that happened to redraw nothing proves nothing (frequent with a small inpainting hole and p < 1).
-        # A sample without a free position is settled at once.
+        new[update] = draw(logits_at(xa, update, active), tau, generator)  # one parallel draw where redrawn
+        # settled: this step redrew at least one of its positions and none changed (a step that happened to redraw
+        # nothing proves nothing, frequent with a small inpainting hole and p < 1)
         redrawn, changed = update.flatten(1).any(1), (new != xa).flatten(1).any(1)  # (b,) each
         settled = (redrawn & ~changed) | ~free[active]
         x[active] = new
@@ -333,10 +385,15 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
     return x, steps_used
 
 def frechet_distance(a, b):
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to rows of a and b (numpy).
+    """The Frechet distance between Gaussians fitted to the rows of a and b (Heusel et al. 2017, FID).
 
-    tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), a symmetric PSD matrix, so
-    eigh suffices and no complex parts appear (unlike scipy.linalg.sqrtm in the FID reference code)."""
+    a, b: arrays (n_a, d) and (n_b, d) of feature rows (anything np.asarray takes) -> a Python float,
+    ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with mu the row means and S the unbiased sample
+    covariances (np.cov of the rows: divided by n - 1), in float64. tr((S_a S_b)^(1/2)) is the sum of the square
+    roots of the eigenvalues of S_a S_b, real and >= 0 for covariance matrices (clip rounding below 0), which in
+    general is not tr(S_a^(1/2) S_b^(1/2)).
+    Here via S_a^(1/2) S_b S_a^(1/2), which has the same eigenvalues and is symmetric PSD: eigh suffices and no
+    complex parts appear (unlike scipy.linalg.sqrtm in the FID reference code)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
@@ -500,7 +557,6 @@ def validate(model, array, val_idx, micro, tcfg, autocast, labels=None):
     return loss_sum / n, acc_sum / n
 
 @torch.no_grad()
-@torch.no_grad()
 def progress_samples(model, n, steps, generator, temperature=PAPER_TEMPERATURE):
     """The core of sample (uniform start, 32 parallel steps, half the positions each step), enough to watch training
     and independent of the sampler a course student may be writing."""
@@ -542,6 +598,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
          "ema": None if ema is None else ema.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
          "rng": torch.get_rng_state(), "log_window": [float(window[0]), float(window[1]), window[2]],
          "vqgan_id": vqgan_id, "class_names": class_names}, tcfg.out)
+    noise = partial(box_corrupt, share=tcfg.box_share) if tcfg.box_share else corrupt  # the paper's, by default
     stop = vqgan.stop_on_signals()  # Ctrl-C or SIGTERM: finish the step, save, exit
     V, tokens_per_step = mcfg.vocab_size, tcfg.batch_size * mcfg.height * mcfg.width
     if master:
@@ -563,16 +620,15 @@ def train(mcfg, tcfg, resume_ckpt=None):
         gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step)
         idx = torch.randint(len(train_idx), (tcfg.batch_size,), generator=gen)
         for m in range(tcfg.grad_accum):
-            gm = rank * tcfg.grad_accum + m  # global micro-batch number
-            tokens, lab = get_batch(array, train_idx[idx[gm * micro:(gm + 1) * micro]], device, labels)
-            gen = torch.Generator(device).manual_seed(noise_seed(tcfg.seed, step, gm))
+            g = rank * tcfg.grad_accum + m  # the micro-batch's number among all processes'
+            tokens, lab = get_batch(array, train_idx[idx[g * micro:(g + 1) * micro]], device, labels)
+            gen = torch.Generator(device).manual_seed(noise_seed(tcfg.seed, step, g))
             if lab is not None:  # label dropout: one network learns p(x | class) and p(x) (classifier-free guidance)
                 drop = torch.rand(len(lab), generator=gen, device=device) < tcfg.label_drop
                 lab = torch.where(drop, mcfg.num_classes, lab)
             with model.no_sync() if ddp and m < tcfg.grad_accum - 1 else nullcontext():  # all-reduce once, at the end
                 with autocast():  # the SUNDAE objective
-                    loss, acc = unrolled_loss(partial(model, labels=lab), tokens, V, tcfg.unroll_steps, gen,
-                                              tcfg.box_share)
+                    loss, acc = unrolled_loss(partial(model, labels=lab), tokens, V, tcfg.unroll_steps, gen, noise)
                 (loss / tcfg.grad_accum).backward()
             # statistics stay on the device: reading them (.item()) would wait for the GPU every step
             window[0] += loss.detach() / tcfg.grad_accum
@@ -588,7 +644,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
 
         log = step % tcfg.log_every == 0 or step == tcfg.max_steps
         if (log or step % tcfg.ckpt_every == 0) and not math.isfinite(float(window[0])):  # checked before saving
-            raise BadInput(f"loss is {float(window[0])} at step {step}; stopping ({vqgan.kept(tcfg.out)}); lower --lr "
+            raise BadInput(f"loss is {float(window[0])} at step {step}; stopping ({vqgan.checkpoints_left(tcfg.out)}); lower --lr "
                            f"or check the data")
         if log:  # one line per window: the mean over its steps (fewer than log_every at the end or after a resume)
             stats = torch.stack([torch.as_tensor(window[0]), torch.as_tensor(window[1])]).to(device) / window[2]

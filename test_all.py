@@ -9,10 +9,13 @@ Part 1 holds the maths, one section per course exercise; part 2 the other compon
 pipeline; part 4 the command lines as a user meets them; part 5 the GPU's code paths, run on the CPU.
 """
 import argparse
+import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,7 +59,7 @@ EXERCISES = {  # key: (file, function, a tiny call of it)
     "unrolled_loss": ("sundae.py", "unrolled_loss", lambda: sundae.unrolled_loss(
         lambda x: torch.zeros(*x.shape, 4), torch.zeros(1, 2, 2, dtype=torch.long), 4)),
     "draw": ("sundae.py", "draw", lambda: sundae.draw(torch.zeros(2, 3), 1.0)),
-    "sampler": ("sundae.py", "sample", lambda: sundae.sample(Shift(4, 2, 2), 1, steps=1, min_steps=1)),
+    "sampler": ("sundae.py", "denoise", lambda: sundae.sample(Shift(4, 2, 2), 1, steps=1, min_steps=1)),
     "token_mask": ("inpaint.py", "pixel_to_token_mask", lambda: inpaint.pixel_to_token_mask(torch.ones(1, 2, 2, dtype=torch.bool), 2)),
     "frechet": ("sundae.py", "frechet_distance", lambda: sundae.frechet_distance(np.eye(3), np.eye(3))),
 }
@@ -73,49 +76,557 @@ def needs(*keys):
             code = tb.tb_frame.f_code
             pytest.skip(f"needs the exercise {getattr(code, 'co_qualname', code.co_name)}, which is blank")
 
-def blank(source, qualname):
-    """The source with the body of function `qualname` (docstring kept) replaced by `raise NotImplementedError`,
-    as an instructor makes the student version."""
+def body_span(source, qualname):
+    """(first, last) line numbers (1-based) of the body of function `qualname` below its docstring."""
     import ast
-    lines = source.splitlines()
     node = ast.parse(source)
     for part in qualname.split("."):
         node = next(n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
     body = node.body[1:] if ast.get_docstring(node) else node.body
-    indent = lines[body[0].lineno - 1][:body[0].col_offset]
-    lines[body[0].lineno - 1:node.end_lineno] = [indent + "raise NotImplementedError"]
+    return body[0].lineno, node.end_lineno
+
+def replace_body(source, qualname, body):
+    """The source with the body of function `qualname` (docstring kept) replaced by `body` (unindented text)."""
+    lines = source.splitlines()
+    first, last = body_span(source, qualname)
+    indent = lines[first - 1][:len(lines[first - 1]) - len(lines[first - 1].lstrip())]
+    lines[first - 1:last] = [indent + line if line else line for line in body.strip("\n").splitlines()]
     return "\n".join(lines) + "\n"
+
+def blank(source, qualname):
+    """The student version of one exercise: its body replaced by `raise NotImplementedError`, docstring kept."""
+    return replace_body(source, qualname, "raise NotImplementedError")
+
+def mutate(source, qualnames, edits):
+    """The source with each (old, new) edit applied inside the bodies of the functions `qualnames` (a wrong answer
+    made from ours); each `old` must occur there exactly once, so a stale edit fails loudly."""
+    lines = source.splitlines(keepends=True)
+    spans = sorted(body_span(source, q) for q in qualnames)[::-1]
+    for old, new in edits:
+        hits = [span for span in spans if "".join(lines[span[0] - 1:span[1]]).count(old)]
+        assert len(hits) == 1 and "".join(lines[hits[0][0] - 1:hits[0][1]]).count(old) == 1, f"edit not unique: {old!r}"
+        first, last = hits[0]
+        text = "".join(lines[first - 1:last]).replace(old, new)
+        source = "".join(lines[:first - 1]) + text + "".join(lines[last:])
+        lines = source.splitlines(keepends=True)
+        spans = sorted(body_span(source, q) for q in qualnames)[::-1]
+    return source
+
+PROJECT = ("README.md", "requirements.txt", ".gitignore", ".ci", "assets", "docs", "vqgan.py", "hourglass.py",
+           "sundae.py", "sample.py", "inpaint.py", "test_all.py")  # what a copy of the project holds
+
+def project_copy(dest, edits=()):
+    """A copy of the project's files in dest (not what runs left in the repository), with edits
+    [(file, function(source) -> source)] applied."""
+    import shutil
+    shutil.copytree(HERE, dest, ignore=lambda d, names: [n for n in names if os.path.samefile(d, HERE) and
+                                                         n not in PROJECT or n == "__pycache__"])
+    for file, edit in edits:
+        path = os.path.join(dest, file)
+        with open(path) as f:
+            source = f.read()
+        with open(path, "w") as f:
+            f.write(edit(source))
+    return dest
+
+def pytest_in(cwd, *args):
+    """Run the suite (or part of it: args) in a copy of the project -> (exit status, failures [(test, first line of
+    the error)], seconds). One thread per process: two run side by side."""
+    import re
+    t = time.time()
+    res = subprocess.run([sys.executable, "-m", "pytest", "test_all.py", "-q", "-p", "no:cacheprovider", "-rfE",
+                          *args], cwd=cwd, capture_output=True, text=True,
+                         env={**os.environ, "SLOW": "0", "OMP_NUM_THREADS": "1", "COLUMNS": "1000"})
+    failures = re.findall(r"^(?:FAILED|ERROR) test_all.py::(\S+)(?: - (.*))?$", res.stdout, re.M)
+    return res.returncode, failures, time.time() - t
 
 def exercise_table(workdir, keys=None, workers=2):
     """For each exercise: blank it in a copy of the project, run the suite, and count the failures among the tests
     `-k KEY` selects and elsewhere -> {key: (selected, failed among them, failed elsewhere, seconds of -k KEY)}."""
     import re
-    import shutil
     from concurrent.futures import ThreadPoolExecutor
-    env = {**os.environ, "SLOW": "0", "OMP_NUM_THREADS": "1"}
-
-    def pytest_run(cwd, *args):
-        t = time.time()
-        res = subprocess.run([sys.executable, "-m", "pytest", "test_all.py", "-q", "-p", "no:cacheprovider", "-rfE",
-                              *args], cwd=cwd, capture_output=True, text=True, env=env)
-        return res.stdout, time.time() - t
 
     def one(key):
         file, funcs, _ = EXERCISES[key]
-        d = os.path.join(workdir, key)
-        shutil.copytree(HERE, d, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.pt", "*.npy"))
-        source = open(os.path.join(d, file)).read()
-        for f in funcs.split():
-            source = blank(source, f)
-        open(os.path.join(d, file), "w").write(source)
-        selected = set(re.findall(r"^test_all.py::(\S+)", pytest_run(d, "--collect-only", "-k", key)[0], re.M))
-        _, seconds = pytest_run(d, "-k", key)
-        failed = {n.split("[")[0] for n in re.findall(r"^(?:FAILED|ERROR) test_all.py::(\S+)", pytest_run(d)[0], re.M)}
-        selected = {n.split("[")[0] for n in selected}
+        d = project_copy(os.path.join(workdir, key), [(file, lambda s: functools.reduce(blank, funcs.split(), s))])
+        collected = subprocess.run([sys.executable, "-m", "pytest", "test_all.py", "-q", "-p", "no:cacheprovider",
+                                    "--collect-only", "-k", key], cwd=d, capture_output=True, text=True).stdout
+        selected = {n.split("[")[0] for n in re.findall(r"^test_all.py::(\S+)", collected, re.M)}
+        _, _, seconds = pytest_in(d, "-k", key)
+        failed = {name.split("[")[0] for name, _ in pytest_in(d)[1]}
         return key, (len(selected), len(failed & selected), sorted(failed - selected), seconds)
 
     with ThreadPoolExecutor(workers) as pool:
         return dict(pool.map(one, keys or list(EXERCISES)))
+
+def answer_table(workdir, workers=2):
+    """ANSWERS checked: each right answer against its section, each wrong one against its section, and the whole
+    suite once per round of right answers (round i: every exercise's i-th right answer at once) ->
+    (rows [(key, "right" or "wrong", name, exit status, failures)], {round: (exit status, failures)})."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    def edits_for(key, answer):
+        file, funcs, _ = EXERCISES[key]
+        bodies = answer if isinstance(answer, dict) else {funcs: answer}
+        if isinstance(answer, list):  # a wrong answer: edits of ours
+            return [(file, lambda s: mutate(s, funcs.split(), answer))]
+        return [(file, lambda s, q=q, b=b: replace_body(s, q, b)) for q, b in bodies.items()]
+
+    jobs = [(key, "right", f"right {i + 1}", a) for key, v in ANSWERS.items() for i, a in enumerate(v["right"])]
+    jobs += [(key, "wrong", name, a) for key, v in ANSWERS.items() for name, a in v["wrong"].items()]
+
+    def one(job):
+        key, kind, name, answer = job
+        d = project_copy(os.path.join(workdir, re.sub(r"\W+", "_", f"{key} {name}")), edits_for(key, answer))
+        status, failures, _ = pytest_in(d, "-k", key)
+        return key, kind, name, status, failures
+
+    def suite(i):
+        edits = [e for key, v in ANSWERS.items() for e in edits_for(key, v["right"][i])]
+        return i, pytest_in(project_copy(os.path.join(workdir, f"suite-{i}"), edits))[:2]
+
+    with ThreadPoolExecutor(workers) as pool:
+        rows = list(pool.map(one, jobs))
+        suites = dict(pool.map(suite, range(2)))
+    return rows, suites
+
+def named_failure(failures):
+    """Whether a section's failures name the property: an error line that is not pytest's bare `assert ...` dump."""
+    return bool(failures) and all(msg and not msg.startswith(("AssertionError: assert", "assert ")) and
+                                  msg.strip() != "AssertionError" for _, msg in failures)
+
+# The exercise table: for each exercise, answers a student might write. "right": bodies in other styles, each of
+# which must pass its section and the whole suite; "wrong": plausible mistakes, each a few (old, new) edits of our
+# own answer, which its section must reject with a message that names the property. SLOW=1 ... -k answers runs it.
+ANSWERS = {
+    "vector_quantizer": {
+        "right": ['''
+B, D, h, w = z.shape
+with torch.autocast(z.device.type, enabled=False):
+    ze = self.project(z.float())
+    codes = self.codes()
+    indices = torch.cdist(ze, codes).argmin(dim=1)
+    e = codes[indices]
+    loss = (e - ze.detach()).pow(2).mean() + self.beta * (ze - e.detach()).pow(2).mean()
+    zq = self.proj_out(ze + (e - ze).detach())
+return zq.reshape(B, h, w, D).permute(0, 3, 1, 2), indices.view(B, h, w), loss
+''', '''
+B, D, h, w = z.shape
+with torch.autocast(z.device.type, enabled=False):
+    flat = self.project(z.float())  # (N, d)
+    diff = flat[:, None, :] - self.codes()[None]  # (N, V, d)
+    indices = diff.pow(2).sum(-1).argmin(-1)
+    chosen = F.embedding(indices, self.codes())
+    codebook_loss, commitment = F.mse_loss(chosen, flat.detach()), F.mse_loss(flat, chosen.detach())
+    out = self.proj_out(flat + (chosen - flat).detach()).reshape(B, h, w, D).permute(0, 3, 1, 2)
+return out, indices.reshape(B, h, w), codebook_loss + self.beta * commitment
+'''],
+        "wrong": {
+            "beta on the codebook term": [(
+                "loss = F.mse_loss(e_sel, ze.detach()) + self.beta * F.mse_loss(ze, e_sel.detach())",
+                "loss = self.beta * F.mse_loss(e_sel, ze.detach()) + F.mse_loss(ze, e_sel.detach())")],
+            "no straight-through estimator": [("zq = ze + (e_sel - ze).detach()", "zq = e_sel")],
+            "straight-through around the projections": [(
+                "zq = ze + (e_sel - ze).detach()\n            zq = self.proj_out(zq)  # (N, D)",
+                "zf = z.float().permute(0, 2, 3, 1).reshape(-1, D)\n            zq = zf + (self.proj_out(e_sel) - zf).detach()")],
+            "farthest code (argmax)": [("indices = dist2.argmin(1)", "indices = dist2.argmax(1)")],
+            "distance without ||e||^2": [(
+                "dist2 = ze.pow(2).sum(1, keepdim=True) - 2 * ze @ e.t() + e.pow(2).sum(1)[None]",
+                "dist2 = ze.pow(2).sum(1, keepdim=True) - 2 * ze @ e.t()")],
+            "distances in bf16 under autocast": [(
+                "with torch.autocast(z.device.type, enabled=False):  # distances in fp32",
+                "with nullcontext():  # distances in fp32")],
+        },
+    },
+    "lfq": {
+        "right": ['''
+B, D, h, w = z.shape
+with torch.autocast(z.device.type, enabled=False):
+    flat = z.float().movedim(1, -1).reshape(-1, D)
+    bits = flat > 0
+    q = bits.float() * 2 - 1
+    indices = (bits.long() << torch.arange(D, device=z.device)).sum(-1)
+    d2 = (flat[:, None, :] - self.codes()[None]).pow(2).sum(-1)
+    p = F.softmax(-d2 / self.temperature, dim=-1)
+    entropy = lambda p: -(p * (p + 1e-8).log()).sum(-1)
+    loss = self.beta * F.mse_loss(flat, q) + self.entropy_weight * (entropy(p).mean() - entropy(p.mean(0)))
+    zq = flat + (q - flat).detach()
+return zq.reshape(B, h, w, D).movedim(-1, 1), indices.reshape(B, h, w), loss
+''', '''
+with torch.autocast(z.device.type, enabled=False):
+    x = z.float().permute(0, 2, 3, 1)  # (B, h, w, bits)
+    q = torch.ones_like(x).masked_fill(x <= 0, -1.0)
+    indices = ((x > 0).long() * self.powers).sum(-1)  # (B, h, w)
+    flat = x.reshape(-1, self.bits)
+    p = torch.softmax(-torch.cdist(flat, self.codes()).pow(2) / self.temperature, dim=1)
+    H = lambda p: -(p * p.clamp_min(1e-8).log()).sum(-1)  # p kept away from 0 inside the log
+    entropy_term = H(p).mean() - H(p.mean(0))
+    loss = self.beta * (x - q).pow(2).mean() + self.entropy_weight * entropy_term
+    out = (x + (q - x).detach()).permute(0, 3, 1, 2)
+return out, indices, loss
+'''],
+        "wrong": {
+            "bits in reverse order": [("indices = ((z > 0).long() * self.powers).sum(1)",
+                                       "indices = ((z > 0).long() * self.powers.flip(0)).sum(1)")],
+            "entropy halves swapped": [("(per_sample - batch)", "(batch - per_sample)")],
+            "no straight-through estimator": [("zq = z + (q - z).detach()", "zq = q")],
+            "sign(0) = 0": [("q = torch.where(z > 0, 1.0, -1.0)", "q = torch.sign(z)")],
+            "log(p) without the 1e-8": [("per_sample = -(p * torch.log(p + 1e-8)).sum(1).mean()",
+                                         "per_sample = torch.special.entr(p).sum(1).mean()")],
+        },
+    },
+    "hinge": {
+        "right": ['''
+return (torch.clamp(1 - logits_real, min=0).mean() + torch.clamp(1 + logits_fake, min=0).mean()) / 2
+''', '''
+loss_real = torch.mean(F.relu(1.0 - logits_real))
+loss_fake = torch.mean(F.relu(1.0 + logits_fake))
+return 0.5 * (loss_real + loss_fake)
+'''],
+        "wrong": {
+            "signs swapped": [("F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()",
+                               "F.relu(1.0 + logits_real).mean() + F.relu(1.0 - logits_fake).mean()")],
+            "no 1/2": [("return 0.5 * (F.relu(1.0 - logits_real)", "return 1.0 * (F.relu(1.0 - logits_real)")],
+            "one mean over both sets": [(
+                "return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())",
+                "return torch.cat([F.relu(1.0 - logits_real).flatten(), F.relu(1.0 + logits_fake).flatten()]).mean()")],
+            "sums instead of means": [("F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()",
+                                       "F.relu(1.0 - logits_real).sum() + F.relu(1.0 + logits_fake).sum()")],
+        },
+    },
+    "adaptive_weight": {
+        "right": ['''
+g_rec, = torch.autograd.grad(rec_loss, [last_layer], retain_graph=True)
+g_gan, = torch.autograd.grad(g_loss, [last_layer], retain_graph=True)
+lam = torch.linalg.vector_norm(g_rec.float()) / (torch.linalg.vector_norm(g_gan.float()) + 1e-4)
+return torch.clamp(lam, 0.0, 1e4).detach()
+''', '''
+grads = [torch.autograd.grad(loss, last_layer, retain_graph=True)[0].float() for loss in (rec_loss, g_loss)]
+with torch.no_grad():
+    return (grads[0].norm() / (grads[1].norm() + 1e-4)).clamp(min=0.0, max=1e4)
+'''],
+        "wrong": {
+            "ratio inverted": [("g_rec.float().norm() / (g_gan.float().norm() + 1e-4)",
+                                "g_gan.float().norm() / (g_rec.float().norm() + 1e-4)")],
+            "no clamp": [(".clamp(0.0, 1e4).detach()", ".detach()")],
+            "squared norms": [("g_rec.float().norm() / (g_gan.float().norm() + 1e-4)",
+                               "g_rec.float().pow(2).sum() / (g_gan.float().pow(2).sum() + 1e-4)")],
+            "graph not retained": [("torch.autograd.grad(rec_loss, last_layer, retain_graph=True)",
+                                    "torch.autograd.grad(rec_loss, last_layer)")],
+        },
+    },
+    "rope": {
+        "right": ['''
+B, H, N, D = x.shape
+n_pairs = D // 4
+freqs = base ** (-torch.arange(n_pairs, dtype=torch.float32, device=x.device) / n_pairs)
+row = (torch.arange(h, device=x.device).float() + 0.5) * stride - 0.5
+col = (torch.arange(w, device=x.device).float() + 0.5) * stride - 0.5
+r, c = torch.meshgrid(row, col, indexing="ij")
+angles = torch.cat([r.reshape(-1, 1) * freqs, c.reshape(-1, 1) * freqs], dim=-1)  # (N, D/2)
+xc = torch.view_as_complex(x.float().reshape(B, H, N, D // 2, 2).contiguous())
+out = torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles))
+return out.reshape(B, H, N, D).to(x.dtype)
+''', '''
+B, H, N, D = x.shape
+q = D // 4
+idx = torch.arange(N, device=x.device)
+out = x.float().clone()
+for half, pos in ((0, idx // w), (1, idx % w)):
+    p = (pos.float() + 0.5) * stride - 0.5  # (N,)
+    for j in range(q):
+        t = p * base ** (-j / q)
+        i_a, i_b = 2 * (half * q + j), 2 * (half * q + j) + 1
+        a, b = x[..., i_a].float(), x[..., i_b].float()
+        out[..., i_a] = a * torch.cos(t) - b * torch.sin(t)
+        out[..., i_b] = a * torch.sin(t) + b * torch.cos(t)
+return out.to(x.dtype)
+'''],
+        "wrong": {
+            "clockwise rotation": [("out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)",
+                                    "out = torch.stack([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)")],
+            "n_pairs = head_dim / 2 in the frequencies": [(
+                "dtype=torch.float32) / n_pairs)  # (D/4,)", "dtype=torch.float32) / (D // 2))  # (D/4,)")],
+            "coarse tokens at the patch corner": [("pos = (torch.arange(max(h, w), device=x.device, dtype=torch.float32) "
+                                                   "+ 0.5) * stride - 0.5",
+                                                   "pos = torch.arange(max(h, w), device=x.device, dtype=torch.float32) "
+                                                   "* stride")],
+            "both halves by row": [("angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)",
+                                    "angles = torch.cat([rows[:, None] * freqs, rows[:, None] * freqs], dim=1)")],
+            "stride ignored": [("+ 0.5) * stride - 0.5", "+ 0.5) - 0.5")],
+        },
+    },
+    "resampling": {
+        "right": [{"Downsample2D.forward": '''
+B, N, D = x.shape
+grid = x.transpose(1, 2).reshape(B, D, h, w)
+patches = F.pixel_unshuffle(grid, self.k)  # (B, D k k, h/k, w/k)
+return self.proj(patches.flatten(2).transpose(1, 2))
+''', "Upsample2D.forward": '''
+B, M, D = x.shape
+y = self.proj(x).transpose(1, 2).reshape(B, D * self.k * self.k, h // self.k, w // self.k)
+return F.pixel_shuffle(y, self.k).flatten(2).transpose(1, 2)  # (B, h w, D)
+'''}, {"Downsample2D.forward": '''
+B, N, D = x.shape
+k = self.k
+grid = x.reshape(B, h, w, D)
+pieces = [grid[:, i::k, j::k] for i in range(k) for j in range(k)]  # each (B, h/k, w/k, D)
+return self.proj(torch.cat(pieces, dim=-1).reshape(B, -1, k * k * D))
+''', "Upsample2D.forward": '''
+B, M, D = x.shape
+k = self.k
+pieces = self.proj(x).reshape(B, h // k, w // k, k * k, D)
+out = pieces.new_zeros(B, h, w, D)
+for i in range(k):
+    for j in range(k):
+        out[:, i::k, j::k] = pieces[:, :, :, i * k + j]
+return out.reshape(B, h * w, D)
+'''}],
+        "wrong": {
+            "row strips (no permute when merging)": [(
+                "x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, w/k, k, k, D): the k x k patch next to each other",
+                "x = x  # (B, h/k, w/k, k, k, D): the k x k patch next to each other")],
+            "rows and columns swapped when merging": [("x = x.reshape(B, h // k, k, w // k, k, D)",
+                                                       "x = x.reshape(B, w // k, k, h // k, k, D)")],
+            "patches laid out as strips when splitting": [(
+                "x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, k, w/k, k, D)", "x = x  # (B, h/k, k, w/k, k, D)")],
+            "coarse grid read as w x h when splitting": [(
+                "x = self.proj(x).reshape(B, h // k, w // k, k, k, D)",
+                "x = self.proj(x).reshape(B, w // k, h // k, k, k, D)")],
+        },
+    },
+    "hourglass_level": {
+        "right": ['''
+y = self.run(self.pre, x, h, w, stride)
+if self.inner is not None:
+    k = self.k
+    coarse = self.inner(self.down(y, h, w), h // k, w // k, stride * k)
+    y = self.run(self.post, y + self.up(coarse, h, w), h, w, stride)
+return y
+''', '''
+x = self.run(self.pre, x, h, w, stride)
+if self.inner is None:
+    return x
+valley = self.inner(self.down(x, h, w), h // self.k, w // self.k, stride=self.k * stride)
+lengthened = self.up(valley, h, w)
+return self.run(self.post, lengthened + x, h, w, stride)
+'''],
+        "wrong": {
+            "skip taken before the pre blocks": [
+                ("x = self.run(self.pre, x, h, w, stride)  # (B, h*w, D)",
+                 "skip, x = x, self.run(self.pre, x, h, w, stride)  # (B, h*w, D)"),
+                ("        skip = x\n        x = self.down(x, h, w)", "        x = self.down(x, h, w)")],
+            "no skip": [("x = self.up(x, h, w) + skip", "x = self.up(x, h, w)")],
+            "stride not multiplied down the levels": [("x = self.inner(x, h // self.k, w // self.k, stride * self.k)",
+                                                       "x = self.inner(x, h // self.k, w // self.k, self.k)")],
+        },
+    },
+    "corrupt": {
+        "right": ['''
+B = tokens.shape[0]
+alpha = torch.rand(B, generator=generator, device=tokens.device).view(-1, *[1] * (tokens.dim() - 1))
+mask = torch.rand(tokens.shape, generator=generator, device=tokens.device) < alpha
+random_ids = torch.randint(0, vocab_size, tokens.shape, generator=generator, device=tokens.device)
+out = tokens.clone()
+out[mask] = random_ids[mask]
+return out
+''', '''
+out = tokens.clone()
+for b in range(len(tokens)):  # one rate per sequence
+    rate = torch.rand((), generator=generator, device=tokens.device)
+    hit = torch.rand(tokens[b].shape, generator=generator, device=tokens.device) < rate
+    out[b][hit] = torch.randint(vocab_size, (int(hit.sum()),), generator=generator, device=tokens.device)
+return out
+'''],
+        "wrong": {
+            "one rate for the whole batch": [("alpha = torch.rand(B, *[1] *", "alpha = torch.rand(1, *[1] *")],
+            "a rate per token": [("alpha = torch.rand(B, *[1] * (tokens.dim() - 1),",
+                                  "alpha = torch.rand(tokens.shape,")],
+            "replacement never its own id": [(
+                "noise = torch.randint(vocab_size, tokens.shape, generator=generator, device=tokens.device)",
+                "noise = (tokens + torch.randint(1, vocab_size, tokens.shape, generator=generator, "
+                "device=tokens.device)) % vocab_size")],
+            "noise from the global generator": [(
+                "noise = torch.randint(vocab_size, tokens.shape, generator=generator, device=tokens.device)",
+                "noise = torch.randint(vocab_size, tokens.shape, device=tokens.device)")],
+        },
+    },
+    "unrolled_loss": {
+        "right": ['''
+x = corrupt(tokens, vocab_size, generator)
+losses, accs = [], []
+for t in range(unroll_steps):
+    logits = model(x).float()
+    losses.append(F.cross_entropy(logits.flatten(0, -2), tokens.flatten()))
+    accs.append((logits.argmax(-1) == tokens).float().mean())
+    with torch.no_grad():
+        probs = logits.softmax(-1).flatten(0, -2)
+        x = torch.multinomial(probs, 1, generator=generator).view_as(tokens)
+return sum(losses) / unroll_steps, sum(accs) / unroll_steps
+''', '''
+x = corrupt(tokens, vocab_size, generator)
+total_loss, total_acc = 0.0, 0.0
+for step in range(1, unroll_steps + 1):
+    logits = model(x).float()  # (B, h, w, V)
+    logp = logits.log_softmax(-1)
+    total_loss = total_loss - logp.gather(-1, tokens.unsqueeze(-1)).mean()
+    total_acc = total_acc + logits.argmax(-1).eq(tokens).float().mean()
+    if step < unroll_steps:  # exponential race: argmax p / E, E ~ Exp(1), is a draw from p
+        race = torch.empty_like(logp).exponential_(generator=generator)
+        x = (logp.detach() - race.log()).argmax(-1)
+return total_loss / unroll_steps, total_acc / unroll_steps
+'''],
+        "wrong": {
+            "the last step's loss only": [("return torch.stack(losses).mean(), accuracy", "return losses[-1], accuracy")],
+            "the sum over steps": [("return torch.stack(losses).mean(), accuracy",
+                                    "return torch.stack(losses).sum(), accuracy")],
+            "greedy instead of a sample": [("x = (logits - torch.log(-torch.log(u))).argmax(-1)",
+                                            "x = logits.argmax(-1)")],
+            "each step re-corrupts x_0": [("x = (logits - torch.log(-torch.log(u))).argmax(-1)",
+                                           "x = corrupt(tokens, vocab_size, generator)")],
+            "samples from the global generator": [(
+                "u = torch.rand(logits.shape, generator=generator, device=logits.device)",
+                "u = torch.rand(logits.shape, device=logits.device)")],
+        },
+    },
+    "draw": {
+        "right": ['''
+if tau == 0 or len(logits) == 0:
+    return logits.argmax(-1)
+probs = torch.softmax(logits.float() / tau, dim=-1)
+return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+''', '''
+if tau == 0:
+    return logits.argmax(-1)
+u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_min(1e-20)
+return (logits.float() / tau - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max
+'''],
+        "wrong": {
+            "temperature multiplies": [("cdf = torch.softmax(logits.float() / tau, dim=-1)",
+                                        "cdf = torch.softmax(logits.float() * tau, dim=-1)")],
+            "uniforms from the global generator": [("u = torch.rand(len(cdf), 1, generator=generator, ",
+                                                    "u = torch.rand(len(cdf), 1, ")],
+            "always greedy": [("if tau == 0 or len(logits) == 0:\n        return logits.argmax(-1)\n    cdf",
+                               "if True:\n        return logits.argmax(-1)\n    cdf")],
+        },
+    },
+    "sampler": {
+        "right": ['''
+x = x.clone()
+n = len(x)
+frozen = torch.zeros(n, dtype=torch.bool, device=x.device)
+used = torch.zeros(n, dtype=torch.long, device=x.device)
+unknown = torch.ones_like(x, dtype=torch.bool) if known is None else ~known
+if trajectory is not None:
+    trajectory.append(x.clone())
+for s in range(steps):
+    active = (~frozen).nonzero().squeeze(1)
+    if len(active) == 0:
+        break
+    t = s / max(steps - 1, 1)
+    tau = (1 - t) * temperature[0] + t * temperature[1]
+    p = (1 - t) * proportion[0] + t * proportion[1]
+    cur = x[active]
+    where = (torch.rand(cur.shape, generator=generator, device=x.device) < p) & unknown[active]
+    proposal = cur.clone()
+    proposal[where] = draw(logits_at(cur, where, active), tau, generator)
+    no_change = (proposal == cur).all(-1).all(-1) & where.any(-1).any(-1)
+    nothing_free = ~unknown[active].any(-1).any(-1)
+    x[active] = proposal
+    used[active] += 1
+    if trajectory is not None:
+        trajectory.append(x.clone())
+    if s + 1 >= min_steps:
+        frozen[active] = no_change | nothing_free
+return x, used
+''', '''
+x, n = x.clone(), len(x)
+steps_used = x.new_zeros(n)
+alive = torch.arange(n, device=x.device)
+has_hole = torch.ones(n, dtype=torch.bool, device=x.device) if known is None else ~known.reshape(n, -1).all(1)
+if trajectory is not None:
+    trajectory.append(x.clone())
+s = 0
+while s < steps and alive.numel() > 0:
+    frac = s / (steps - 1) if steps > 1 else 0.0
+    tau, p = (a + (b - a) * frac for a, b in (temperature, proportion))
+    old = x[alive]
+    redraw = torch.rand(old.shape, generator=generator, device=x.device) < p
+    if known is not None:
+        redraw = redraw & ~known[alive]
+    fresh = old.clone()
+    fresh[redraw] = draw(logits_at(old, redraw, alive), tau, generator)
+    x[alive] = fresh
+    steps_used[alive] += 1
+    if trajectory is not None:
+        trajectory.append(x.clone())
+    b = len(old)
+    settled = (redraw.reshape(b, -1).any(1) & (fresh == old).reshape(b, -1).all(1)) | ~has_hole[alive]
+    s += 1
+    if s >= min_steps:
+        alive = alive[~settled]
+return x, steps_used
+'''],
+        "wrong": {
+            "freezing before min_steps": [("if s + 1 >= min_steps:", "if True:")],
+            "a step that redrew nothing counts as settled": [("settled = (redrawn & ~changed) | ~free[active]",
+                                                              "settled = ~changed | ~free[active]")],
+            "the known mask not re-indexed as samples freeze": [("update &= ~known[active]",
+                                                                 "update &= ~known[:len(xa)]")],
+            "the schedules never reach their end": [("frac = s / (steps - 1) if steps > 1 else 0.0",
+                                                     "frac = s / steps")],
+            "frozen samples stay in the batch": [("active = active[~settled]  # a settled sample",
+                                                  "active = active[:0] if settled.all() else active  # a settled sample")],
+            "every position redrawn whatever the proportion": [(
+                "update = torch.rand(xa.shape, generator=generator, device=device) < p",
+                "update = torch.ones_like(xa, dtype=torch.bool)")],
+        },
+    },
+    "token_mask": {
+        "right": ['''
+unknown = (~known_pixels).float()[:, None]  # (B, 1, H, W)
+return torch.nn.functional.max_pool2d(unknown, f)[:, 0] == 0
+''', '''
+return known_pixels.unfold(1, f, f).unfold(2, f, f).flatten(-2).all(-1)
+'''],
+        "wrong": {
+            "any pixel instead of all": [("return cells.all(dim=4).all(dim=2)", "return cells.any(dim=4).any(dim=2)")],
+            "cells from a plain reshape": [("cells = known_pixels.reshape(B, H // f, f, W // f, f)",
+                                            "cells = known_pixels.reshape(B, H // f, W // f, f, f).transpose(2, 3)")],
+            "a majority of the cell": [("return cells.all(dim=4).all(dim=2)",
+                                        "return cells.float().mean((2, 4)) > 0.5")],
+        },
+    },
+    "frechet": {
+        "right": ['''
+a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+Sa, Sb = np.atleast_2d(np.cov(a.T)), np.atleast_2d(np.cov(b.T))
+ev = np.linalg.eigvals(Sa @ Sb).real.clip(min=0)
+return float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(Sa) + np.trace(Sb) - 2 * np.sqrt(ev).sum())
+''', '''
+def cov_and_root(x):
+    S = np.atleast_2d(np.cov(np.asarray(x, float), rowvar=False))
+    w, V = np.linalg.eigh(S)
+    return S, (V * np.sqrt(np.maximum(w, 0))) @ V.T
+(Sa, ra), (Sb, rb) = cov_and_root(a), cov_and_root(b)
+cross = np.linalg.norm(ra @ rb, ord="nuc")  # singular values of Sa^1/2 Sb^1/2: sqrt(eigenvalues of Sa Sb)
+mean_gap = np.asarray(a, float).mean(0) - np.asarray(b, float).mean(0)
+return float(mean_gap @ mean_gap + np.trace(Sa) + np.trace(Sb) - 2 * cross)
+'''],
+        "wrong": {
+            "tr(Sa^1/2 Sb^1/2)": [
+                ("m = sqrt_a @ cov_b @ sqrt_a", "m = sqrt_a @ (lambda e, U: (U * np.sqrt(np.clip(e, 0, None))) @ U.T)("
+                 "*np.linalg.eigh(cov_b))"),
+                ("tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()", "tr_sqrt = np.trace(m)")],
+            "no factor 2": [("- 2 * tr_sqrt", "- tr_sqrt")],
+            "biased covariances": [(
+                "np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))",
+                "np.atleast_2d(np.cov(a, rowvar=False, bias=True)), np.atleast_2d(np.cov(b, rowvar=False, bias=True))")],
+            "mean distance not squared": [("((mu_a - mu_b) ** 2).sum()", "np.linalg.norm(mu_a - mu_b)")],
+        },
+    },
+}
 
 # ==========================================================================================================
 # Part 1: the maths, one section per course exercise. No fixtures: `-k KEY` runs a section in seconds.
@@ -129,10 +640,27 @@ def test_vector_quantizer_forward_is_the_code_and_its_gradient_is_the_identity()
     q = vqgan.VectorQuantizer(16, 4)  # class defaults: the textbook VQ-VAE quantizer
     z = torch.randn(2, 4, 3, 5, requires_grad=True)
     zq, idx, _ = q(z)
-    assert torch.allclose(zq, q.lookup(idx), atol=1e-6)  # forward value is the looked-up code (z + (e - z) rounds)
+    assert idx.shape == (2, 3, 5) and idx.dtype == torch.int64, "indices must be int64 (B, h, w)"
+    assert torch.allclose(zq, q.lookup(idx), atol=1e-6), "the forward value z_q must be the looked-up code"
     upstream = torch.randn_like(zq)
     (zq * upstream).sum().backward()
-    assert torch.equal(z.grad, upstream)  # exactly the upstream gradient
+    assert z.grad is not None and torch.allclose(z.grad, upstream, atol=1e-6), \
+        "straight-through: dL/dz must equal dL/dz_q exactly (z_q = ze + (e - ze).detach())"
+
+def test_vector_quantizer_straight_through_gradient_passes_the_projections():
+    # with code_dim the lookup happens between proj_in and proj_out: the straight-through gradient is that of
+    # proj_out(proj_in(z)), a linear map here (no l2_norm), so dL/dz = W_in^T W_out^T dL/dz_q at every position
+    torch.manual_seed(0)
+    q = vqgan.VectorQuantizer(16, 4, code_dim=3)
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    zq, _, _ = q(z)
+    g = torch.randn_like(zq)
+    (zq * g).sum().backward()
+    W = q.proj_out.weight @ q.proj_in.weight  # (4, 4): d proj_out(proj_in(z)) / dz
+    expect = torch.einsum("ij,bihw->bjhw", W, g)
+    assert z.grad is not None and torch.allclose(z.grad, expect, atol=1e-6), \
+        "the straight-through gradient must flow through proj_out and proj_in (z_q = ze + (e - ze).detach())"
+    assert q.proj_in.weight.grad.abs().sum() > 0, "proj_in must receive a gradient from z_q"
 
 def test_vector_quantizer_loss_puts_beta_on_the_commitment_term():
     torch.manual_seed(0)
@@ -144,13 +672,12 @@ def test_vector_quantizer_loss_puts_beta_on_the_commitment_term():
     e = q.codebook.detach()[idx.flatten()]
     n = zf.numel()
     expect_z = (2 * 0.25 * (zf - e) / n).reshape(2, 3, 3, 4).permute(0, 3, 1, 2)
-    assert torch.allclose(z.grad, expect_z, atol=1e-7)  # encoder gradient: 2 beta (z - e) / numel
+    assert z.grad is not None and torch.allclose(z.grad, expect_z, atol=1e-7), \
+        "the loss's gradient on z must be the commitment term's, 2 beta (z - e) / numel (beta on the encoder term)"
     expect_cb = torch.zeros_like(q.codebook)
     expect_cb.index_add_(0, idx.flatten(), 2 * (e - zf) / n)  # codebook gradient: 2 (e - z) / numel, used codes
-    assert torch.allclose(q.codebook.grad, expect_cb, atol=1e-7)
-    unused = torch.ones(64, dtype=torch.bool)
-    unused[idx.flatten()] = False
-    assert unused.any() and (q.codebook.grad[unused] == 0).all()
+    assert torch.allclose(q.codebook.grad, expect_cb, atol=1e-7), \
+        "the loss's gradient on the chosen codes must be the codebook term's, 2 (e - z) / numel (weight 1)"
 
 def test_vector_quantizer_picks_the_float64_nearest_code_and_lookup_round_trips():
     torch.manual_seed(0)
@@ -159,15 +686,25 @@ def test_vector_quantizer_picks_the_float64_nearest_code_and_lookup_round_trips(
         q.codebook.data.normal_()
         z = torch.randn(3, 8, 4, 4)
         zq, idx, _ = q(z)
-        ze = q.proj_in(z.permute(0, 2, 3, 1).reshape(-1, 8)).double()
-        if kw.get("l2_norm"):
-            ze = F.normalize(ze, dim=1)
+        ze = q.project(z).double()
         brute = torch.cdist(ze, q.codes().double()).argmin(1)
-        assert torch.equal(idx.flatten(), brute)
-        assert torch.allclose(q.lookup(idx), zq, atol=1e-6)  # lookup(encode(z)) is the forward value
+        assert torch.equal(idx.flatten(), brute), f"indices must be the nearest codes by L2 distance ({kw})"
+        assert torch.allclose(q.lookup(idx), zq, atol=1e-6), f"lookup(indices) must be the forward value ({kw})"
     q = vqgan.VectorQuantizer(50, 8, l2_norm=True)
     z = torch.randn(3, 8, 4, 4)
-    assert torch.equal(q(z)[1], q(3.7 * z)[1])  # cosine lookup ignores the scale of z
+    assert torch.equal(q(z)[1], q(3.7 * z)[1]), "with l2_norm the lookup must ignore the scale of z"
+
+def test_vector_quantizer_looks_up_in_float32_under_bf16_autocast():
+    # 2048 vectors among 512 close codes: bf16 distances (8-bit mantissa) pick another code for some of them
+    torch.manual_seed(0)
+    q = vqgan.VectorQuantizer(512, 16)
+    q.codebook.data.normal_()
+    z = torch.randn(8, 16, 16, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        zq, idx, loss = q(z)
+    brute = torch.cdist(q.project(z).double(), q.codes().double()).argmin(1)
+    assert torch.equal(idx.flatten(), brute), "under bf16 autocast the distances must still be computed in float32"
+    assert zq.dtype == torch.float32 and loss.dtype == torch.float32, "z_q and the loss must be float32"
 
 # ----------------------------------------------------------------------------------------------------------
 # vqgan.py: LookupFreeQuantizer.forward (-k lfq)
@@ -175,42 +712,56 @@ def test_vector_quantizer_picks_the_float64_nearest_code_and_lookup_round_trips(
 def test_lfq_index_code_bijection_and_straight_through():
     q = vqgan.LookupFreeQuantizer(5)
     codes = q.codes()  # (32, 5) in {-1, +1}
-    idx = torch.arange(32)
     z = codes.t().reshape(1, 5, 4, 8)  # every code once, as a (1, bits, 4, 8) grid
-    zq, got, loss = q(z)
-    assert torch.equal(got.flatten(), idx) and torch.equal(zq, z)  # sign(code) = code, index = sum bit_i 2^i
-    assert torch.equal(q.lookup(got), z) and len(torch.unique(codes, dim=0)) == 32
+    zq, got, _ = q(z)
+    assert torch.equal(got.flatten(), torch.arange(32)), "index must be sum_i bit_i 2**i, bit_i = 1 where z_i > 0"
+    assert torch.equal(zq, z) and torch.equal(q.lookup(got), z), "z_q must be sign(z), +1 where z > 0, else -1"
     z = torch.randn(2, 5, 3, 3, requires_grad=True)
     zq, _, _ = q(z)
+    assert set(zq.detach().unique().tolist()) == {-1.0, 1.0}, "z_q must hold only -1 and +1"
+    assert zq.requires_grad, "straight-through: z_q must carry a gradient to z (z_q = z + (q - z).detach())"
     g = torch.randn_like(zq)
     (zq * g).sum().backward()
-    assert torch.equal(z.grad, g) and set(zq.detach().unique().tolist()) == {-1.0, 1.0}
+    assert z.grad is not None and torch.equal(z.grad, g), "straight-through: dL/dz must equal dL/dz_q exactly"
+    assert (q(torch.zeros(1, 5, 1, 1))[0] == -1).all(), "sign(0) must be -1: +1 only where z > 0"
 
-def test_lfq_entropy_term_prefers_spread_usage():
-    q = vqgan.LookupFreeQuantizer(3, beta=0.0)
-    spread = q.codes().t().reshape(1, 3, 2, 4) * 1.0  # each code once
-    collapsed = torch.ones(1, 3, 2, 4)  # one code for all
-    assert q(spread)[2] < q(collapsed)[2]
+def test_lfq_commitment_term_is_beta_times_the_squared_error():
+    q = vqgan.LookupFreeQuantizer(3, beta=0.5, entropy_weight=0.0)
+    z = torch.randn(2, 3, 2, 2)
+    expect = 0.5 * (z - torch.where(z > 0, 1.0, -1.0)).pow(2).mean()
+    assert torch.isclose(q(z)[2], expect, atol=1e-6), "without entropy weight the loss is beta * mean((z - q)^2)"
+
+def test_lfq_loss_has_finite_gradients_where_the_assignment_underflows():
+    q = vqgan.LookupFreeQuantizer(4, entropy_weight=1.0)
+    z = (torch.randn(1, 4, 4, 4) * 30).requires_grad_()  # far from most codes: p(v | z) underflows to 0
+    q(z)[2].backward()
+    assert torch.isfinite(z.grad).all(), "where p underflows to 0 the entropy's gradient must stay finite (log(p + 1e-8))"
 
 def test_lfq_entropy_term_is_per_sample_entropy_minus_batch_entropy():
     # both halves of the term, against the formula: confident assignments (|z| large) lower the loss, and so
     # does spreading the batch over all codes; a flipped sign on either half fails
     q = vqgan.LookupFreeQuantizer(3, beta=0.0, entropy_weight=1.0)
     codes = q.codes().t().reshape(1, 3, 2, 4)  # each code once: batch-mean usage uniform
-    confident, unsure = q(codes * 3.0)[2], q(codes * 0.1)[2]
-    assert confident < unsure
+    assert q(codes * 3.0)[2] < q(codes * 0.1)[2], "confident assignments (large |z|) must lower the entropy term"
+    assert q(codes)[2] < q(torch.ones(1, 3, 2, 4))[2], "spreading the batch over all codes must lower the term"
     z = torch.randn(1, 3, 4, 4)
     p = torch.softmax(-torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 3), q.codes()).pow(2) / q.temperature, 1)
     H = lambda p: -(p * torch.log(p + 1e-8)).sum(-1)
-    assert torch.isclose(q(z)[2], H(p).mean() - H(p.mean(0)), atol=1e-5)
+    assert torch.isclose(q(z)[2], H(p).mean() - H(p.mean(0)), atol=1e-5), \
+        "the entropy term must be the mean per-sample entropy minus the entropy of the batch-mean assignment"
 
 # ----------------------------------------------------------------------------------------------------------
 # vqgan.py: hinge_d_loss (-k hinge)
 
 def test_hinge_loss_values():
-    assert vqgan.hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0
-    assert vqgan.hinge_d_loss(torch.zeros(4), torch.zeros(4)) == 1.0
-    assert torch.isclose(vqgan.hinge_d_loss(torch.tensor([0.5]), torch.tensor([1.0])), torch.tensor(0.5 * (0.5 + 2.0)))
+    f = vqgan.hinge_d_loss
+    assert f(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0, "zero once real >= 1 and fake <= -1"
+    assert f(torch.zeros(4), torch.zeros(4)) == 1.0, "at D = 0 the loss is 1/2 (1 + 1) = 1"
+    assert torch.isclose(f(torch.tensor([0.5]), torch.tensor([1.0])), torch.tensor(0.5 * (0.5 + 2.0))), \
+        "1/2 [relu(1 - 0.5) + relu(1 + 1)] = 1.25"
+    real, fake = torch.tensor([0.0, 3.0]), torch.tensor([-3.0, 0.0, 0.0, 0.0])  # different sizes: each mean alone
+    assert torch.isclose(f(real, fake), torch.tensor(0.5 * (0.5 + 0.75))), \
+        "each of the two terms is a mean over its own logits"
 
 # ----------------------------------------------------------------------------------------------------------
 # vqgan.py: adaptive_weight (-k adaptive_weight)
@@ -220,19 +771,25 @@ def test_adaptive_weight_matches_the_formula():
     layer = nn.Linear(3, 2)
     x = torch.randn(5, 3)
     out = layer(x)
-    rec, gan = out.pow(2).mean(), -out.sum() * 0.01
+    rec, gan = out.pow(2).mean(), -out.sum() * 0.003
     g_rec = torch.autograd.grad(rec, layer.weight, retain_graph=True)[0]
     g_gan = torch.autograd.grad(gan, layer.weight, retain_graph=True)[0]
     lam = vqgan.adaptive_weight(rec, gan, layer.weight)
-    assert torch.isclose(lam, g_rec.norm() / (g_gan.norm() + 1e-4)) and not lam.requires_grad
-    assert vqgan.adaptive_weight(100 * rec, 0 * out.sum(), layer.weight) == 1e4  # clamped above
+    assert torch.isclose(lam, g_rec.norm() / (g_gan.norm() + 1e-4)), \
+        "lambda must be ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4)"
+    assert not lam.requires_grad, "lambda must be detached"
+    assert vqgan.adaptive_weight(100 * rec, 0 * out.sum(), layer.weight) == 1e4, "lambda must be clamped at 1e4"
+    (rec + lam * gan).backward()  # both losses are still differentiable afterwards: the graphs were retained
 
 # ----------------------------------------------------------------------------------------------------------
 # hourglass.py: rope_2d (-k rope)
 
-def test_rope_preserves_norms():
+def test_rope_preserves_norms_shape_and_dtype():
     x = torch.randn(2, 3, 4 * 6, 8)
-    assert torch.allclose(hourglass.rope_2d(x, 4, 6).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    out = hourglass.rope_2d(x, 4, 6)
+    assert out.shape == x.shape, "rope_2d must return x's shape"
+    assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1), atol=1e-5), "a rotation must preserve norms"
+    assert hourglass.rope_2d(x.bfloat16(), 4, 6).dtype == torch.bfloat16, "rope_2d must return x's dtype"
 
 def rope_logits(h, w, stride=1, D=16):
     """<rope(q, p), rope(k, p')> for one fixed q and k placed at every position: (h*w, h*w)."""
@@ -249,8 +806,9 @@ def test_rope_depends_only_on_relative_offset():
     for dr, dc in [(1, 0), (0, 2), (2, 3), (-1, 1)]:  # a common 2D shift of query and key
         for r, c, r2, c2 in [(1, 1, 2, 3), (2, 2, 0, 1), (1, 3, 2, 2)]:
             if all(0 <= v < h for v in (r + dr, r2 + dr)) and all(0 <= v < w for v in (c + dc, c2 + dc)):
-                assert torch.isclose(L[r, c, r2, c2], L[r + dr, c + dc, r2 + dr, c2 + dc], atol=1e-5)
-    assert not torch.isclose(L[0, 0, 0, 1], L[0, 0, 1, 0])  # rows and columns are told apart
+                assert torch.isclose(L[r, c, r2, c2], L[r + dr, c + dc, r2 + dr, c2 + dc], atol=1e-5), \
+                    "<rope(q, p), rope(k, p')> must depend on p' - p only"
+    assert not torch.isclose(L[0, 0, 0, 1], L[0, 0, 1, 0]), "a row offset and a column offset must differ"
 
 def test_rope_row_offset_changes_only_the_row_half():
     h, w, D = 4, 4, 16
@@ -258,17 +816,11 @@ def test_rope_row_offset_changes_only_the_row_half():
     p, same_col, other_col = 0, 2 * w, 2  # key two rows down vs two columns right of query (0, 0)
     row_half = lambda i, j: (Q[i, : D // 2] * K[j, : D // 2]).sum()
     col_half = lambda i, j: (Q[i, D // 2:] * K[j, D // 2:]).sum()
-    assert torch.isclose(col_half(p, same_col), col_half(p, 0), atol=1e-6)  # row offset: column half unchanged
-    assert not torch.isclose(row_half(p, same_col), row_half(p, 0))
-    assert torch.isclose(row_half(p, other_col), row_half(p, 0), atol=1e-6)  # column offset: row half unchanged
-
-def test_rope_coarse_positions_are_patch_centres():
-    x = torch.randn(1, 1, 4, 8)
-    fine_centre = hourglass.rope_2d(x, 2, 2, stride=2)  # coarse token (0, 0) sits at fine position (0.5, 0.5)
-    assert not torch.allclose(fine_centre, hourglass.rope_2d(x, 2, 2))
-    _, _, L1 = rope_logits(2, 2, stride=2)
-    _, _, L2 = rope_logits(4, 4, stride=1)
-    assert torch.isclose(L1[0, 3], L2[0, 2 * 4 + 2], atol=1e-5)  # coarse offset (1, 1) = fine offset (2, 2)
+    assert torch.isclose(col_half(p, same_col), col_half(p, 0), atol=1e-6), \
+        "a row offset must leave the column half (channels D/2 ..) unrotated"
+    assert not torch.isclose(row_half(p, same_col), row_half(p, 0)), "a row offset must rotate the row half"
+    assert torch.isclose(row_half(p, other_col), row_half(p, 0), atol=1e-6), \
+        "a column offset must leave the row half (channels .. D/2) unrotated"
 
 def test_rope_places_coarse_tokens_at_absolute_patch_centres():
     # one channel pair per half and frequency 1, so the row pair of a unit vector is rotated by exactly the row
@@ -279,7 +831,8 @@ def test_rope_places_coarse_tokens_at_absolute_patch_centres():
         out = hourglass.rope_2d(x, 3, 3, stride=stride)[0, 0].reshape(3, 3, 4)
         for i in range(3):
             pos = (i + 0.5) * stride - 0.5
-            assert torch.allclose(out[i, 0, :2], torch.tensor([math.cos(pos), math.sin(pos)]), atol=1e-6), (stride, i)
+            assert torch.allclose(out[i, 0, :2], torch.tensor([math.cos(pos), math.sin(pos)]), atol=1e-6), \
+                f"at stride {stride} row {i} must turn (1, 0) counter-clockwise by pos = (i + 0.5) stride - 0.5"
 
 def test_rope_frequencies_follow_the_formula():
     # pair j of each half turns by position * base**(-j / n_pairs), n_pairs = head_dim / 4: read every pair's
@@ -288,11 +841,14 @@ def test_rope_frequencies_follow_the_formula():
     x = torch.zeros(1, 1, 2 * 2, D)
     x[..., 0::2] = 1.0  # every pair starts at angle 0
     out = hourglass.rope_2d(x, 2, 2, base=base)[0, 0]  # positions (0,0), (0,1), (1,0), (1,1)
-    angle = lambda v: torch.atan2(v[1::2], v[0::2])  # (D/2,) the angle of each pair
+    angle = lambda v: torch.atan2(v[1::2], v[0::2])  # (D/2,) the angle of each pair (x[2i], x[2i+1])
     freqs = base ** (-torch.arange(D // 4) / (D // 4))
-    assert torch.allclose(angle(out[2])[: D // 4], freqs, atol=1e-5)  # row 1: row pairs turn by 1 * freq
-    assert torch.allclose(angle(out[2])[D // 4:], torch.zeros(D // 4), atol=1e-6)  # ... column pairs not at all
-    assert torch.allclose(angle(out[1])[D // 4:], freqs, atol=1e-5)  # column 1: the column half
+    assert torch.allclose(angle(out[2])[: D // 4], freqs, atol=1e-5), \
+        "at row 1 row pair j (channels 2j, 2j+1) must turn counter-clockwise by base**(-j / n_pairs), n_pairs = D/4"
+    assert torch.allclose(angle(out[2])[D // 4:], torch.zeros(D // 4), atol=1e-6), \
+        "at row 1, column 0 the column pairs must not turn"
+    assert torch.allclose(angle(out[1])[D // 4:], freqs, atol=1e-5), \
+        "at column 1 column pair j must turn counter-clockwise by base**(-j / n_pairs)"
 
 def test_rope_reaches_every_head(monkeypatch):
     torch.manual_seed(0)
@@ -308,7 +864,7 @@ def test_rope_reaches_every_head(monkeypatch):
     x = torch.randn(1, 32).expand(1, 16, 32).clone()  # the same content at all 16 positions
     attn(x, 4, 4, 1)
     logits = seen["q"] @ seen["k"].transpose(-1, -2)  # (1, heads, 16, 16)
-    for head in range(4):  # without positions every logit of a head would be equal (the authors' code gave them to head 0 only)
+    for head in range(4):  # without positions every logit of a head would be equal (the authors' gave head 0 only)
         assert logits[0, head, 0].std() > 1e-3, f"head {head} does not see key positions"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,22 +875,38 @@ def test_resampling_is_2d_local():
     h, w, k, D = 6, 8, 2, 4
     down, up = hourglass.Downsample2D(D, k), hourglass.Upsample2D(D, k)
     x = torch.randn(1, h * w, D)
+    assert down(x, h, w).shape == (1, h * w // 4, D), "Downsample2D must give (B, (h/k)*(w/k), D)"
     for r, c in [(0, 0), (3, 5), (5, 7), (2, 1)]:
         x2 = x.clone()
         x2[0, r * w + c] += 1.0
         changed = (down(x2, h, w) - down(x, h, w)).abs().sum(-1)[0].reshape(h // k, w // k) > 1e-6
         expect = torch.zeros(h // k, w // k, dtype=torch.bool)
         expect[r // k, c // k] = True
-        assert torch.equal(changed, expect)  # only its own coarse token (not a row strip, as the authors' resampling did)
+        assert torch.equal(changed, expect), \
+            f"fine token ({r}, {c}) must reach its own coarse token ({r // k}, {c // k}) only (a k x k patch)"
     y = torch.randn(1, (h // k) * (w // k), D)
+    assert up(y, h, w).shape == (1, h * w, D), "Upsample2D must give (B, h*w, D)"
     for i, j in [(0, 0), (2, 3), (1, 2)]:
         y2 = y.clone()
         y2[0, i * (w // k) + j] += 1.0
         changed = (up(y2, h, w) - up(y, h, w)).abs().sum(-1)[0].reshape(h, w) > 1e-6
         expect = torch.zeros(h, w, dtype=torch.bool)
         expect[i * k:(i + 1) * k, j * k:(j + 1) * k] = True
-        assert torch.equal(changed, expect)  # only its k x k patch
-    assert up(down(x, h, w), h, w).shape == x.shape
+        assert torch.equal(changed, expect), f"coarse token ({i}, {j}) must reach exactly its k x k fine patch"
+
+def test_resampling_uses_every_vector_of_the_patch():
+    # all k*k fine vectors of a patch reach the coarse token, and every fine token of a patch gets its own piece
+    torch.manual_seed(0)
+    h, w, k, D = 4, 4, 2, 3
+    down, up = hourglass.Downsample2D(D, k), hourglass.Upsample2D(D, k)
+    x = torch.randn(1, h * w, D)
+    for n in range(h * w):
+        x2 = x.clone()
+        x2[0, n] += 1.0
+        assert not torch.allclose(down(x2, h, w), down(x, h, w)), f"fine token {n} must reach the coarse grid"
+    out = up(torch.randn(1, 4, D), h, w)[0].reshape(h, w, D)
+    assert len({tuple(v.tolist()) for v in out[:2, :2].reshape(4, D)}) == 4, \
+        "the k*k fine tokens of a patch must get different pieces of the coarse token"
 
 # ----------------------------------------------------------------------------------------------------------
 # hourglass.py: Level.forward, the hourglass itself (-k hourglass_level)
@@ -343,8 +915,7 @@ def test_resampling_is_2d_local():
 def test_hourglass_level_shapes_one_and_two_levels_square_and_not(h, w, depth):
     needs("rope", "resampling")
     m = hourglass.HourglassTransformer(11, h, w, 16, 2, depth=depth)
-    assert m(torch.randint(11, (3, h, w))).shape == (3, h, w, 11)
-    assert (m.vocab_size, m.height, m.width) == (11, h, w)
+    assert m(torch.randint(11, (3, h, w))).shape == (3, h, w, 11), "logits must be (B, h, w, V)"
 
 def test_hourglass_level_adds_the_skip_around_the_shortened_part():
     # with the upsampling's weight zeroed, the shortened path contributes the same constant whatever it is given:
@@ -355,7 +926,20 @@ def test_hourglass_level_adds_the_skip_around_the_shortened_part():
     nn.init.zeros_(level.up.proj.weight)
     x = torch.randn(2, 16, 16)
     pre = level.run(level.pre, x, 4, 4, 1)  # (2, 16, 16): what the skip carries
-    assert torch.allclose(level(x, 4, 4), pre + level.up(torch.zeros(2, 4, 16), 4, 4), atol=1e-6)
+    assert torch.allclose(level(x, 4, 4), pre + level.up(torch.zeros(2, 4, 16), 4, 4), atol=1e-6), \
+        "the skip must carry the pre blocks' output and be added to the lengthened valley"
+
+def test_hourglass_level_runs_pre_valley_and_post_in_order():
+    # record which blocks see which grid, in call order: pre at h x w, the valley at (h/k) x (w/k), post at h x w
+    needs("rope", "resampling")
+    level = hourglass.Level(8, 2, (1, 1, 1), 2)
+    order = []
+    for name, blocks in (("pre", level.pre), ("valley", level.inner.pre), ("post", level.post)):
+        for b in blocks:
+            b.register_forward_hook(lambda m, a, out, name=name: order.append((name, a[0].shape[1])))
+    level(torch.randn(1, 16, 8), 4, 4)
+    assert order == [("pre", 16), ("valley", 4), ("post", 16)], \
+        f"blocks must run pre (4x4), valley (2x2), post (4x4), in that order; ran {order}"
 
 def test_hourglass_level_passes_its_stride_to_rope(monkeypatch):
     needs("rope", "resampling")
@@ -364,10 +948,10 @@ def test_hourglass_level_passes_its_stride_to_rope(monkeypatch):
     monkeypatch.setattr(hourglass, "rope_2d", lambda x, h, w, stride=1: calls.add((h, w, stride)) or orig(x, h, w, stride))
     m = hourglass.HourglassTransformer(16, 8, 8, 16, 2, depth=(1, 1, 1, 1, 1), shorten=2)
     m(torch.randint(16, (1, 8, 8)))
-    assert calls == {(8, 8, 1), (4, 4, 2), (2, 2, 4)}
+    assert calls == {(8, 8, 1), (4, 4, 2), (2, 2, 4)}, f"(h, w, stride) per level must be 8x8@1, 4x4@2, 2x2@4: {calls}"
     calls.clear()
     hourglass.HourglassTransformer(16, 9, 9, 16, 2, depth=(1, 1, 1, 1, 1), shorten=3)(torch.randint(16, (1, 9, 9)))
-    assert calls == {(9, 9, 1), (3, 3, 3), (1, 1, 9)}
+    assert calls == {(9, 9, 1), (3, 3, 3), (1, 1, 9)}, f"with k = 3 the strides must be 1, 3, 9: {calls}"
 
 # ----------------------------------------------------------------------------------------------------------
 # sundae.py: corrupt (-k corrupt)
@@ -376,31 +960,26 @@ def test_corrupt_statistics():
     V = 8
     tokens = torch.zeros(20000, 4, 4, dtype=torch.long)
     x = sundae.corrupt(tokens, V, torch.Generator().manual_seed(0))
+    assert x.shape == tokens.shape and x.dtype == torch.int64, "corrupt must return int64 ids of the tokens' shape"
+    assert x.min() >= 0 and x.max() < V, "replacement ids must lie in [0, V)"
     changed = (x != tokens).float()
-    assert abs(changed.mean().item() - 0.5 * (1 - 1 / V)) < 0.01  # E[alpha] (1 - 1/V)
-    assert x.min() >= 0 and x.max() < V
+    assert abs(changed.mean().item() - 0.5 * (1 - 1 / V)) < 0.01, \
+        "the changed fraction must be E[alpha] (1 - 1/V) = 1/2 (1 - 1/V): replacements uniform over all V ids"
     freq = torch.bincount(x.flatten(), minlength=V).float() / x.numel()  # a replaced token is uniform over all V
-    assert torch.allclose(freq[1:], torch.full((V - 1,), 0.5 / V), atol=0.003)  # ids: E[alpha] / V each
+    assert torch.allclose(freq[1:], torch.full((V - 1,), 0.5 / V), atol=0.003), \
+        "each id must appear with frequency E[alpha] / V: replacements uniform over [0, V)"
     per_seq = changed.flatten(1).mean(1)  # one rate per sequence, spread over [0, 1]
     hist = torch.histc(per_seq, bins=4, min=0, max=1)
-    assert (hist > 0.15 * len(per_seq)).all()
+    assert (hist > 0.15 * len(per_seq)).all(), \
+        "the changed share per sequence must spread over [0, 1]: one rate alpha ~ U(0, 1) per sequence"
 
-def test_corrupt_box_share_confines_the_noise_to_one_uniform_rectangle():
-    # box_share = 1: each grid's noise is one box, sides uniform in 1..n, corner uniform where it fits. So a row
-    # r is inside with probability p(r) = 1/n sum_s #{tops t: t <= r < t + s} / (n - s + 1), independently per
-    # axis, and a token is replaced with probability p(r) p(c) (V huge: a replaced token always changes)
-    h, w, B = 4, 6, 40000
-    tokens = torch.zeros(B, h, w, dtype=torch.long)
-    changed = (sundae.corrupt(tokens, 2**40, torch.Generator().manual_seed(0), box_share=1.0) != 0).double()
-    p = lambda n: torch.tensor([sum((min(r, n - s) - max(0, r - s + 1) + 1) / (n - s + 1) for s in range(1, n + 1))
-                                / n for r in range(n)], dtype=torch.float64)
-    assert torch.allclose(changed.mean(0), p(h)[:, None] * p(w)[None], atol=0.012)
-    # half the grids boxed, half the paper's: the mean changed share mixes the two
-    mixed = sundae.corrupt(tokens, 2**40, torch.Generator().manual_seed(1), box_share=0.5) != 0
-    assert abs(mixed.double().mean() - 0.5 * (0.5 + p(h).mean() * p(w).mean())) < 0.006
-    # box_share = 0 is the paper's corruption, draw for draw
-    g = lambda: torch.Generator().manual_seed(3)
-    assert torch.equal(sundae.corrupt(tokens[:50], 9, g()), sundae.corrupt(tokens[:50], 9, g(), box_share=0.0))
+def test_corrupt_draws_only_from_its_generator():
+    tokens = torch.zeros(64, 4, 4, dtype=torch.long)
+    torch.manual_seed(1)
+    a = sundae.corrupt(tokens, 9, torch.Generator().manual_seed(5))
+    torch.manual_seed(2)
+    b = sundae.corrupt(tokens, 9, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b), "every random draw must use `generator`: the same seed must give the same grids"
 
 # ----------------------------------------------------------------------------------------------------------
 # sundae.py: unrolled_loss (-k unrolled_loss)
@@ -428,20 +1007,20 @@ def test_unrolled_loss_feeds_samples_forward_and_averages_the_steps():
     V = 6
     stub, tokens = Stub(V, 3, 3), torch.randint(V, (4, 3, 3))
     loss, acc = sundae.unrolled_loss(stub, tokens, V, unroll_steps=3, generator=torch.Generator().manual_seed(1))
-    assert len(stub.inputs) == 3 and not torch.equal(stub.inputs[0], tokens)  # step 1 sees a corrupted grid
+    assert len(stub.inputs) == 3, f"the model must be called once per unrolled step (3), got {len(stub.inputs)}"
+    assert not torch.equal(stub.inputs[0], tokens), "step 1 must see a corrupted grid"
     ce = lambda x: -torch.log_softmax(stub.table[x], -1).gather(-1, tokens[..., None]).mean()
-    assert torch.isclose(loss, sum(ce(x) for x in stub.inputs) / 3)  # mean of the per-step cross-entropies
+    assert torch.isclose(loss, sum(ce(x) for x in stub.inputs) / 3), \
+        "the loss must be the mean over the steps of each step's mean cross-entropy against the clean tokens"
     accs = [(stub.table[x].argmax(-1) == tokens).float().mean() for x in stub.inputs]
-    assert torch.isclose(acc, sum(accs) / 3)
-    # step 1's logits get gradient from step 1's term only: none flows back through the sample fed to step 2
-    g = torch.autograd.grad(loss, stub.outputs[0], retain_graph=True)[0]
-    ce1 = F.cross_entropy(stub.outputs[0].reshape(-1, V), tokens.reshape(-1)) / 3
-    assert torch.allclose(g, torch.autograd.grad(ce1, stub.outputs[0])[0], atol=1e-7)
+    assert torch.isclose(acc, sum(accs) / 3), "the accuracy must be the mean over the steps of argmax == x_0"
+    assert loss.requires_grad and stub.table.grad is None, "the loss must carry a gradient (and not step by itself)"
     # a peaked stub makes the draw deterministic: every step must see the previous step's sample, x -> x + 1
     shift = Stub(V, 3, 3)
     shift.table.data = F.one_hot((torch.arange(V) + 1) % V, V).float() * 1e4
     sundae.unrolled_loss(shift, tokens, V, unroll_steps=3)
-    assert all(torch.equal(b, (a + 1) % V) for a, b in zip(shift.inputs, shift.inputs[1:]))
+    assert all(torch.equal(b, (a + 1) % V) for a, b in zip(shift.inputs, shift.inputs[1:])), \
+        "step t + 1 must see the sample drawn from step t's logits"
 
 def test_unrolled_loss_draws_its_samples_from_the_softmax():
     needs("corrupt")
@@ -452,7 +1031,8 @@ def test_unrolled_loss_draws_its_samples_from_the_softmax():
     tokens = torch.zeros(20000, 1, 1, dtype=torch.long)
     sundae.unrolled_loss(stub, tokens, V, unroll_steps=2, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(stub.inputs[1].flatten(), minlength=V).float() / len(tokens)
-    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015)
+    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015), \
+        f"step 2's input must be drawn from softmax(logits) at temperature 1 (got frequencies {freq.tolist()})"
 
 def test_unrolled_loss_with_one_step_is_plain_denoising_cross_entropy():
     needs("corrupt")
@@ -460,7 +1040,21 @@ def test_unrolled_loss_with_one_step_is_plain_denoising_cross_entropy():
     stub, tokens = Stub(V, 2, 2), torch.randint(V, (3, 2, 2))
     loss, _ = sundae.unrolled_loss(stub, tokens, V, unroll_steps=1, generator=torch.Generator().manual_seed(2))
     x1 = stub.inputs[0]  # whatever corrupted grid the model was shown
-    assert len(stub.inputs) == 1 and torch.isclose(loss, F.cross_entropy(stub.table[x1].reshape(-1, V), tokens.reshape(-1)))
+    assert len(stub.inputs) == 1, "one unrolled step calls the model once"
+    assert torch.isclose(loss, F.cross_entropy(stub.table[x1].reshape(-1, V), tokens.reshape(-1))), \
+        "with T = 1 the loss is the cross-entropy of the model's logits on x_1 against x_0"
+
+def test_unrolled_loss_draws_only_from_its_generator():
+    needs("corrupt")
+    V = 6
+    stub, tokens = Stub(V, 3, 3), torch.randint(V, (8, 3, 3), generator=torch.Generator().manual_seed(0))
+    stub.table.data.zero_()  # uniform logits: every draw of the unrolled sample is random
+    torch.manual_seed(1)
+    sundae.unrolled_loss(stub, tokens, V, unroll_steps=3, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(2)
+    sundae.unrolled_loss(stub, tokens, V, unroll_steps=3, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(stub.inputs[:3], stub.inputs[3:])), \
+        "every random draw (the corruption and the samples) must use `generator`"
 
 # ----------------------------------------------------------------------------------------------------------
 # sundae.py: draw (-k draw)
@@ -469,15 +1063,26 @@ def test_draw_follows_the_softmax_exactly():
     logits = torch.tensor([2.0, 1.0, 0.0, -float("inf"), 0.5])
     for tau in (1.0, 0.5):
         x = sundae.draw(logits.expand(200_000, 5), tau, torch.Generator().manual_seed(0))
+        assert x.shape == (200_000,) and x.dtype == torch.int64, "draw must return int64 ids (K,)"
         freq = torch.bincount(x, minlength=5).double() / len(x)
         # 200000 draws: standard error at most 0.0011; 0.005 is 4.5 of them
-        assert torch.allclose(freq, torch.softmax(logits.double() / tau, 0), atol=0.005), (tau, freq)
-        assert freq[3] == 0  # probability 0 is never drawn
+        assert torch.allclose(freq, torch.softmax(logits.double() / tau, 0), atol=0.005), \
+            f"at tau {tau} the ids must follow softmax(logits / tau) (got {freq.tolist()})"
+        assert freq[3] == 0, "a token of probability 0 must never be drawn"
     z = torch.randn(7, 9)
-    assert torch.equal(sundae.draw(z, 0.0), z.argmax(-1)) and sundae.draw(z[:0], 1.0).shape == (0,)
+    assert torch.equal(sundae.draw(z, 0.0), z.argmax(-1)), "tau = 0 must be the argmax"
+    assert sundae.draw(z[:0], 1.0).shape == (0,), "no rows in, no ids out"
+
+def test_draw_draws_only_from_its_generator():
+    logits = torch.zeros(1000, 7)
+    torch.manual_seed(1)
+    a = sundae.draw(logits, 1.0, torch.Generator().manual_seed(4))
+    torch.manual_seed(2)
+    b = sundae.draw(logits, 1.0, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b), "every random draw must use `generator`: the same seed must give the same ids"
 
 # ----------------------------------------------------------------------------------------------------------
-# sundae.py: sample (-k sampler)
+# sundae.py: denoise, the loop of sample (-k sampler)
 
 class Peaked(nn.Module):
     """Logits peaked at a fixed target grid, whatever the input; counts the rows it is called on."""
@@ -538,7 +1143,9 @@ def test_sampler_reaches_a_peaked_target_in_one_step_and_freezes_at_min_steps():
     m = Peaked(target, V, height=50.0)
     out, used = sundae.sample(m, 4, steps=40, temperature=(0.1, 0.1), proportion=(1.0, 1.0), min_steps=6,
                               generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out, target) and (used == 6).all() and len(m.batch_sizes) == 6
+    assert torch.equal(out, target), "a peaked model must be reached in one step"
+    assert (used == 6).all() and len(m.batch_sizes) == 6, \
+        f"settled samples must freeze after min_steps = 6 steps, not before (used {used.tolist()})"
 
 def test_sampler_schedules_hit_their_endpoints():
     # a network that always says p(token 0) = e^(1/tau) / (e^(1/tau) + 1): the share of 0s drawn at each step
@@ -549,7 +1156,8 @@ def test_sampler_schedules_hit_their_endpoints():
                   generator=torch.Generator().manual_seed(0))
     taus = np.array([2.0, 1.625, 1.25, 0.875, 0.5])  # exactly the start at step 0 and the end at S-1
     share = np.array([(x == 0).float().mean().item() for x in traj[1:]])
-    assert np.allclose(share, 1 / (1 + np.exp(-1 / taus)), atol=0.015), share
+    assert np.allclose(share, 1 / (1 + np.exp(-1 / taus)), atol=0.015), \
+        f"the temperature must go linearly from the start (step 0) to the end (step S-1): draws read {share}"
 
 def test_sampler_follows_the_proportion_schedule_step_by_step():
     # 8192 positions per step: standard error 0.0055, tolerance 0.03 (5 standard errors)
@@ -557,11 +1165,12 @@ def test_sampler_follows_the_proportion_schedule_step_by_step():
     m, traj = Shift(5, 32, 32), []
     sundae.sample(m, 8, steps=5, temperature=(0.0, 0.0), proportion=(0.9, 0.1), min_steps=5, trajectory=traj,
                   generator=torch.Generator().manual_seed(0))
-    assert np.allclose(changed_per_step(traj), [0.9, 0.7, 0.5, 0.3, 0.1], atol=0.03)
+    assert np.allclose(changed_per_step(traj), [0.9, 0.7, 0.5, 0.3, 0.1], atol=0.03), \
+        f"the share of redrawn positions must go linearly from 0.9 to 0.1: {changed_per_step(traj)}"
     traj = []  # the default from 20 steps on: half the positions per step
     sundae.sample(m, 8, steps=25, temperature=(0.0, 0.0), min_steps=25, trajectory=traj,
                   generator=torch.Generator().manual_seed(0))
-    assert np.allclose(changed_per_step(traj), 0.5, atol=0.03)
+    assert np.allclose(changed_per_step(traj), 0.5, atol=0.03), "proportion (0.5, 0.5): half the positions"
     # proportion 0 never takes a draw: the input comes back unchanged
     V = 7
     init = torch.randint(V, (3, 4, 4))
@@ -569,7 +1178,9 @@ def test_sampler_follows_the_proportion_schedule_step_by_step():
     traj = []
     out, used = sundae.sample(m, 3, steps=25, proportion=(0.0, 0.0), init=init, generator=torch.Generator().manual_seed(0),
                               trajectory=traj)
-    assert torch.equal(out, init) and torch.equal(traj[0], init) and len(traj) == 1 + used.max()
+    assert torch.equal(out, init), "proportion 0 must never take a draw"
+    assert torch.equal(traj[0], init) and len(traj) == 1 + used.max(), \
+        "the trajectory must hold the start and the grids after every step"
 
 def test_sampler_updates_every_position_below_20_steps_and_half_of_them_from_20():
     needs("draw")
@@ -579,15 +1190,16 @@ def test_sampler_updates_every_position_below_20_steps_and_half_of_them_from_20(
     for steps in (1, 2, 5, 19):
         out, _ = sundae.sample(Peaked(target, V, height=50.0), 8, steps=steps, temperature=(0.5, 0.5), min_steps=1,
                                generator=torch.Generator().manual_seed(steps))
-        assert torch.equal(out, target), steps
+        assert torch.equal(out, target), f"below 20 steps every position must take its draw ({steps} steps)"
     out, _ = sundae.sample(Peaked(target, V, height=50.0), 8, steps=1, proportion=(0.5, 0.5), generator=torch.Generator().manual_seed(9))
-    assert 0.3 < (out != target).float().mean() < 0.7  # the configured schedule is still honoured when given
+    assert 0.3 < (out != target).float().mean() < 0.7, "a given proportion must be honoured below 20 steps too"
     # the boundary: 19 steps update all positions, 20 steps the usual half
     for steps, share in ((19, 1.0), (20, 0.5)):
         traj = []
         sundae.sample(Shift(5, 32, 32), 4, steps=steps, temperature=(0.0, 0.0), min_steps=steps, trajectory=traj,
                       generator=torch.Generator().manual_seed(0))
-        assert np.allclose(changed_per_step(traj), share, atol=0.04), steps
+        assert np.allclose(changed_per_step(traj), share, atol=0.04), \
+            f"by default {steps} steps must redraw a share {share} of the positions per step"
 
 def test_sampler_freezes_a_sample_after_a_step_that_redrew_something_and_it_leaves_the_batch():
     needs("draw")
@@ -598,7 +1210,8 @@ def test_sampler_freezes_a_sample_after_a_step_that_redrew_something_and_it_leav
     known[:, 2, 1] = False
     out, used = sundae.sample(AlwaysMoves(V, 4, 4), n, steps=30, proportion=(0.5, 0.5), min_steps=2, init=init,
                               known=known.to(torch.uint8), generator=torch.Generator().manual_seed(0))
-    assert (used == 30).all() and torch.equal(out[known], init[known])  # a 0/1 uint8 mask works as a bool one
+    assert (used == 30).all(), "a step that redrew nothing must not count as settled"
+    assert torch.equal(out[known], init[known]), "known positions must keep their init token"
     # frozen samples leave the batch
     V, n = 6, 6
     init = torch.randint(1, V, (n, 3, 3))
@@ -606,8 +1219,10 @@ def test_sampler_freezes_a_sample_after_a_step_that_redrew_something_and_it_leav
     m = HalfConverged(V, 3, 3)
     out, used = sundae.sample(m, n, steps=20, proportion=(1.0, 1.0), min_steps=4, init=init,
                               generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out[::2], init[::2]) and (used[::2] == 4).all() and (used[1::2] == 20).all()
-    assert m.batch_sizes == [6] * 4 + [3] * 16  # after min_steps the network only sees the 3 unfrozen samples
+    assert torch.equal(out[::2], init[::2]) and (used[::2] == 4).all() and (used[1::2] == 20).all(), \
+        f"converged samples must freeze after min_steps, the others run all steps (used {used.tolist()})"
+    assert m.batch_sizes == [6] * 4 + [3] * 16, \
+        f"frozen samples must leave the batch: the network saw batches {m.batch_sizes}"
 
 def test_sampler_keeps_known_tokens_for_any_mask_with_freezing():
     needs("draw", "rope", "resampling", "hourglass_level")
@@ -623,13 +1238,14 @@ def test_sampler_keeps_known_tokens_for_any_mask_with_freezing():
     m = Peaked(torch.randint(V, (5, h, w)), V, height=3.0)  # soft peak: samples converge at different steps
     gen = torch.Generator().manual_seed(0)
     out = inpaint.inpaint(m, tokens, masks, steps=60, min_steps=1, proportion=(0.5, 0.5), generator=gen)
-    assert torch.equal(out[masks], tokens[masks])  # bit-identical where known
+    assert torch.equal(out[masks], tokens[masks]), "known tokens must stay bit-identical"
     _, used = sundae.sample(m, 5, steps=60, min_steps=1, init=torch.where(masks, tokens, 0), known=masks,
                             generator=torch.Generator().manual_seed(0))
-    assert len(set(used.tolist())) > 1 and used[3] == 1  # freezing at different steps; all-known freezes at once
+    assert len(set(used.tolist())) > 1, "samples must freeze each at its own step"
+    assert used[3] == 1, "a sample with no unknown position must settle at its first step"
     real = hourglass.HourglassTransformer(V, h, w, 16, 2, depth=(1, 1, 1)).eval()  # and with a real network, batch 4
     out = inpaint.inpaint(real, tokens[:4], masks[:4], steps=15, min_steps=2, generator=gen)
-    assert torch.equal(out[masks[:4]], tokens[:4][masks[:4]])
+    assert torch.equal(out[masks[:4]], tokens[:4][masks[:4]]), "known tokens must stay, with a real network too"
 
 def test_sampler_computes_the_head_only_where_it_redraws():
     needs("draw", "rope", "resampling", "hourglass_level")
@@ -642,33 +1258,26 @@ def test_sampler_computes_the_head_only_where_it_redraws():
     plain.vocab_size, plain.height, plain.width, plain.forward = 50, 4, 6, m.forward
     a, _ = sundae.sample(m, 64, steps=30, generator=torch.Generator().manual_seed(1))
     b, _ = sundae.sample(plain, 64, steps=30, generator=torch.Generator().manual_seed(1))
-    assert (a == b).float().mean() > 0.99  # the same draws, up to float rounding at a CDF boundary
+    assert (a == b).float().mean() > 0.99, "asking for the redrawn positions only must not change the draws"
 
-def test_sampler_checks_its_inputs_supports_greedy_and_parameter_free_models_and_repeats_with_a_seed():
+def test_sampler_supports_greedy_and_parameter_free_models_and_repeats_with_a_seed():
     needs("draw", "rope", "resampling", "hourglass_level")
     V = 6
     m = Shift(V, 3, 3)  # no parameters at all, as a course stub might be
     out, _ = sundae.sample(m, 2, steps=3, temperature=(0.0, 0.0), proportion=(1.0, 1.0), min_steps=3,
                            init=torch.zeros(2, 3, 3, dtype=torch.long))
-    assert torch.equal(out, torch.full((2, 3, 3), 3))  # greedy: exactly three shifts
+    assert torch.equal(out, torch.full((2, 3, 3), 3)), "temperature 0 must be greedy: exactly three shifts"
     out, _ = sundae.sample(m, 2, steps=2, device="cpu")
     assert out.shape == (2, 3, 3) and out.device.type == "cpu"
-    for kwargs, match in [(dict(n=1, init=torch.zeros(2, 3, 3, dtype=torch.long)), "init tokens have shape"),
-                          (dict(n=2, init=torch.zeros(2, 3, 3, dtype=torch.long), known=torch.ones(2, 3, 4)), "known mask"),
-                          (dict(n=2, temperature=(-1.0, 0.5)), "--temperature"),
-                          (dict(n=2, temperature=(float("nan"), 0.5)), "--temperature"),
-                          (dict(n=2, proportion=(0.5, 1.5)), "--proportion"),
-                          (dict(n=2, steps=0), "at least one"),
-                          (dict(n=2, known=torch.ones(2, 3, 3)), "need init")]:
-        with pytest.raises(ValueError, match=match):
-            sundae.sample(m, **kwargs)
-    # the same seed gives the same samples, another seed others (a real network)
+    # the same seed gives the same samples whatever the global random state, another seed others (a real network)
     torch.manual_seed(0)
     m = hourglass.HourglassTransformer(12, 4, 4, 16, 2, depth=(1, 1, 1)).eval()
     a = sundae.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(1)
     b = sundae.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(7))
     c = sundae.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "every random draw must use `generator`"
+    assert not torch.equal(a[0], c[0]), "another seed must give other samples"
 
 # ----------------------------------------------------------------------------------------------------------
 # inpaint.py: pixel_to_token_mask (-k token_mask)
@@ -683,12 +1292,9 @@ def test_pixel_to_token_mask_is_an_and_over_each_cell():
         for i in range(3):
             for j in range(4):
                 brute[b, i, j] = bool(px[b, i * f:(i + 1) * f, j * f:(j + 1) * f].all())
-    assert torch.equal(tok, brute) and tok.any() and not tok.all()
-    with pytest.raises(ValueError, match="does not divide"):
-        inpaint.pixel_to_token_mask(torch.ones(1, 10, 12, dtype=torch.bool), 4)
-    with pytest.raises(ValueError, match="must match"):
-        inpaint.inpaint(Peaked(torch.zeros(2, 3, 4, dtype=torch.long), 5), torch.zeros(2, 3, 4, dtype=torch.long),
-                        torch.ones(2, 4, 4, dtype=torch.bool))
+    assert tok.shape == (3, 3, 4) and tok.dtype == torch.bool, "the token mask must be bool (B, H/f, W/f)"
+    assert torch.equal(tok, brute), "a token must be known iff all f x f pixels of its cell (rows i f .., cols j f ..) are"
+    assert tok.any() and not tok.all()
 
 class CellDecoder(nn.Module):
     """A stand-in VQ-GAN whose token v decodes to a flat 2 x 2 cell of grey level v / 10: errors by hand."""
@@ -729,8 +1335,9 @@ def test_best_fit_prefers_fills_painted_in_the_colours_of_the_known_pixels():
 def test_frechet_distance_is_zero_symmetric_and_exact_for_diagonal_covariances():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(500, 4)), rng.normal(2.0, 3.0, size=(400, 4))
-    assert abs(sundae.frechet_distance(a, a)) < 1e-8  # zero for identical sets
-    assert np.isclose(sundae.frechet_distance(a, b), sundae.frechet_distance(b, a))  # symmetric
+    assert abs(sundae.frechet_distance(a, a)) < 1e-8, "the distance of a set to itself must be 0"
+    assert np.isclose(sundae.frechet_distance(a, b), sundae.frechet_distance(b, a)), "the distance must be symmetric"
+    assert isinstance(sundae.frechet_distance(a, b), float), "the distance must be a Python float"
     # closed form for diagonal covariances: ||mu_a - mu_b||^2 + sum (s_a - s_b)^2; build sets whose sample
     # covariance is exactly diagonal from orthogonal +-1 columns (a Hadamard matrix)
     H = np.array([[1]])
@@ -741,7 +1348,8 @@ def test_frechet_distance_is_zero_symmetric_and_exact_for_diagonal_covariances()
     A, B = ma + cols * sa, mb + cols * sb
     var_scale = np.sqrt(8 / 7)  # np.cov divides by N - 1
     closed = ((ma - mb) ** 2).sum() + (((sa - sb) * var_scale) ** 2).sum()
-    assert np.isclose(sundae.frechet_distance(A, B), closed)
+    assert np.isclose(sundae.frechet_distance(A, B), closed), \
+        "diagonal covariances: ||mu_a - mu_b||^2 + sum (s_a - s_b)^2, with unbiased (n - 1) covariances of the rows"
 
 def test_frechet_distance_matches_a_reference_for_full_covariances():
     # correlated features: tr((S_a S_b)^1/2) = sum of sqrt(eigenvalues of S_a S_b) (real and >= 0 for SPD pairs);
@@ -752,7 +1360,8 @@ def test_frechet_distance_matches_a_reference_for_full_covariances():
     Sa, Sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     tr_sqrt = np.sqrt(np.linalg.eigvals(Sa @ Sb).real.clip(0)).sum()
     ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(Sa) + np.trace(Sb) - 2 * tr_sqrt
-    assert np.isclose(sundae.frechet_distance(a, b), ref, rtol=1e-8)
+    assert np.isclose(sundae.frechet_distance(a, b), ref, rtol=1e-8), \
+        "full covariances: the trace term must be sum sqrt(eigenvalues of S_a S_b)"
     sqrtm = lambda S: (lambda ev, U: (U * np.sqrt(ev)) @ U.T)(*np.linalg.eigh(S))
     wrong = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(Sa) + np.trace(Sb) - 2 * np.trace(sqrtm(Sa) @ sqrtm(Sb))
     assert not np.isclose(ref, wrong, rtol=1e-3)  # the test can tell the two apart
@@ -760,6 +1369,45 @@ def test_frechet_distance_matches_a_reference_for_full_covariances():
 # ==========================================================================================================
 # Part 2: the other components, still without fixtures
 # ==========================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------
+# sundae.py and inpaint.py: what surrounds the exercises (box noise, the sampler's and inpaint's argument checks)
+
+def test_box_noise_confines_the_noise_to_one_uniform_rectangle():
+    # share = 1: each grid's noise is one box, sides uniform in 1..n, corner uniform where it fits. So a row
+    # r is inside with probability p(r) = 1/n sum_s #{tops t: t <= r < t + s} / (n - s + 1), independently per
+    # axis, and a token is replaced with probability p(r) p(c) (V huge: a replaced token always changes)
+    needs("corrupt")
+    h, w, B = 4, 6, 40000
+    tokens = torch.zeros(B, h, w, dtype=torch.long)
+    changed = (sundae.box_corrupt(tokens, 2**40, torch.Generator().manual_seed(0), share=1.0) != 0).double()
+    p = lambda n: torch.tensor([sum((min(r, n - s) - max(0, r - s + 1) + 1) / (n - s + 1) for s in range(1, n + 1))
+                                / n for r in range(n)], dtype=torch.float64)
+    assert torch.allclose(changed.mean(0), p(h)[:, None] * p(w)[None], atol=0.012)
+    # half the grids boxed, half the paper's: the mean changed share mixes the two
+    mixed = sundae.box_corrupt(tokens, 2**40, torch.Generator().manual_seed(1), share=0.5) != 0
+    assert abs(mixed.double().mean() - 0.5 * (0.5 + p(h).mean() * p(w).mean())) < 0.006
+    # share 0 is the paper's corruption, draw for draw
+    g = lambda: torch.Generator().manual_seed(3)
+    assert torch.equal(sundae.corrupt(tokens[:50], 9, g()), sundae.box_corrupt(tokens[:50], 9, g(), share=0.0))
+
+def test_sample_refuses_bad_arguments_before_any_work():
+    m = Shift(6, 3, 3)
+    for kwargs, match in [(dict(n=1, init=torch.zeros(2, 3, 3, dtype=torch.long)), "init tokens have shape"),
+                          (dict(n=2, init=torch.zeros(2, 3, 3, dtype=torch.long), known=torch.ones(2, 3, 4)), "known mask"),
+                          (dict(n=2, temperature=(-1.0, 0.5)), "--temperature"),
+                          (dict(n=2, temperature=(float("nan"), 0.5)), "--temperature"),
+                          (dict(n=2, proportion=(0.5, 1.5)), "--proportion"),
+                          (dict(n=2, steps=0), "at least one"),
+                          (dict(n=2, known=torch.ones(2, 3, 3)), "need init"),
+                          (dict(n=2, labels=torch.zeros(2)), "class-conditional")]:
+        with pytest.raises(vqgan.BadInput, match=match):
+            sundae.sample(m, **kwargs)
+
+def test_inpaint_refuses_a_mask_of_another_shape():
+    with pytest.raises(vqgan.BadInput, match="must match"):
+        inpaint.inpaint(Peaked(torch.zeros(2, 3, 4, dtype=torch.long), 5), torch.zeros(2, 3, 4, dtype=torch.long),
+                        torch.ones(2, 4, 4, dtype=torch.bool))
 
 # ----------------------------------------------------------------------------------------------------------
 # vqgan.py: toy faces, image folders, the train/validation split
@@ -1656,10 +2304,34 @@ def test_readme_figures_exist():
 
 @pytest.mark.parametrize("module", [vqgan, hourglass, sundae, sample, inpaint])
 def test_every_script_has_help(module, capsys):
+    # every flag's help is a whole sentence: brackets closed, not ending on a word that needs more (the help once
+    # came from source comments, and a comment continued on the next line was cut mid-sentence)
     with pytest.raises(SystemExit) as e:
         module.main(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "usage:" in out and "option_strings" not in out
+    options = out.split("options:")[1]
+    helps = re.split(r"\n  (?=-)", options)[1:]  # one entry per option: its flags, then its help text
+    assert len(helps) > 3
+    dangling = {"a", "an", "the", "of", "to", "by", "and", "or", "with", "for", "beat", "than", "="}
+    for entry in helps:
+        text = " ".join(entry.split())
+        assert text.count("(") == text.count(")") and text.count("[") == text.count("]"), f"unclosed: {text}"
+        last = text.split()[-1].strip(".,;:").lower()
+        assert last not in dangling and not text.rstrip().endswith((",", ";", "(")), f"cut short: {text}"
+
+def test_every_config_field_declares_its_help():
+    configs = [vqgan.ModelConfig, vqgan.TrainConfig, hourglass.HourglassConfig, sundae.TrainConfig]
+    for cls in configs:
+        for f in dataclasses.fields(cls):
+            assert len(f.metadata.get("help", "").split()) >= 2, f"{cls.__name__}.{f.name} has no help"
+
+    @dataclasses.dataclass
+    class Forgot:
+        x: int = 1  # a trailing comment is not help
+
+    with pytest.raises(TypeError, match="Forgot.x has no help; declare it as x: int = flag"):
+        vqgan.add_flags(argparse.ArgumentParser(), Forgot)
 
 def run(args, cwd):
     return subprocess.Popen([sys.executable] + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -2184,3 +2856,59 @@ def test_slow_blanking_one_exercise_fails_its_own_tests_and_no_other(tmp_path):
     for key, (selected, failed, elsewhere, seconds) in table.items():
         print(f"{key} | {selected} | {failed} | {len(elsewhere)} {elsewhere or ''} | {seconds:.1f}")
     assert all(1 <= failed <= 8 and not elsewhere for _, failed, elsewhere, _ in table.values()), table
+
+@slow
+def test_slow_answers_right_ones_pass_the_whole_suite_and_wrong_ones_fail_their_section_by_name(tmp_path):
+    # the exercise table of the course: another style of a right answer must pass its section and the whole suite; a
+    # plausible wrong one must fail its own section, with a message naming the property
+    if not ANSWERS:
+        pytest.skip("the student version of the project has no answer table")
+    rows, suites = answer_table(str(tmp_path))
+    print("\nexercise | answer | its section (-k KEY) | first failure")
+    for key, kind, name, status, failures in rows:
+        verdict = "passes" if status == 0 else "fails" if status == 1 else f"exit status {status}"
+        first = f"{failures[0][0]}: {failures[0][1]}" if failures else ""
+        print(f"{key} | {kind}: {name} | {verdict} | {first}")
+    for i, (status, failures) in suites.items():
+        print(f"whole suite with every exercise's right answer {i + 1}: exit status {status} {failures or ''}")
+    assert all(status == 0 for _, kind, _, status, _ in rows if kind == "right"), "a right answer failed its section"
+    assert all(status == 1 and named_failure(failures) for _, kind, _, status, failures in rows if kind == "wrong"), \
+        "a wrong answer passed its section, or failed it without naming the property"
+    assert all(status == 0 for status, _ in suites.values()), "a round of right answers failed the whole suite"
+    assert all(len(v["right"]) >= 2 and len(v["wrong"]) >= 3 for v in ANSWERS.values()) and set(ANSWERS) == set(EXERCISES)
+
+# ----------------------------------------------------------------------------------------------------------
+# the instructor's handout: python test_all.py --handout DIR [--exercises KEY,KEY,...]
+
+def handout(dest, keys):
+    """The student version of the project in dest: the chosen exercises' bodies replaced by `raise
+    NotImplementedError` (docstrings kept), and this file without the answer table."""
+    import ast
+    edits = [(EXERCISES[k][0], lambda s, k=k: functools.reduce(blank, EXERCISES[k][1].split(), s)) for k in keys]
+
+    def without_answers(source):
+        node = next(n for n in ast.parse(source).body if isinstance(n, ast.Assign) and n.targets[0].id == "ANSWERS")
+        lines = source.splitlines()
+        lines[node.lineno - 1:node.end_lineno] = ["ANSWERS = {}  # the answer table stays with the instructor"]
+        return "\n".join(lines) + "\n"
+
+    project_copy(dest, edits + [("test_all.py", without_answers)])
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write the student version of the project (the course handout).")
+    parser.add_argument("--handout", required=True, metavar="DIR", help="a new folder for the student version")
+    parser.add_argument("--exercises", default="all", help=f"comma-separated keys to blank, or all: {', '.join(EXERCISES)}")
+    args = parser.parse_args(argv)
+    keys = list(EXERCISES) if args.exercises == "all" else [k for k in args.exercises.split(",") if k]
+    unknown = [k for k in keys if k not in EXERCISES]
+    if unknown or not keys:
+        parser.exit(2, f"error: --exercises {args.exercises!r}: unknown {', '.join(unknown) or 'empty list'}; the "
+                       f"keys are {', '.join(EXERCISES)}\n")
+    if os.path.exists(args.handout):
+        parser.exit(2, f"error: --handout {args.handout!r} already exists; choose a new folder\n")
+    handout(args.handout, keys)
+    print(f"wrote {args.handout}: {len(keys)} exercise(s) blank ({', '.join(keys)}); a student checks one with "
+          f"python -m pytest test_all.py -k KEY")
+
+if __name__ == "__main__":
+    main()

@@ -17,19 +17,17 @@ a reader of the VQ-GAN may skip it. Importing this file does no work.
 """
 import argparse
 import copy
-import inspect
 import json
 import hashlib
 import math
 import os
 import pickle
-import re
 import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -55,20 +53,39 @@ class VectorQuantizer(nn.Module):
         self.proj_out = nn.Linear(self.code_dim, dim) if code_dim else nn.Identity()
         self.codebook = nn.Parameter(torch.empty(codebook_size, self.code_dim).uniform_(-1 / codebook_size,
                                                                                          1 / codebook_size))
-        # dead-code restart: count the optimizer steps since each code was last chosen; re-seed the stale ones
+        # dead-code restart: count the optimizer steps since each code was last chosen; re-seed the stale ones.
+        # The statistics are gathered by a hook after each forward pass, so forward holds the lookup alone
         self.restart_after = restart_after
         self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
+        if restart_after > 0:
+            self.register_forward_hook(record_usage)
 
     def codes(self):
+        """The codebook as the lookup sees it: (V, code_dim), unit vectors when l2_norm."""
         return F.normalize(self.codebook, dim=1) if self.l2_norm else self.codebook
 
+    def project(self, z):
+        """Encoder output (B, D, h, w) -> the vectors to look up, (B*h*w, code_dim) in raster order: projected by
+        proj_in (the identity without code_dim) and normalised when l2_norm."""
+        B, D, h, w = z.shape
+        ze = self.proj_in(z.permute(0, 2, 3, 1).reshape(B * h * w, D))  # (N, code_dim)
+        return F.normalize(ze, dim=1) if self.l2_norm else ze
+
     def forward(self, z):
+        """Quantize z: each vector becomes its nearest code (VQ-VAE §3.1, §3.2).
+
+        z: float (B, D, h, w), the encoder output. Returns (z_q, indices, loss):
+        - z_q: float32 (B, D, h, w): proj_out of the nearest code of each vector; its gradient is the
+          straight-through estimate, as if quantization were the identity: dL/dz = d(proj_out(proj_in z))/dz
+          applied to dL/dz_q (z_q = ze + (e - ze).detach() before proj_out, ze = self.project(z)).
+        - indices: int64 (B, h, w), the index of the nearest code of self.codes() by squared L2 distance.
+        - loss: scalar, mean((e - sg[ze])^2) + beta * mean((ze - sg[e])^2): the codebook term moves the chosen
+          codes, the commitment term (weighted by beta) the encoder (sg = detach).
+        Under bf16 autocast everything here runs in float32: distances to thousands of codes differ in the
+        third significant digit, below bf16's resolution (use torch.autocast(..., enabled=False))."""
         B, D, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):  # distances in fp32 even under bf16 autocast
-            z = z.float().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D), N = B*h*w
-            ze = self.proj_in(z)  # (N, code_dim)
-            if self.l2_norm:
-                ze = F.normalize(ze, dim=1)
+            ze = self.project(z.float())  # (N, code_dim), N = B*h*w
             e = self.codes()  # (V, code_dim)
             # squared L2 distance ||ze||^2 - 2 ze.e + ||e||^2, without forming (N, V, code_dim)
             dist2 = ze.pow(2).sum(1, keepdim=True) - 2 * ze @ e.t() + e.pow(2).sum(1)[None]  # (N, V)
@@ -81,9 +98,6 @@ class VectorQuantizer(nn.Module):
             # from z_q to z unchanged, as if quantization were the identity (VQ-VAE §3.2)
             zq = ze + (e_sel - ze).detach()
             zq = self.proj_out(zq)  # (N, D)
-        if self.training and self.restart_after > 0:  # what restart_dead_codes needs: codes chosen since the last
-            self.used = used_codes(indices, self.codebook_size) | getattr(self, "used", False)  # optimizer step
-            self.last_ze = ze.detach()
         zq = zq.reshape(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
         return zq, indices.reshape(B, h, w), loss
 
@@ -101,7 +115,7 @@ class VectorQuantizer(nn.Module):
         self.unused_steps.add_(1).masked_fill_(used > 0, 0)
         dead = (self.unused_steps >= self.restart_after).nonzero().squeeze(1)
         if len(dead):
-            ze = self.last_ze
+            ze = self.project(self.last_z.float())  # (N, code_dim): where the encoder's outputs are now
             new = ze[torch.randint(len(ze), (len(dead),), device=ze.device)]
             new = new + 0.01 * ze.std() * torch.randn_like(new)  # a little noise: no two identical codes
             if dist.is_initialized():  # every process must hold the same codebook: take rank 0's choice
@@ -114,9 +128,15 @@ class VectorQuantizer(nn.Module):
         zq = self.proj_out(self.codes()[indices])  # (B, h, w, D)
         return zq.permute(0, 3, 1, 2)  # (B, D, h, w)
 
-def used_codes(indices, codebook_size):
-    """bool (V,): which codes occur in indices."""
-    return torch.bincount(indices.flatten(), minlength=codebook_size) > 0
+def record_usage(quantizer, inputs, outputs):
+    """Forward hook of a VectorQuantizer with dead-code restart, in training: the codes chosen since the last
+    optimizer step (bool (V,), pooled over micro-batches) and the last batch's encoder outputs, which
+    restart_dead_codes needs."""
+    if quantizer.training:
+        indices = outputs[1]
+        used = torch.bincount(indices.flatten(), minlength=quantizer.codebook_size) > 0  # (V,)
+        quantizer.used = used | getattr(quantizer, "used", False)
+        quantizer.last_z = inputs[0].detach()
 
 class LookupFreeQuantizer(nn.Module):
     """Lookup-free quantization (MAGVIT-v2, Yu et al. 2023): each channel is one bit, q = sign(z).
@@ -136,6 +156,19 @@ class LookupFreeQuantizer(nn.Module):
         return ((v[:, None] // self.powers) % 2).float() * 2 - 1
 
     def forward(self, z):
+        """Quantize each channel to one bit (MAGVIT-v2 §3.1).
+
+        z: float (B, bits, h, w). Returns (z_q, indices, loss):
+        - z_q: float32 (B, bits, h, w), q = +1 where z > 0, else -1; its gradient is straight-through
+          (dL/dz = dL/dz_q exactly).
+        - indices: int64 (B, h, w), index = sum_i bit_i 2**i with bit_i = 1 where channel i of z is > 0
+          (self.powers holds the 2**i), so that self.codes()[index] is the code.
+        - loss: scalar, beta * mean((z - q)^2) + entropy_weight * (H_sample - H_batch): with the soft
+          assignment p(v | z) = softmax_v(-||z - c_v||^2 / temperature) over all codes c_v = self.codes(),
+          H_sample is the mean over vectors of the entropy of p(. | z) and H_batch the entropy of its mean
+          over all B*h*w vectors: natural logs of p + 1e-8, so that a p that underflows to 0 gives no NaN
+          gradient.
+        Computed in float32 under bf16 autocast."""
         B, D, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):
             z = z.float().permute(0, 2, 3, 1).reshape(-1, D)  # (N, bits)
@@ -150,7 +183,7 @@ class LookupFreeQuantizer(nn.Module):
             p_mean = p.mean(0)
             batch = -(p_mean * torch.log(p_mean + 1e-8)).sum()
             loss = self.beta * commit + self.entropy_weight * (per_sample - batch)
-            zq = z + (q - z).detach()  # straight-through estimator, as in VectorQuantizer
+            zq = z + (q - z).detach()  # straight-through: forward q, backward the identity
         return zq.reshape(B, h, w, D).permute(0, 3, 1, 2), indices.reshape(B, h, w), loss
 
     def lookup(self, indices):
@@ -167,35 +200,41 @@ def codebook_usage(indices, codebook_size):
 # ----------------------------------------------------------------------------------------------------------
 # encoder and decoder (taming-transformers layout)
 
+def flag(default, help):
+    """A config field and its command-line help: add_flags (in the plumbing below) makes one --flag per field."""
+    return field(default=default, metadata={"help": help})
+
 @dataclass
 class ModelConfig:
-    size: int = 32  # image side in pixels; images are resized and centre-cropped to size x size
-    ch: int = 32  # channels at full resolution (32 for the demo: +1.1 dB held-out PSNR over 16 for +10% time)
-    ch_mult: tuple = (1, 2, 4)  # channel multiplier per level; f = 2**(levels - 1)
-    num_res_blocks: int = 1  # ResNet blocks per level
-    dec_res_blocks: int = 0  # ResNet blocks per decoder level; 0 = num_res_blocks (taming's decoder has one more)
-    attn_resolutions: tuple = (8,)  # feature-map sides (in pixels) that get a self-attention block
-    z_channels: int = 64  # channels of the encoder output / decoder input
-    embed_dim: int = 0  # channels of the quantized latents (taming's embed_dim); 0 = z_channels
-    quantizer: str = "vq"  # "vq" (codebook lookup) or "lfq" (lookup-free, sign per bit)
-    codebook_size: int = 256  # V, the number of token ids (a power of two for lfq)
-    # a 3-d lookup space (unit vectors on a sphere) gave +1.4 dB held-out PSNR over 16-d at 32x32; 2-d collapses
-    code_dim: int = 3  # look codes up in a projected space of this size (ViT-VQGAN); 0 = off
-    l2_norm: bool = True  # compare unit vectors (cosine similarity), fights codebook collapse
-    beta: float = 0.25  # commitment weight on the encoder term
-    restart_after: int = 50  # re-seed codes unused for this many optimizer steps; 0 = off
-    entropy_weight: float = 0.1  # lfq only: weight of its entropy term (confident bits, spread usage)
-    disc_ch: int = 32  # PatchGAN discriminator channels
-    disc_layers: int = 2  # PatchGAN stride-2 layers
+    size: int = flag(32, "image side in pixels; images are resized and centre-cropped to size x size")
+    ch: int = flag(32, "channels at full resolution")
+    ch_mult: tuple = flag((1, 2, 4), "channel multiplier per level; f = 2**(levels - 1)")
+    num_res_blocks: int = flag(1, "ResNet blocks per level")
+    dec_res_blocks: int = flag(0, "ResNet blocks per decoder level; 0 = num_res_blocks (taming's decoder has "
+                                  "one more)")
+    attn_resolutions: tuple = flag((8,), "feature-map sides (in pixels) that get a self-attention block")
+    z_channels: int = flag(64, "channels of the encoder output / decoder input")
+    embed_dim: int = flag(0, "channels of the quantized latents (taming's embed_dim); 0 = z_channels")
+    quantizer: str = flag("vq", "'vq' (codebook lookup) or 'lfq' (lookup-free, sign per bit)")
+    codebook_size: int = flag(256, "V, the number of token ids (a power of two for lfq)")
+    # a low-dimensional lookup on the unit sphere keeps every code in use (ViT-VQGAN); 3 is the smallest that does
+    # not collapse on the toy faces (docs/RESULTS.md)
+    code_dim: int = flag(3, "look codes up in a projected space of this size (ViT-VQGAN); 0 = off")
+    l2_norm: bool = flag(True, "compare unit vectors (cosine similarity), fights codebook collapse")
+    beta: float = flag(0.25, "commitment weight on the encoder term")
+    restart_after: int = flag(50, "re-seed codes unused for this many optimizer steps; 0 = off")
+    entropy_weight: float = flag(0.1, "lfq only: weight of its entropy term (confident bits, spread usage)")
+    disc_ch: int = flag(32, "PatchGAN discriminator channels")
+    disc_layers: int = flag(2, "PatchGAN stride-2 layers")
 
-def Norm(c):
+def group_norm(c):
     return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)  # 32 groups, fewer for the narrow test models
 
 class ResBlock(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
-        self.norm1, self.conv1 = Norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = Norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
@@ -208,7 +247,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.norm, self.qkv, self.proj = Norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.norm, self.qkv, self.proj = group_norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -238,7 +277,7 @@ class Encoder(nn.Module):
                 res //= 2
             self.levels.append(nn.ModuleList(blocks))
         self.mid = nn.ModuleList([ResBlock(cin, cin), AttnBlock(cin), ResBlock(cin, cin)])
-        self.out = nn.Sequential(Norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.z_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.z_channels, 3, padding=1))
         self.grad_ckpt = False
 
     def forward(self, x):
@@ -265,7 +304,7 @@ class Decoder(nn.Module):
                 blocks += [nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))]
                 res *= 2
             self.levels.append(nn.ModuleList(blocks))
-        self.norm_out, self.conv_out = Norm(cin), nn.Conv2d(cin, 3, 3, padding=1)
+        self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 3, 3, padding=1)
         self.grad_ckpt = False
 
     def forward(self, z):
@@ -348,7 +387,7 @@ class PatchDiscriminator(nn.Module):
         layers, c = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
         for i in range(1, n_layers + 1):
             cout = ch * min(2**i, 8)
-            layers += [nn.Conv2d(c, cout, 4, 2 if i < n_layers else 1, 1, bias=False), Norm(cout), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(c, cout, 4, 2 if i < n_layers else 1, 1, bias=False), group_norm(cout), nn.LeakyReLU(0.2)]
             c = cout
         layers += [nn.Conv2d(c, 1, 4, 1, 1)]
         self.net = nn.Sequential(*layers)
@@ -357,11 +396,20 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)  # (B, 1, ~H/2**n, ~W/2**n)
 
 def hinge_d_loss(logits_real, logits_fake):
-    """Discriminator hinge loss: 1/2 [mean relu(1 - D(x)) + mean relu(1 + D(x_hat))]."""
+    """Discriminator hinge loss (taming §3.1): 1/2 [mean relu(1 - D(x)) + mean relu(1 + D(x_hat))].
+
+    logits_real, logits_fake: D's logits for real and for reconstructed images, any shapes (each averaged over
+    all its elements, so the two may differ in size). Returns a scalar tensor; 0 once D scores every real logit
+    >= 1 and every fake one <= -1."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 def adaptive_weight(rec_loss, g_loss, last_layer):
-    """lambda = ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4), clamped to [0, 1e4], detached (taming eq. 7)."""
+    """The GAN term's adaptive weight (taming eq. 7): lambda = ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4).
+
+    rec_loss, g_loss: scalar tensors whose graphs reach last_layer, W, the decoder's last weight (a Parameter).
+    Returns a scalar tensor: lambda in float32, clamped to [0, 1e4] and detached (a constant factor: no gradient
+    flows through it). The norms are the plain L2 norms of the gradient tensors (torch.autograd.grad, with
+    retain_graph=True: the caller backpropagates both losses afterwards)."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (g_rec.float().norm() / (g_gan.float().norm() + 1e-4)).clamp(0.0, 1e4).detach()
@@ -404,45 +452,45 @@ class LPIPS(nn.Module):
 
 @dataclass
 class TrainConfig:
-    data: str = "toy"  # image folder (searched recursively), or "toy" for the built-in faces
-    toy_n: int = 8192  # number of toy faces to train on (and to encode)
-    batch_size: int = 8  # images per optimizer step, summed over processes and micro-batches (8 x 2400 steps beat
-    #                       16 x 1200 by 0.7 dB in 1.2x the time at 32x32, README)
-    grad_accum: int = 1  # micro-batches per optimizer step in each process
-    lr: float = 2e-3  # peak learning rate (Adam), also for the discriminator
-    min_lr: float = 2e-4  # cosine decay reaches this at max_steps (set it to lr for a constant rate)
-    beta1: float = 0.9  # Adam beta1; taming uses 0.5 for its long GAN phase
-    beta2: float = 0.99  # Adam beta2; taming's 0.9 cost the 32x32 demo 0.3 dB (README)
-    warmup: int = 100  # linear learning-rate warm-up steps
-    grad_clip: float = 1.0  # clip the gradient norm to this; 0 = off
-    ema: float = 0.99  # decay of a moving average of the weights, measured and shipped as the model; 0 = off
-    max_steps: int = 2400  # optimizer steps in total
-    disc_start: int = 1800  # step at which the GAN losses switch on
-    disc_weight: float = 0.1  # scale of the adaptive GAN weight
-    perceptual_weight: float = 0.0  # weight of the LPIPS loss; needs --lpips
-    # PSNR is squared error: at 32x32 an L2 term of weight 5 gave +0.9 dB held-out PSNR and visible pupils in the
-    # same time (README); the ffhq presets keep taming's L1 (+ LPIPS)
-    l2_weight: float = 5.0  # weight of a squared-error term added to the L1 reconstruction loss
-    lpips: str = ""  # path of LPIPS weights (see README); "" = no perceptual loss
-    flip: bool = True  # random horizontal flips in training; flipped copies when encoding
-    val_n: int = 256  # held-out images for PSNR and codebook usage
-    log_every: int = 50  # steps between log lines
-    sample_every: int = 600  # steps between real|reconstruction grids
-    ckpt_every: int = 600  # steps between checkpoints
-    out: str = "vqgan.pt"  # checkpoint path (training) / latents path (--encode: latents.npy)
-    resume: bool = False  # continue from --out
-    overwrite: bool = False  # replace an existing --out (a checkpoint, or latents with --encode) instead of refusing
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    compile: bool = False  # torch.compile the model
-    grad_ckpt: bool = False  # activation checkpointing per block (less memory, ~30% slower)
-    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32", on any device
-    seed: int = 0  # random seed (each process adds its rank)
-    workers: int = 8  # threads decoding image files
+    data: str = flag("toy", "image folder (searched recursively), or 'toy' for the built-in faces")
+    toy_n: int = flag(8192, "number of toy faces to train on (and to encode)")
+    batch_size: int = flag(8, "images per optimizer step, summed over processes and micro-batches")
+    grad_accum: int = flag(1, "micro-batches per optimizer step in each process")
+    lr: float = flag(2e-3, "peak learning rate (Adam), also for the discriminator")
+    min_lr: float = flag(2e-4, "cosine decay reaches this at max_steps (set it to lr for a constant rate)")
+    beta1: float = flag(0.9, "Adam beta1; taming uses 0.5 for its long GAN phase")
+    beta2: float = flag(0.99, "Adam beta2 (taming: 0.9)")
+    warmup: int = flag(100, "linear learning-rate warm-up steps")
+    grad_clip: float = flag(1.0, "clip the gradient norm to this; 0 = off")
+    ema: float = flag(0.99, "decay of a moving average of the weights, measured and shipped as the model; "
+                            "0 = off")
+    max_steps: int = flag(2400, "optimizer steps in total")
+    disc_start: int = flag(1800, "step at which the GAN losses switch on")
+    disc_weight: float = flag(0.1, "scale of the adaptive GAN weight")
+    perceptual_weight: float = flag(0.0, "weight of the LPIPS loss; needs --lpips")
+    # held-out PSNR measures squared error, and small features (pupils) are a few pixels: the demo adds a squared
+    # term to L1; the ffhq presets keep taming's L1 (+ LPIPS)
+    l2_weight: float = flag(5.0, "weight of a squared-error term added to the L1 reconstruction loss")
+    lpips: str = flag("", "path of LPIPS weights (vqgan.py --convert writes lpips.pt); '' = no perceptual loss")
+    flip: bool = flag(True, "random horizontal flips in training; flipped copies when encoding")
+    val_n: int = flag(256, "held-out images for PSNR and codebook usage")
+    log_every: int = flag(50, "steps between log lines")
+    sample_every: int = flag(600, "steps between real|reconstruction grids")
+    ckpt_every: int = flag(600, "steps between checkpoints")
+    out: str = flag("vqgan.pt", "checkpoint path (training) / latents path (--encode: latents.npy)")
+    resume: bool = flag(False, "continue from --out")
+    overwrite: bool = flag(False, "replace an existing --out (a checkpoint, or latents with --encode) instead "
+                                  "of refusing")
+    device: str = flag("auto", "'auto', 'cpu' or 'cuda'")
+    compile: bool = flag(False, "torch.compile the model")
+    grad_ckpt: bool = flag(False, "activation checkpointing per block (less memory, ~30% slower)")
+    dtype: str = flag("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32', on any device")
+    seed: int = flag(0, "random seed (each process adds its rank)")
+    workers: int = flag(8, "threads decoding image files")
 
 PRESETS = {
-    # CPU demo: 32x32 toy faces -> 8x8 tokens (f = 4), ~4 minutes on 2 cores. The first design said 64x64; at 64x64
-    # (f = 8)
-    # the same CPU time gave 17.5 dB held-out PSNR against 23.7 dB here, so the demo uses 32x32 (README)
+    # CPU demo: 32x32 toy faces -> 8x8 tokens (f = 4), minutes on 2 cores; at 64x64 the same CPU time reconstructs
+    # far worse (docs/RESULTS.md)
     "tiny": (ModelConfig(), TrainConfig()),
     # FFHQ-256: f = 16, V = 1024, 16x16 tokens (the paper's FFHQ-256 setting). Both FFHQ presets keep taming's
     # recipe (Adam (0.5, 0.9), L1 + LPIPS, no averaging): the tiny preset's changes are unmeasured at 256 px and up
@@ -725,7 +773,7 @@ def compile_for_adaptive_weight():
 def build_training(mcfg, tcfg, device, resume_ckpt=None):
     """Autoencoder, its moving average (or None), discriminator, optional LPIPS and their optimizers, fresh or from
     a checkpoint -> (model, ema, disc, lpips, opt_g, opt_d, step, history, log window)."""
-    # channels_last: convolutions run 1.4x faster on CPU (measured, tiny preset) and use tensor cores on GPU
+    # channels_last: the faster convolution layout on CPUs and on GPUs' tensor cores
     model = VQGAN(mcfg).to(device, memory_format=torch.channels_last)
     disc = PatchDiscriminator(mcfg.disc_ch, mcfg.disc_layers).to(device, memory_format=torch.channels_last)
     model.set_grad_ckpt(tcfg.grad_ckpt)
@@ -800,18 +848,18 @@ def train(mcfg, tcfg, resume_ckpt=None):
         flips = (torch.rand(tcfg.batch_size, generator=gen) < 0.5) if tcfg.flip else None
         xs = []
         for m in range(tcfg.grad_accum):  # generator step: reconstruction + quantizer + adaptive GAN loss
-            sl = slice((rank * tcfg.grad_accum + m) * micro, (rank * tcfg.grad_accum + m + 1) * micro)
-            x = train_data.batch(idx[sl].tolist(), None if flips is None else flips[sl])
+            rows = slice((rank * tcfg.grad_accum + m) * micro, (rank * tcfg.grad_accum + m + 1) * micro)
+            x = train_data.batch(idx[rows].tolist(), None if flips is None else flips[rows])
             x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
             sync = m == tcfg.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
             with (model.no_sync() if ddp and not sync else nullcontext()):
-                loss, st, x_rec, indices = generator_loss(model, raw_disc, raw_model.last_layer(), x, gan_on,
+                loss, stats, x_rec, indices = generator_loss(model, raw_disc, raw_model.last_layer(), x, gan_on,
                                                           tcfg.disc_weight, lpips, tcfg.perceptual_weight, amp,
                                                           tcfg.l2_weight)
-                for k in st:
-                    win[k] += st[k] / tcfg.grad_accum
+                for k in stats:
+                    win[k] += stats[k] / tcfg.grad_accum
                 if not torch.isfinite(loss):  # stop before the update: the last checkpoints stay good
-                    raise BadInput(f"loss is {loss.item()} at step {step}; stopping ({kept(tcfg.out)}); lower --lr "
+                    raise BadInput(f"loss is {loss.item()} at step {step}; stopping ({checkpoints_left(tcfg.out)}); lower --lr "
                                    f"or check the data")
                 (loss / tcfg.grad_accum).backward()
             win["idx"].append(indices.detach().cpu())
@@ -825,7 +873,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
             if ema is not None:  # a restarted code is a new code: the average takes it as it is
                 ema.quantize.codebook.data[dead] = raw_model.quantize.codebook.data[dead]
         if ema is not None:
-            ema_update(ema, raw_model, tcfg.ema, step)  # the weights we measure and ship (+0.1-0.2 dB)
+            ema_update(ema, raw_model, tcfg.ema, step)  # the weights we measure and ship
         if gan_on:  # discriminator step on detached reconstructions
             for m, (x, x_rec) in enumerate(xs):
                 sync = m == len(xs) - 1
@@ -1174,7 +1222,7 @@ def main(argv=None):
     parser = Parser(description="Train the VQ-GAN tokenizer, or encode images into latents.")
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training preset")
     parser.add_argument("--encode", action="store_true", help="encode --data with --ckpt into --out (latents.npy)")
-    parser.add_argument("--ckpt", default="vqgan.pt", help="VQ-GAN checkpoint to encode or decode with")
+    parser.add_argument("--ckpt", default="vqgan.pt", help="the VQ-GAN checkpoint that encodes or decodes")
     parser.add_argument("--benchmark", action="store_true", help="time training steps (G + D) on random images")
     parser.add_argument("--mem_cap_gb", type=float, default=0.0, help="--benchmark on CUDA: cap this process at N GiB")
     parser.add_argument("--bench_steps", type=int, default=5, help="--benchmark: timed steps after one warm-up step")
@@ -1259,10 +1307,12 @@ class Parser(argparse.ArgumentParser):
         raise BadInput(f"{message}{hint} (see --help)")
 
 def add_flags(parser, cls):
-    """One flag per dataclass field, its help the field's trailing comment (one source of truth)."""
-    helps = dict(re.findall(r"^\s+(\w+):.*?  # (.*)$", inspect.getsource(cls), re.M))
+    """One --flag per field of the config dataclass cls, with the help its declaration gives (flag(default, help))."""
     for f in fields(cls):
-        help = helps[f.name].replace("%", "%%")  # argparse %-formats help text
+        if not f.metadata.get("help"):
+            raise TypeError(f"{cls.__name__}.{f.name} has no help; declare it as {f.name}: {f.type.__name__} = "
+                            f"flag(default, help)")
+        help = f.metadata["help"].replace("%", "%%")  # argparse %-formats help text
         if f.type is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help)
         elif f.type is tuple:  # the element type follows the default's: ints (channel multipliers) or floats
@@ -1494,7 +1544,7 @@ def save_checkpoint(obj, path):
 
     write_atomic(path, write)
 
-def kept(path):
+def checkpoints_left(path):
     """What a stopped run leaves on disk, for a message that is true."""
     found = [repr(p) for p in (path, path + ".prev") if os.path.exists(p)]
     return "kept " + " and ".join(found) if found else "no checkpoint was written"
