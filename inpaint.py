@@ -1,10 +1,11 @@
 """
 Inpainting with arbitrary masks: keep the tokens of the known part of an image, sample the rest.
 
-McKinney & Willcocks §3.6. A non-autoregressive model sees the whole grid, so any mask works: a token is
-known iff all f x f pixels of its cell are known; unknown tokens start random and are denoised by
-sundae.py:sample while the known ones are held fixed and give the model its context. Not in the paper: each image
-is filled 32 times and best_fit keeps the fill that best agrees with the known pixels.
+McKinney & Willcocks §3.6. A non-autoregressive model sees the whole grid, so any mask works: a
+token is known iff all f x f pixels of its cell are known; unknown tokens start random and are
+denoised by sundae.py:sample while the known ones are held fixed and give the model its context. Not
+in the paper: each image is filled 32 times and best_fit keeps the fill that best agrees with the
+known pixels.
 
     python inpaint.py                                            # held-out toy faces, centre box -> inpaint.png
     python inpaint.py --image face.png --box 8,16,24,28          # box in pixels of the model-sized image (32 px)
@@ -27,32 +28,39 @@ from vqgan import BadInput
 
 def pixel_to_token_mask(known_pixels, f):
     """Which tokens inpainting may keep (paper §3.6): known_pixels bool (B, H, W), H and W multiples of f ->
-    bool (B, H/f, W/f). Token (i, j) stands for the f x f pixel cell of rows i*f .. i*f+f-1 and columns
-    j*f .. j*f+f-1; it is known iff all f*f pixels of its cell are known (a logical AND over the cell), so no
-    unknown pixel is ever covered by a kept token."""
+    bool (B, H/f, W/f). Token (i, j) stands for the f x f pixel cell of rows i*f .. i*f+f-1 and
+    columns j*f .. j*f+f-1; it is known iff all f*f pixels of its cell are known (a logical AND over
+    the cell), so no unknown pixel is ever covered by a kept token."""
     B, H, W = known_pixels.shape
     cells = known_pixels.reshape(B, H // f, f, W // f, f)  # (B, h, f, w, f): each token's cell
     return cells.all(dim=4).all(dim=2)  # (B, h, w)
 
 def inpaint(model, tokens, known, **sample_kwargs):
-    """tokens (B, h, w), known bool (B, h, w) -> tokens with the unknown positions sampled, known ones unchanged."""
+    """tokens (B, h, w), known bool (B, h, w) -> tokens with the unknown positions sampled, known
+    ones unchanged."""
     if known.shape != tokens.shape:
-        raise BadInput(f"mask has shape {tuple(known.shape)} but the tokens {tuple(tokens.shape)}; they must match")
+        raise BadInput(f"mask has shape {tuple(known.shape)} but the tokens {tuple(tokens.shape)}; "
+                       "they must match")
     gen = sample_kwargs.get("generator")
     noise = torch.randint(model.vocab_size, tokens.shape, generator=gen, device=tokens.device)
-    init = torch.where(known, tokens, noise)  # unknown tokens start uniformly random, like unconditional sampling
+    # unknown tokens start uniformly random, like unconditional sampling
+    init = torch.where(known, tokens, noise)
     out, _ = sample(model, len(tokens), init=init, known=known, **sample_kwargs)
     return out
 
 def best_fit(vq, images, known_pixels, fills, colour_weight=1.0):
     """fills (B * K, h, w): K fillings of each of the B images (B, 3, H, W) in [-1, 1] -> (B, h, w), for each image
-    the fill that best agrees with its known pixels (bool (B, H, W)). Why this helps: the context's tokens carry
-    colour coarsely (one code serves several skin tones), so the prior often picks the wrong one; the known pixels
-    carry it exactly. A fill's score, both terms squared colour distances per pixel (lower is better):
-    - the decoded image's error over the known pixels (the decoder's receptive field crosses the hole's border), plus
-    - colour_weight x the median over the hole's pixels of the distance to the nearest known pixel's colour: the fill
-      is painted in its context's colours. The median lets a minority of new colours through (the eyes and mouth a
-      box hides), not a face in another tone. Large images take part at about 32 x 32 pixels.
+    the fill that best agrees with its known pixels (bool (B, H, W)). Why this helps: the context's
+    tokens carry colour coarsely (one code serves several skin tones), so the prior often picks the
+    wrong one; the known pixels
+    carry it exactly. A fill's score, both terms squared colour distances per pixel (lower is
+    better):
+    - the decoded image's error over the known pixels (the decoder's receptive field crosses the
+      hole's border), plus
+    - colour_weight x the median over the hole's pixels of the distance to the nearest known pixel's
+      colour: the fill is painted in its context's colours. The median lets a minority of new
+      colours through (the eyes and mouth a box hides), not a face in another tone. Large images
+      take part at about 32 x 32 pixels.
     Not in the paper: a deviation that costs K samples per fill."""
     B, K = len(images), len(fills) // len(images)
     decoded = decode(vq, fills).reshape(B, K, *images.shape[1:])  # (B, K, 3, H, W)
@@ -61,13 +69,16 @@ def best_fit(vq, images, known_pixels, fills, colour_weight=1.0):
     for b, (image, known, painted) in enumerate(zip(images, known_pixels, decoded)):
         err = (painted - image).pow(2).sum(1)  # (K, H, W)
         score[b] = (err * known).sum((1, 2)) / known.sum().clamp(min=1)
-        palette = image[:, ::s, ::s].permute(1, 2, 0)[known[::s, ::s]]  # (P, 3): the known pixels' colours
-        hole = painted[:, :, ::s, ::s].permute(0, 2, 3, 1)[:, ~known[::s, ::s]]  # (K, Q, 3): the fills' colours
+        # (P, 3): the known pixels' colours
+        palette = image[:, ::s, ::s].permute(1, 2, 0)[known[::s, ::s]]
+        # (K, Q, 3): the fills' colours
+        hole = painted[:, :, ::s, ::s].permute(0, 2, 3, 1)[:, ~known[::s, ::s]]
         if colour_weight and len(palette) and hole.shape[1]:
-            score[b] += colour_weight * torch.cdist(hole, palette[None]).amin(2).pow(2).median(1).values
+            score[b] += colour_weight * torch.cdist(hole,
+                                                    palette[None]).amin(2).pow(2).median(1).values
     return fills.reshape(B, K, *fills.shape[1:])[torch.arange(B), score.argmin(1)]
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # does the fill agree with its context? (toy faces, whose true colours are known)
 
 def hole_masks(n, size, rng=None, sides=None, boxes=1):
@@ -86,14 +97,16 @@ def hole_masks(n, size, rng=None, sides=None, boxes=1):
 
 def palette_agreement(guess, images, attrs, hole):
     """For each toy-face attribute (skin, hair, background, shirt): the share of images whose guess (n, H, W, 3) has,
-    over the hole's pixels of that attribute's colour in the original images (n, H, W, 3), a median colour nearest
-    to the original's palette entry (attrs (n, 4), toy_faces(labels="all")) -> {name: (share, images counted)}.
-    An image counts when the hole (n, H, W) hides at least 4 such pixels and the known pixels show at least 4."""
+    over the hole's pixels of that attribute's colour in the original images (n, H, W, 3), a median
+    colour nearest to the original's palette entry (attrs (n, 4), toy_faces(labels="all")) -> {name:
+    (share, images counted)}. An image counts when the hole (n, H, W) hides at least 4 such pixels
+    and the known pixels show at least 4."""
     out = {}
     for a, (name, palette) in enumerate(vqgan.TOY_PALETTES.items()):
         hits = []
         for i in range(len(images)):
-            has = np.abs(images[i].astype(int) - palette[attrs[i, a]]).max(-1) <= 8  # its colour, +- the jitter
+            # its colour, +- the jitter
+            has = np.abs(images[i].astype(int) - palette[attrs[i, a]]).max(-1) <= 8
             if (has & hole[i]).sum() >= 4 and (has & ~hole[i]).sum() >= 4:
                 c = np.median(guess[i][has & hole[i]], 0)
                 hits.append(((palette - c) ** 2).sum(1).argmin() == attrs[i, a])
@@ -102,32 +115,38 @@ def palette_agreement(guess, images, attrs, hole):
 
 def context_agreement(model, vq, n, seed=0, candidates=1, **sample_kwargs):
     """Inpaint n held-out toy faces (best_fit of `candidates` fillings) in the default box and in random boxes of
-    three sizes; judge each fill by the generator's truth -> {hole: {"inpaint": palette_agreement, "random face":
-    the same for the pixels of a random other face (chance), "error": mean absolute pixel error (0-255) over the
-    filled cells, "random error"}}."""
+    three sizes; judge each fill by the generator's truth -> {hole: {"inpaint": palette_agreement,
+    "random face": the same for the pixels of a random other face (chance), "error": mean absolute
+    pixel error (0-255) over the filled cells, "random error"}}."""
     size, f = vq.config.size, vq.downsample_factor
-    images, attrs = vqgan.toy_faces(n, size, seed=1, labels="all")  # held-out: vqgan.py trains on seed 0
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(next(vq.parameters()).device)
+    # held-out: vqgan.py trains on seed 0
+    images, attrs = vqgan.toy_faces(n, size, seed=1, labels="all")
+    x = torch.from_numpy(images).permute(0, 3, 1,
+                                         2).float().div(127.5).sub(1).to(next(vq.parameters()).device)
     with torch.no_grad():
         tokens = vq.encode(x)  # (n, h, w)
     rng, gen = np.random.default_rng(seed), torch.Generator(x.device).manual_seed(seed)
     repeat = lambda t: t.repeat_interleave(candidates, 0)
-    other = images[(np.arange(n) + rng.integers(1, n, n)) % n].astype(float)  # a random other face for each
+    # a random other face for each
+    other = images[(np.arange(n) + rng.integers(1, n, n)) % n].astype(float)
     results = {}
     for sides in (None, (4, 11), (10, 17), (16, 25)):
         unknown = hole_masks(n, size) if sides is None else hole_masks(n, size, rng, sides)
         known = pixel_to_token_mask(torch.from_numpy(~unknown), f).to(x.device)
-        hole = ~known.repeat_interleave(f, 1).repeat_interleave(f, 2).cpu().numpy()  # (n, H, W): filled cells
+        # (n, H, W): filled cells
+        hole = ~known.repeat_interleave(f, 1).repeat_interleave(f, 2).cpu().numpy()
         fills = inpaint(model, repeat(tokens), repeat(known), generator=gen, **sample_kwargs)
         fill = decode(vq, best_fit(vq, x, torch.from_numpy(~unknown).to(x.device), fills))
-        fill = fill.clamp(-1, 1).add(1).mul(127.5).round().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
+        # (n, H, W, 3)
+        fill = fill.clamp(-1, 1).add(1).mul(127.5).round().permute(0, 2, 3, 1).cpu().numpy()
         results["default box" if sides is None else f"boxes {sides[0]}-{sides[1] - 1} px"] = {
-            "inpaint": palette_agreement(fill, images, attrs, hole), "error": np.abs(fill - images)[hole].mean(),
+            "inpaint": palette_agreement(fill, images, attrs, hole),
+            "error": np.abs(fill - images)[hole].mean(),
             "random face": palette_agreement(other, images, attrs, hole),
             "random error": np.abs(other - images)[hole].mean()}
     return results
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # command line
 
 def load_rgb(path, size, what):
@@ -137,16 +156,20 @@ def load_rgb(path, size, what):
         with Image.open(path) as im:
             w, h = im.size
         if min(w, h) < size:
-            raise BadInput(f"{what} {path!r} is {w}x{h}, smaller than the model's {size}x{size}; use a larger image")
+            raise BadInput(f"{what} {path!r} is {w}x{h}, smaller than the model's {size}x{size}; "
+                           "use a larger image")
         return vqgan.load_image(path, size), (w, h)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # missing, truncated, not an image, too large
+    # missing, truncated, not an image, too large
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, BadInput):
             raise
-        raise BadInput(f"cannot read {what} {path!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        raise BadInput(f"cannot read {what} {path!r} "
+                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                        f"pass a PNG or JPEG file")
 
 def class_kwargs(args, model, n):
-    """--class K --guidance W -> the sampler's labels (K for all n fillings) and guidance; {} without --class."""
+    """--class K --guidance W -> the sampler's labels (K for all n fillings) and guidance; {}
+    without --class."""
     classes = parse_classes(args.classes, model, args.guidance)
     if classes is None:
         return {}
@@ -156,77 +179,101 @@ def class_kwargs(args, model, n):
 
 def inpaint_tokens(args, device):
     """inpaint.py --tokens grid.npy --known known.npy --out filled.npy: the SUNDAE model alone fills in token grids.
-    The output holds `samples` fillings of each grid: rows b * samples + k, shape (B * samples, h, w)."""
+    The output holds `samples` fillings of each grid: rows b * samples + k, shape (B * samples, h,
+    w)."""
     if not (args.tokens and args.known and args.out):
-        raise BadInput("token inpainting needs --tokens grid.npy, --known known.npy and --out filled.npy")
+        raise BadInput("token inpainting needs --tokens grid.npy, --known known.npy and --out "
+                       "filled.npy")
     if args.image or args.mask or args.box or args.random_boxes or args.candidates is not None:
-        raise BadInput("--tokens inpaints token grids: --image, --mask, --box, --random_boxes and --candidates (which "
+        raise BadInput("--tokens inpaints token grids: --image, --mask, --box, --random_boxes and "
+                       "--candidates (which "
                        "compares decoded pixels) do not apply; use --known to say which tokens to keep")
     vqgan.check_outputs({"--out": args.out}, [args.sundae, args.tokens, args.known], args.overwrite)
     model = sundae.load_sundae(args.sundae, device)
-    tokens = vqgan.check_tokens(vqgan.load_npy(args.tokens, "--tokens"), model.vocab_size, model.height, model.width,
-                                f"--tokens {args.tokens!r}")
+    tokens = vqgan.check_tokens(vqgan.load_npy(args.tokens, "--tokens"), model.vocab_size,
+                                model.height, model.width, f"--tokens {args.tokens!r}")
     known = np.asarray(vqgan.load_npy(args.known, "--known"))
     known = known[None] if known.ndim == 2 else known
     if known.shape != tuple(tokens.shape):
-        raise BadInput(f"--known has shape {known.shape} but --tokens {tuple(tokens.shape)}; they must match")
-    if known.dtype != bool and not (np.issubdtype(known.dtype, np.integer) and np.isin(known, (0, 1)).all()):
-        raise BadInput(f"--known must be bool or 0/1 integers (1 = keep), got dtype {known.dtype} with other values")
+        raise BadInput(f"--known has shape {known.shape} but --tokens {tuple(tokens.shape)}; they "
+                       "must match")
+    if known.dtype != bool and not (np.issubdtype(known.dtype,
+                                                  np.integer) and np.isin(known, (0, 1)).all()):
+        raise BadInput(f"--known must be bool or 0/1 integers (1 = keep), got dtype {known.dtype} "
+                       "with other values")
     known = torch.from_numpy(known.astype(bool))
     repeat = lambda t: t.repeat_interleave(args.samples, 0).to(device)
     gen = torch.Generator(device).manual_seed(args.seed)
-    filled = inpaint(model, repeat(tokens), repeat(known), steps=args.steps, temperature=args.temperature,
+    filled = inpaint(model, repeat(tokens), repeat(known), steps=args.steps,
+                     temperature=args.temperature,
                      proportion=args.proportion, generator=gen, bf16=args.bf16,
                      **class_kwargs(args, model, len(tokens) * args.samples))
     assert torch.equal(filled[repeat(known)], repeat(tokens)[repeat(known)]), "known tokens changed"
     ids = filled.cpu().numpy().astype(token_dtype(model.vocab_size))
     vqgan.write_atomic(args.out, lambda f: np.save(f, ids))
-    print(f"wrote {args.out}: {tuple(filled.shape)} = {len(tokens)} grid(s) x {args.samples} fillings | "
+    print(f"wrote {args.out}: {tuple(filled.shape)} = {len(tokens)} grid(s) x {args.samples} "
+          "fillings | "
           f"{(~known).float().mean():.0%} of tokens filled in")
 
 def print_agreement(args, device):
     """inpaint.py --eval N: context_agreement's table, a row per kind of hole."""
     if args.eval < 2 or args.image or args.mask or args.box or args.random_boxes or args.tokens:
-        raise BadInput(f"--eval N inpaints N >= 2 held-out toy faces in its own holes, got --eval {args.eval}; "
+        raise BadInput("--eval N inpaints N >= 2 held-out toy faces in its own holes, got --eval "
+                       f"{args.eval}; "
                        f"--image, --mask, --box, --random_boxes and --tokens do not apply")
     if vqgan.load_checkpoint(args.vqgan, "vqgan").get("train_config", {}).get("data") != "toy":
-        raise BadInput(f"--eval judges fills of toy faces, whose true colours are known; --vqgan {args.vqgan!r} was "
+        raise BadInput("--eval judges fills of toy faces, whose true colours are known; --vqgan "
+                       f"{args.vqgan!r} was "
                        f"not trained on them (vqgan.py --data toy)")
     model, vq = load_pair(args.sundae, args.vqgan, device)
     rows = context_agreement(model, vq, args.eval, args.seed, args.candidates, steps=args.steps,
-                             temperature=args.temperature, proportion=args.proportion, bf16=args.bf16,
+                             temperature=args.temperature, proportion=args.proportion,
+                             bf16=args.bf16,
                              **class_kwargs(args, model, args.eval * args.candidates))
-    print(f"fills that agree with the context ({args.eval} held-out toy faces; inpainted / a random face's pixels)")
+    print(f"fills that agree with the context ({args.eval} held-out toy faces; inpainted / a "
+          "random face's pixels)")
     print(f"{'hole':18s}" + "".join(f"{a:>16s}" for a in vqgan.TOY_PALETTES) + f"{'pixel error':>16s}")
     for hole, r in rows.items():
         cells = [f"{r['inpaint'][a][0]:.0%} / {r['random face'][a][0]:.0%}" for a in vqgan.TOY_PALETTES]
-        print(f"{hole:18s}" + "".join(f"{c:>16s}" for c in cells) + f"{r['error']:>9.1f} / {r['random error']:.1f}")
+        print(f"{hole:18s}" + "".join(f"{c:>16s}" for c in cells) + f"{r['error']:>9.1f} / "
+                                                                    f"{r['random error']:.1f}")
 
 def main(argv=None):
     p = vqgan.Parser(description="Inpaint images with a trained SUNDAE + VQ-GAN.")
     p.add_argument("--sundae", default="sundae.pt", help="SUNDAE checkpoint")
     p.add_argument("--vqgan", default="vqgan.pt", help="VQ-GAN checkpoint")
     p.add_argument("--image", default="", help="image to inpaint (default: 4 held-out toy faces)")
-    p.add_argument("--mask", default="", help="mask image with --image's aspect ratio (any size, e.g. drawn on an "
+    p.add_argument("--mask", default="",
+                   help="mask image with --image's aspect ratio (any size, e.g. drawn on an "
                                                "enlarged copy): white = fill in")
-    p.add_argument("--box", default="", help="x0,y0,x1,y1: fill in this box (pixels of the model-sized image)")
-    p.add_argument("--random_boxes", type=int, default=0, help="fill in N random boxes per image instead")
+    p.add_argument("--box", default="",
+                   help="x0,y0,x1,y1: fill in this box (pixels of the model-sized image)")
+    p.add_argument("--random_boxes", type=int, default=0,
+                   help="fill in N random boxes per image instead")
     p.add_argument("--samples", type=int, default=4, help="inpaintings per image")
-    p.add_argument("--candidates", type=int, help="sample each inpainting this many times and keep the one that best "
+    p.add_argument("--candidates", type=int,
+                   help="sample each inpainting this many times and keep the one that best "
                    "agrees with the known pixels (default 32; 1 = the paper's single sample)")
     add_sampling_flags(p)
-    p.add_argument("--tokens", default="", help="inpaint token grids instead: an (B, h, w) .npy of ids (no VQ-GAN)")
-    p.add_argument("--known", default="", help="with --tokens: (B, h, w) .npy, bool or 0/1, 1 = keep this token")
-    p.add_argument("--out", default="", help="figure: original | masked | inpaintings, a row per image (default "
+    p.add_argument("--tokens", default="",
+                   help="inpaint token grids instead: an (B, h, w) .npy of ids (no VQ-GAN)")
+    p.add_argument("--known", default="",
+                   help="with --tokens: (B, h, w) .npy, bool or 0/1, 1 = keep this token")
+    p.add_argument("--out", default="",
+                   help="figure: original | masked | inpaintings, a row per image (default "
                    "inpaint.png); with --tokens the filled grids as (B * samples, h, w) .npy")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that the scripts did not write")
-    p.add_argument("--eval", type=int, default=0, help="judge fills of N held-out toy faces by their true colours: "
-                                                      "how often each agrees with the context, and the pixel error")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that the scripts did not write")
+    p.add_argument("--eval", type=int, default=0,
+                   help="judge fills of N held-out toy faces by their true colours: "
+                                                      "how often each agrees with the context, and "
+                                                      "the pixel error")
     args = p.parse_args(argv)
     device = vqgan.pick_device(args.device)
     args.bf16 = vqgan.use_bf16(args.dtype, device)
     if args.samples < 1 or (args.candidates is not None and args.candidates < 1):
-        raise BadInput(f"--samples and --candidates must be at least 1, got {args.samples} and {args.candidates}")
+        raise BadInput(f"--samples and --candidates must be at least 1, got {args.samples} and "
+                       f"{args.candidates}")
     if args.tokens or args.known:
         return inpaint_tokens(args, device)
     args.candidates = 32 if args.candidates is None else args.candidates
@@ -234,10 +281,13 @@ def main(argv=None):
         return print_agreement(args, device)
     args.out = args.out or "inpaint.png"
     if sum(map(bool, (args.mask, args.box, args.random_boxes))) > 1:
-        raise BadInput("--mask, --box and --random_boxes each choose the region to fill in; pass only one of them")
+        raise BadInput("--mask, --box and --random_boxes each choose the region to fill in; pass "
+                       "only one of them")
     if args.random_boxes < 0 or args.steps < 1:
-        raise BadInput(f"--random_boxes must be >= 0 and --steps >= 1, got {args.random_boxes} and {args.steps}")
-    vqgan.check_outputs({"--out": args.out}, [args.sundae, args.vqgan, args.image, args.mask], args.overwrite)
+        raise BadInput(f"--random_boxes must be >= 0 and --steps >= 1, got {args.random_boxes} and "
+                       f"{args.steps}")
+    vqgan.check_outputs({"--out": args.out}, [args.sundae, args.vqgan, args.image, args.mask],
+                        args.overwrite)
     model, vq = load_pair(args.sundae, args.vqgan, device)
     size, f = vq.config.size, vq.downsample_factor
 
@@ -254,36 +304,47 @@ def main(argv=None):
         try:
             with Image.open(args.mask) as m:
                 (mw, mh), (w, h) = m.size, orig_size
-            if mw * h != mh * w:  # resized and cropped like the image, a mask of the same shape covers the same pixels
-                raise BadInput(f"mask {args.mask!r} is {mw}x{mh} but the image is {w}x{h}; draw the mask on the image "
+            # resized and cropped like the image, a mask of the same shape covers the same pixels
+            if mw * h != mh * w:
+                raise BadInput(f"mask {args.mask!r} is {mw}x{mh} but the image is {w}x{h}; draw "
+                               "the mask on the image "
                                f"(or on a copy enlarged by any factor), white where to fill in")
-            unknown[:] = vqgan.load_mask(args.mask, size)  # same resize and crop as the image; no hole vanishes
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # missing, truncated, not an image
+            # same resize and crop as the image; no hole vanishes
+            unknown[:] = vqgan.load_mask(args.mask, size)
+        # missing, truncated, not an image
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             if isinstance(e, BadInput):
                 raise
-            raise BadInput(f"cannot read mask {args.mask!r} ({type(e).__name__}); pass a PNG, white where to fill in")
+            raise BadInput(f"cannot read mask {args.mask!r} ({type(e).__name__}); pass a PNG, "
+                           "white where to fill in")
     elif args.box:
         try:
             x0, y0, x1, y1 = (int(v) for v in args.box.split(","))
         except ValueError:
             raise BadInput(f"--box must be four integers x0,y0,x1,y1, got {args.box!r}")
         if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
-            raise BadInput(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size}")
+            raise BadInput(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 "
+                           f"<= {size}")
         unknown[:, y0:y1, x0:x1] = True
     elif args.random_boxes:
-        unknown = hole_masks(B, size, np.random.default_rng(args.seed), (size // 8, size // 2), args.random_boxes)
+        unknown = hole_masks(B, size, np.random.default_rng(args.seed), (size // 8, size // 2),
+                             args.random_boxes)
     else:  # default: a centred box over the eyes, nose and mouth
         unknown = hole_masks(B, size)
 
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)  # (B, 3, H, W)
+    # (B, 3, H, W)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
     known = pixel_to_token_mask(torch.from_numpy(~unknown), f).to(device)  # (B, h, w)
     with torch.no_grad():
         tokens = vq.encode(x)  # (B, h, w)
-    # every image repeated samples x candidates times: one batch, and each filling freezes independently
+    # every image repeated samples x candidates times: one batch, and each filling freezes
+    # independently
     repeat = lambda t, k=args.samples: t.repeat_interleave(k, 0)
     K, gen = args.samples * args.candidates, torch.Generator(device).manual_seed(args.seed)
-    fills = inpaint(model, repeat(tokens, K), repeat(known, K), steps=args.steps, temperature=args.temperature,
-                    proportion=args.proportion, generator=gen, bf16=args.bf16, **class_kwargs(args, model, B * K))
+    fills = inpaint(model, repeat(tokens, K), repeat(known, K), steps=args.steps,
+                    temperature=args.temperature,
+                    proportion=args.proportion, generator=gen, bf16=args.bf16,
+                    **class_kwargs(args, model, B * K))
     filled = best_fit(vq, repeat(x), repeat(torch.from_numpy(~unknown).to(device)), fills)
     assert torch.equal(filled[repeat(known)], repeat(tokens)[repeat(known)]), "known tokens changed"
     outs = decode(vq, filled, bf16=args.bf16).reshape(B, args.samples, 3, size, size)
@@ -292,7 +353,8 @@ def main(argv=None):
     masked = torch.where(keep, x, torch.zeros_like(x))
     rows = torch.cat([x[:, None], masked[:, None], outs], 1)  # (B, 2 + samples, 3, H, W)
     vqgan.save_png(rows.flatten(0, 1), args.out, nrow=2 + args.samples)
-    print(f"wrote {args.out}: {B} image(s) x {args.samples} inpaintings | {(~known).float().mean():.0%} of tokens "
+    print(f"wrote {args.out}: {B} image(s) x {args.samples} inpaintings | "
+          f"{(~known).float().mean():.0%} of tokens "
           f"filled in | columns: original, masked, inpaintings")
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """
-Stage 1 of megapixel SUNDAE: a VQ-GAN that turns an RGB image into a grid of integer tokens and back.
+Stage 1 of megapixel SUNDAE: a VQ-GAN that turns an RGB image into a grid of integer tokens and
+back.
 
-McKinney & Willcocks, "Megapixel Image Generation with Step-Unrolled Denoising Autoencoders", §3.1, §3.3;
-the VQ-GAN itself is Esser et al. 2021 ("Taming Transformers"), the quantizer van den Oord et al. 2017.
-An H x W image becomes an (H/f) x (W/f) grid of ids from a codebook of V vectors.
+McKinney & Willcocks, "Megapixel Image Generation with Step-Unrolled Denoising Autoencoders", §3.1,
+§3.3; the VQ-GAN itself is Esser et al. 2021 ("Taming Transformers"), the quantizer van den Oord et
+al. 2017. An H x W image becomes an (H/f) x (W/f) grid of ids from a codebook of V vectors.
 
     python vqgan.py                                   # CPU demo: tiny preset on built-in toy faces, minutes
     python vqgan.py --encode                          # vqgan.pt + toy faces -> latents.npy (N, h, w) uint16
@@ -11,9 +12,9 @@ An H x W image becomes an (H/f) x (W/f) grid of ids from a codebook of V vectors
     python vqgan.py --data ~/ffhq --preset ffhq1024 --grad_ckpt   # one GPU, 1024x1024
     torchrun --standalone --nproc_per_node=8 vqgan.py --data ~/ffhq --preset ffhq1024
 
-Read in order: the quantizers, the encoder/decoder, the losses, then data, training, encoding and taming
-checkpoints. The last section holds the plumbing the other scripts import (flags, errors, atomic saves, devices);
-a reader of the VQ-GAN may skip it. Importing this file does no work.
+Read in order: the quantizers, the encoder/decoder, the losses, then data, training, encoding and
+taming checkpoints. The last section holds the plumbing the other scripts import (flags, errors,
+atomic saves, devices); a reader of the VQ-GAN may skip it. Importing this file does no work.
 """
 import argparse
 import copy
@@ -27,6 +28,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from functools import partial
+from types import SimpleNamespace
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -37,24 +40,28 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 from torch.utils.checkpoint import checkpoint
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # quantizers: continuous encoder outputs -> the nearest of V codes, and back
 
 class VectorQuantizer(nn.Module):
-    """Nearest-neighbour codebook lookup with a straight-through gradient (VQ-VAE, van den Oord et al. 2017)."""
+    """Nearest-neighbour codebook lookup with a straight-through gradient (VQ-VAE, van den Oord et
+    al. 2017)."""
 
-    def __init__(self, codebook_size, dim, beta=0.25, l2_norm=False, code_dim=None, restart_after=0):
+    def __init__(self, codebook_size, dim, beta=0.25, l2_norm=False, code_dim=None,
+                 restart_after=0):
         super().__init__()
         self.codebook_size, self.beta, self.l2_norm = codebook_size, beta, l2_norm
-        # ViT-VQGAN (Yu et al. 2022): look codes up in a small space; a low-dimensional, normalised lookup
-        # uses far more of the codebook than a 256-d Euclidean one
+        # ViT-VQGAN (Yu et al. 2022): look codes up in a small space; a low-dimensional, normalised
+        # lookup uses far more of the codebook than a 256-d Euclidean one
         self.code_dim = code_dim or dim
         self.proj_in = nn.Linear(dim, self.code_dim) if code_dim else nn.Identity()
         self.proj_out = nn.Linear(self.code_dim, dim) if code_dim else nn.Identity()
-        self.codebook = nn.Parameter(torch.empty(codebook_size, self.code_dim).uniform_(-1 / codebook_size,
+        self.codebook = nn.Parameter(torch.empty(codebook_size,
+                                                 self.code_dim).uniform_(-1 / codebook_size,
                                                                                          1 / codebook_size))
-        # dead-code restart: count the optimizer steps since each code was last chosen; re-seed the stale ones.
-        # The statistics are gathered by a hook after each forward pass, so forward holds the lookup alone
+        # dead-code restart: count the optimizer steps since each code was last chosen; re-seed the
+        # stale ones. The statistics are gathered by a hook after each forward pass, so forward
+        # holds the lookup alone
         self.restart_after = restart_after
         self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
         if restart_after > 0:
@@ -75,27 +82,33 @@ class VectorQuantizer(nn.Module):
         """Quantize z: each vector becomes its nearest code (VQ-VAE §3.1, §3.2).
 
         z: float (B, D, h, w), the encoder output. Returns (z_q, indices, loss):
-        - z_q: float32 (B, D, h, w): proj_out of the nearest code of each vector; its gradient is the
-          straight-through estimate, as if quantization were the identity: dL/dz = d(proj_out(proj_in z))/dz
-          applied to dL/dz_q (z_q = ze + (e - ze).detach() before proj_out, ze = self.project(z)).
-        - indices: int64 (B, h, w), the index of the nearest code of self.codes() by squared L2 distance.
-        - loss: scalar, mean((e - sg[ze])^2) + beta * mean((ze - sg[e])^2): the codebook term moves the chosen
-          codes, the commitment term (weighted by beta) the encoder (sg = detach).
-        Under bf16 autocast everything here runs in float32: distances to thousands of codes differ in the
-        third significant digit, below bf16's resolution (use torch.autocast(..., enabled=False))."""
+        - z_q: float32 (B, D, h, w): proj_out of the nearest code of each vector; its gradient is
+          the straight-through estimate, as if quantization were the identity:
+          dL/dz = d(proj_out(proj_in z))/dz applied to dL/dz_q (z_q = ze + (e - ze).detach()
+          before proj_out, ze = self.project(z)).
+        - indices: int64 (B, h, w), the index of the nearest code of self.codes() by squared L2
+          distance.
+        - loss: scalar, mean((e - sg[ze])^2) + beta * mean((ze - sg[e])^2): the codebook term moves
+          the chosen codes, the commitment term (weighted by beta) the encoder (sg = detach).
+        Under bf16 autocast everything here runs in float32: distances to thousands of codes differ
+        in the third significant digit, below bf16's resolution (use torch.autocast(...,
+        enabled=False))."""
         B, D, h, w = z.shape
-        with torch.autocast(z.device.type, enabled=False):  # distances in fp32 even under bf16 autocast
+        # distances in fp32 even under bf16 autocast
+        with torch.autocast(z.device.type, enabled=False):
             ze = self.project(z.float())  # (N, code_dim), N = B*h*w
             e = self.codes()  # (V, code_dim)
-            # squared L2 distance ||ze||^2 - 2 ze.e + ||e||^2, without forming (N, V, code_dim)
-            dist2 = ze.pow(2).sum(1, keepdim=True) - 2 * ze @ e.t() + e.pow(2).sum(1)[None]  # (N, V)
+            # (N, V) squared distances ||ze||^2 - 2 ze.e + ||e||^2, not forming (N, V, code_dim)
+            dist2 = ze.pow(2).sum(1, keepdim=True) - 2 * ze @ e.t() + e.pow(2).sum(1)[None]
             indices = dist2.argmin(1)  # (N,)
             e_sel = e[indices]  # (N, code_dim)
-            # codebook term pulls codes to the (frozen) encoder outputs; the commitment term, weighted by beta,
-            # pulls the encoder to its (frozen) code. Taming's "legacy" quantizer put beta on the wrong term
+            # codebook term pulls codes to the (frozen) encoder outputs; the commitment term,
+            # weighted by beta, pulls the encoder to its (frozen) code. Taming's "legacy" quantizer
+            # put beta on the wrong term
             loss = F.mse_loss(e_sel, ze.detach()) + self.beta * F.mse_loss(ze, e_sel.detach())
-            # straight-through estimator: the forward value is the code, the backward pass copies the gradient
-            # from z_q to z unchanged, as if quantization were the identity (VQ-VAE §3.2)
+            # straight-through estimator: the forward value is the code, the backward pass copies
+            # the gradient from z_q to z unchanged, as if quantization were the identity (VQ-VAE
+            # §3.2)
             zq = ze + (e_sel - ze).detach()
             zq = self.proj_out(zq)  # (N, D)
         zq = zq.reshape(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
@@ -104,8 +117,9 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(self):
         """Once per optimizer step (micro-batches and processes pooled): codes unused for `restart_after` steps jump
-        onto random encoder outputs of the last batch. A restarted code takes its new value in the weight average
-        too (the training loop copies it there), so the shipped model never blends a dead code with its old value."""
+        onto random encoder outputs of the last batch. A restarted code takes its new value in the
+        weight average too (the training loop copies it there), so the shipped model never blends a
+        dead code with its old value."""
         used = self.__dict__.pop("used", None)
         if used is None:  # no forward pass in training mode since the last step
             return torch.zeros(0, dtype=torch.long)
@@ -115,10 +129,13 @@ class VectorQuantizer(nn.Module):
         self.unused_steps.add_(1).masked_fill_(used > 0, 0)
         dead = (self.unused_steps >= self.restart_after).nonzero().squeeze(1)
         if len(dead):
-            ze = self.project(self.last_z.float())  # (N, code_dim): where the encoder's outputs are now
+            # (N, code_dim): where the encoder's outputs are now
+            ze = self.project(self.last_z.float())
             new = ze[torch.randint(len(ze), (len(dead),), device=ze.device)]
-            new = new + 0.01 * ze.std() * torch.randn_like(new)  # a little noise: no two identical codes
-            if dist.is_initialized():  # every process must hold the same codebook: take rank 0's choice
+            # a little noise: no two identical codes
+            new = new + 0.01 * ze.std() * torch.randn_like(new)
+            # every process must hold the same codebook: take rank 0's choice
+            if dist.is_initialized():
                 dist.broadcast(new, 0)
             self.codebook.data[dead] = new.to(self.codebook.dtype)
             self.unused_steps[dead] = 0
@@ -130,8 +147,8 @@ class VectorQuantizer(nn.Module):
 
 def record_usage(quantizer, inputs, outputs):
     """Forward hook of a VectorQuantizer with dead-code restart, in training: the codes chosen since the last
-    optimizer step (bool (V,), pooled over micro-batches) and the last batch's encoder outputs, which
-    restart_dead_codes needs."""
+    optimizer step (bool (V,), pooled over micro-batches) and the last batch's encoder outputs,
+    which restart_dead_codes needs."""
     if quantizer.training:
         indices = outputs[1]
         used = torch.bincount(indices.flatten(), minlength=quantizer.codebook_size) > 0  # (V,)
@@ -142,7 +159,8 @@ class LookupFreeQuantizer(nn.Module):
     """Lookup-free quantization (MAGVIT-v2, Yu et al. 2023): each channel is one bit, q = sign(z).
 
     Some write sign(z) = 1[z <= 0] - 1[z > 0], i.e. with the sign flipped; we use the usual
-    sign(z) = +1 for z > 0, else -1. Either way the 2**bits codes are the corners of the {-1, +1} cube."""
+    sign(z) = +1 for z > 0, else -1. Either way the 2**bits codes are the corners of the {-1, +1}
+    cube."""
 
     def __init__(self, bits, beta=0.25, entropy_weight=0.1, temperature=0.1):
         super().__init__()
@@ -159,15 +177,15 @@ class LookupFreeQuantizer(nn.Module):
         """Quantize each channel to one bit (MAGVIT-v2 §3.1).
 
         z: float (B, bits, h, w). Returns (z_q, indices, loss):
-        - z_q: float32 (B, bits, h, w), q = +1 where z > 0, else -1; its gradient is straight-through
-          (dL/dz = dL/dz_q exactly).
-        - indices: int64 (B, h, w), index = sum_i bit_i 2**i with bit_i = 1 where channel i of z is > 0
-          (self.powers holds the 2**i), so that self.codes()[index] is the code.
-        - loss: scalar, beta * mean((z - q)^2) + entropy_weight * (H_sample - H_batch): with the soft
-          assignment p(v | z) = softmax_v(-||z - c_v||^2 / temperature) over all codes c_v = self.codes(),
-          H_sample is the mean over vectors of the entropy of p(. | z) and H_batch the entropy of its mean
-          over all B*h*w vectors: natural logs of p + 1e-8, so that a p that underflows to 0 gives no NaN
-          gradient.
+        - z_q: float32 (B, bits, h, w), q = +1 where z > 0, else -1; its gradient is
+          straight-through (dL/dz = dL/dz_q exactly).
+        - indices: int64 (B, h, w), index = sum_i bit_i 2**i with bit_i = 1 where channel i of z is
+          > 0 (self.powers holds the 2**i), so that self.codes()[index] is the code.
+        - loss: scalar, beta * mean((z - q)^2) + entropy_weight * (H_sample - H_batch): with the
+          soft assignment p(v | z) = softmax_v(-||z - c_v||^2 / temperature) over all codes
+          c_v = self.codes(), H_sample is the mean over vectors of the entropy of p(. | z) and H_batch the
+          entropy of its mean over all B*h*w vectors: natural logs of p + 1e-8, so that a p that
+          underflows to 0 gives no NaN gradient.
         Computed in float32 under bf16 autocast."""
         B, D, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):
@@ -175,10 +193,11 @@ class LookupFreeQuantizer(nn.Module):
             q = torch.where(z > 0, 1.0, -1.0)  # (N, bits)
             indices = ((z > 0).long() * self.powers).sum(1)  # (N,) index = sum_i bit_i * 2**i
             commit = F.mse_loss(z, q)  # no codebook term: there is no codebook to learn
-            # entropy term: soft assignment p(v | z) ~ exp(-||z - c_v||^2 / T). Low per-sample entropy makes
-            # each z confident; high entropy of the batch-mean assignment spreads usage over all codes.
-            # Exact over all 2**bits codes: O(N * 2**bits), fine for the bit counts used here (<= 14).
-            p = torch.softmax(-torch.cdist(z, self.codes()).pow(2) / self.temperature, dim=1)  # (N, V)
+            # entropy term: soft assignment p(v | z) ~ exp(-||z - c_v||^2 / T). Low per-sample
+            # entropy makes each z confident; high entropy of the batch-mean assignment spreads
+            # usage over all codes. Exact over all 2**bits codes: O(N * 2**bits), fine for the bit
+            # counts used here (<= 14). (N, V)
+            p = torch.softmax(-torch.cdist(z, self.codes()).pow(2) / self.temperature, dim=1)
             per_sample = -(p * torch.log(p + 1e-8)).sum(1).mean()
             p_mean = p.mean(0)
             batch = -(p_mean * torch.log(p_mean + 1e-8)).sum()
@@ -190,40 +209,45 @@ class LookupFreeQuantizer(nn.Module):
         bits = (indices[..., None] // self.powers) % 2  # (B, h, w, bits)
         return (bits.float() * 2 - 1).permute(0, 3, 1, 2)  # (B, bits, h, w)
 
-def codebook_usage(indices, codebook_size):
-    """(fraction of codes used, perplexity) of a long run of indices: measure over many batches, not one."""
-    counts = torch.bincount(indices.flatten().long().cpu(), minlength=codebook_size).double()
-    p = counts / counts.sum()
+def codebook_usage(counts):
+    """(fraction of codes used, perplexity) from how often each code was chosen, (V,) counts: measure over many
+    batches, not one."""
+    p = counts.double() / counts.sum()
     perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item()
     return (counts > 0).double().mean().item(), perplexity
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # encoder and decoder (taming-transformers layout)
 
 def flag(default, help):
-    """A config field and its command-line help: add_flags (in the plumbing below) makes one --flag per field."""
+    """A config field and its command-line help: add_flags (in the plumbing below) makes one --flag
+    per field."""
     return field(default=default, metadata={"help": help})
 
 @dataclass
 class ModelConfig:
-    size: int = flag(32, "image side in pixels; images are resized and centre-cropped to size x size")
+    size: int = flag(32, "image side in pixels; images are resized and centre-cropped to size x "
+                         "size")
     ch: int = flag(32, "channels at full resolution")
     ch_mult: tuple = flag((1, 2, 4), "channel multiplier per level; f = 2**(levels - 1)")
     num_res_blocks: int = flag(1, "ResNet blocks per level")
-    dec_res_blocks: int = flag(0, "ResNet blocks per decoder level; 0 = num_res_blocks (taming's decoder has "
-                                  "one more)")
-    attn_resolutions: tuple = flag((8,), "feature-map sides (in pixels) that get a self-attention block")
+    dec_res_blocks: int = flag(0, "ResNet blocks per decoder level; 0 = num_res_blocks (taming's "
+                                  "decoder has one more)")
+    attn_resolutions: tuple = flag((8,), "feature-map sides (in pixels) that get a self-attention "
+                                         "block")
     z_channels: int = flag(64, "channels of the encoder output / decoder input")
-    embed_dim: int = flag(0, "channels of the quantized latents (taming's embed_dim); 0 = z_channels")
+    embed_dim: int = flag(0, "channels of the quantized latents (taming's embed_dim); 0 = "
+                             "z_channels")
     quantizer: str = flag("vq", "'vq' (codebook lookup) or 'lfq' (lookup-free, sign per bit)")
     codebook_size: int = flag(256, "V, the number of token ids (a power of two for lfq)")
-    # a low-dimensional lookup on the unit sphere keeps every code in use (ViT-VQGAN); 3 is the smallest that does
-    # not collapse on the toy faces (docs/RESULTS.md)
+    # a low-dimensional lookup on the unit sphere keeps every code in use (ViT-VQGAN); 3 is the
+    # smallest that does not collapse on the toy faces (docs/RESULTS.md)
     code_dim: int = flag(3, "look codes up in a projected space of this size (ViT-VQGAN); 0 = off")
     l2_norm: bool = flag(True, "compare unit vectors (cosine similarity), fights codebook collapse")
     beta: float = flag(0.25, "commitment weight on the encoder term")
     restart_after: int = flag(50, "re-seed codes unused for this many optimizer steps; 0 = off")
-    entropy_weight: float = flag(0.1, "lfq only: weight of its entropy term (confident bits, spread usage)")
+    entropy_weight: float = flag(0.1, "lfq only: weight of its entropy term (confident bits, "
+                                      "spread usage)")
     disc_ch: int = flag(32, "PatchGAN discriminator channels")
     disc_layers: int = flag(2, "PatchGAN stride-2 layers")
 
@@ -251,12 +275,14 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2)  # (B, 3, 1 head, HW, C)
+        # (B, 3, 1 head, HW, C)
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2)
         h = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, 1, HW, C)
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 def run_blocks(blocks, x, grad_ckpt):
-    """Apply blocks in order; with grad_ckpt keep only block inputs and recompute the insides in backward."""
+    """Apply blocks in order; with grad_ckpt keep only block inputs and recompute the insides in
+    backward."""
     for b in blocks:
         x = checkpoint(b, x, use_reentrant=False) if grad_ckpt and torch.is_grad_enabled() else b(x)
     return x
@@ -265,19 +291,22 @@ class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         chs = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)  # the first level's blocks widen to ch * ch_mult[0]
+        # the first level's blocks widen to ch * ch_mult[0]
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
         self.levels, res, cin = nn.ModuleList(), cfg.size, cfg.ch
         for i, c in enumerate(chs):
             blocks = []
             for _ in range(cfg.num_res_blocks):
-                blocks += [ResBlock(cin, c)] + ([AttnBlock(c)] if res in cfg.attn_resolutions else [])
+                blocks += [ResBlock(cin,
+                                    c)] + ([AttnBlock(c)] if res in cfg.attn_resolutions else [])
                 cin = c
             if i < len(chs) - 1:  # stride-2 conv halves the side (asymmetric pad as in taming)
                 blocks += [nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(c, c, 3, stride=2))]
                 res //= 2
             self.levels.append(nn.ModuleList(blocks))
         self.mid = nn.ModuleList([ResBlock(cin, cin), AttnBlock(cin), ResBlock(cin, cin)])
-        self.out = nn.Sequential(group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.z_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.z_channels,
+                                                                       3, padding=1))
         self.grad_ckpt = False
 
     def forward(self, x):
@@ -293,15 +322,19 @@ class Decoder(nn.Module):
         chs = [cfg.ch * m for m in cfg.ch_mult][::-1]
         res = cfg.size // 2 ** (len(chs) - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, chs[0], 3, padding=1)
-        self.mid = nn.ModuleList([ResBlock(chs[0], chs[0]), AttnBlock(chs[0]), ResBlock(chs[0], chs[0])])
+        self.mid = nn.ModuleList([ResBlock(chs[0], chs[0]), AttnBlock(chs[0]),
+                                  ResBlock(chs[0], chs[0])])
         self.levels, cin = nn.ModuleList(), chs[0]
         for i, c in enumerate(chs):
             blocks = []
             for _ in range(cfg.dec_res_blocks or cfg.num_res_blocks):
-                blocks += [ResBlock(cin, c)] + ([AttnBlock(c)] if res in cfg.attn_resolutions else [])
+                blocks += [ResBlock(cin,
+                                    c)] + ([AttnBlock(c)] if res in cfg.attn_resolutions else [])
                 cin = c
-            if i < len(chs) - 1:  # nearest-neighbour upsampling then a conv (no checkerboard artefacts)
-                blocks += [nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))]
+            # nearest-neighbour upsampling then a conv (no checkerboard artefacts)
+            if i < len(chs) - 1:
+                blocks += [nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                         nn.Conv2d(c, c, 3, padding=1))]
                 res *= 2
             self.levels.append(nn.ModuleList(blocks))
         self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 3, 3, padding=1)
@@ -322,22 +355,26 @@ class VQGAN(nn.Module):
         self.config = cfg = config if isinstance(config, ModelConfig) else ModelConfig(**config)
         self.downsample_factor = f = 2 ** (len(cfg.ch_mult) - 1)
         if cfg.size % f:
-            raise BadInput(f"size {cfg.size} is not divisible by the downsample factor f={f}; use a multiple of {f}")
+            raise BadInput(f"size {cfg.size} is not divisible by the downsample factor f={f}; use "
+                           f"a multiple of {f}")
         sides = [cfg.size >> i for i in range(len(cfg.ch_mult))]
         if set(cfg.attn_resolutions) - set(sides):  # a typo would silently mean no attention at all
-            raise BadInput(f"--attn_resolutions {','.join(map(str, cfg.attn_resolutions))}: this model's feature maps "
+            raise BadInput(f"--attn_resolutions {','.join(map(str, cfg.attn_resolutions))}: this "
+                           "model's feature maps "
                            f"are {','.join(map(str, sides))} pixels wide; pick among those")
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         if cfg.quantizer == "lfq":
             bits = int(math.log2(cfg.codebook_size))
             if 2**bits != cfg.codebook_size:
                 raise BadInput(f"lfq needs a power-of-two codebook_size, got {cfg.codebook_size}")
-            self.quantize, qdim = LookupFreeQuantizer(bits, beta=cfg.beta, entropy_weight=cfg.entropy_weight), bits
+            self.quantize, qdim = LookupFreeQuantizer(bits, beta=cfg.beta,
+                                                      entropy_weight=cfg.entropy_weight), bits
         else:
             qdim = cfg.embed_dim or cfg.z_channels
-            self.quantize = VectorQuantizer(cfg.codebook_size, qdim, cfg.beta, cfg.l2_norm, cfg.code_dim or None,
-                                            cfg.restart_after)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, qdim, 1)  # 1x1 convs into and out of the quantizer
+            self.quantize = VectorQuantizer(cfg.codebook_size, qdim, cfg.beta, cfg.l2_norm,
+                                            cfg.code_dim or None, cfg.restart_after)
+        # 1x1 convs into and out of the quantizer
+        self.quant_conv = nn.Conv2d(cfg.z_channels, qdim, 1)
         self.post_quant_conv = nn.Conv2d(qdim, cfg.z_channels, 1)
         self.codebook_size = cfg.codebook_size
 
@@ -367,27 +404,31 @@ def load_vqgan(path, device="cpu"):
     ckpt = load_checkpoint(path, "vqgan")
     model = VQGAN(ModelConfig(**tuples(ckpt["model_config"])))
     load_weights(model, shipped_weights(ckpt), path)
-    model.converted = "converted_from" in ckpt  # a taming model: its image size was chosen at --convert
+    # a taming model: its image size was chosen at --convert
+    model.converted = "converted_from" in ckpt
     return model.to(device).eval()
 
 def shipped_weights(ckpt):
-    """The weights a checkpoint ships: the moving average where training kept one (--ema), else the trained ones."""
+    """The weights a checkpoint ships: the moving average where training kept one (--ema), else the
+    trained ones."""
     return ckpt.get("ema") or ckpt["model"]
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # losses: PatchGAN hinge loss, adaptive weight, LPIPS
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al. 2017): one real/fake logit per overlapping patch.
 
-    GroupNorm instead of taming's BatchNorm: BatchNorm statistics are meaningless at batch 1, the 1024x1024 setting."""
+    GroupNorm instead of taming's BatchNorm: BatchNorm statistics are meaningless at batch 1, the
+    1024x1024 setting."""
 
     def __init__(self, ch=64, n_layers=3):
         super().__init__()
         layers, c = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
         for i in range(1, n_layers + 1):
             cout = ch * min(2**i, 8)
-            layers += [nn.Conv2d(c, cout, 4, 2 if i < n_layers else 1, 1, bias=False), group_norm(cout), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(c, cout, 4, 2 if i < n_layers else 1, 1, bias=False),
+                       group_norm(cout), nn.LeakyReLU(0.2)]
             c = cout
         layers += [nn.Conv2d(c, 1, 4, 1, 1)]
         self.net = nn.Sequential(*layers)
@@ -398,18 +439,19 @@ class PatchDiscriminator(nn.Module):
 def hinge_d_loss(logits_real, logits_fake):
     """Discriminator hinge loss (taming §3.1): 1/2 [mean relu(1 - D(x)) + mean relu(1 + D(x_hat))].
 
-    logits_real, logits_fake: D's logits for real and for reconstructed images, any shapes (each averaged over
-    all its elements, so the two may differ in size). Returns a scalar tensor; 0 once D scores every real logit
-    >= 1 and every fake one <= -1."""
+    logits_real, logits_fake: D's logits for real and for reconstructed images, any shapes (each
+    averaged over all its elements, so the two may differ in size). Returns a scalar tensor; 0 once
+    D scores every real logit >= 1 and every fake one <= -1."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 def adaptive_weight(rec_loss, g_loss, last_layer):
     """The GAN term's adaptive weight (taming eq. 7): lambda = ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4).
 
-    rec_loss, g_loss: scalar tensors whose graphs reach last_layer, W, the decoder's last weight (a Parameter).
-    Returns a scalar tensor: lambda in float32, clamped to [0, 1e4] and detached (a constant factor: no gradient
-    flows through it). The norms are the plain L2 norms of the gradient tensors (torch.autograd.grad, with
-    retain_graph=True: the caller backpropagates both losses afterwards)."""
+    rec_loss, g_loss: scalar tensors whose graphs reach last_layer, W, the decoder's last weight (a
+    Parameter). Returns a scalar tensor: lambda in float32, clamped to [0, 1e4] and detached (a
+    constant factor: no gradient flows through it). The norms are the plain L2 norms of the gradient
+    tensors (torch.autograd.grad, with retain_graph=True: the caller backpropagates both losses
+    afterwards)."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (g_rec.float().norm() / (g_gan.float().norm() + 1e-4)).clamp(0.0, 1e4).detach()
@@ -417,8 +459,9 @@ def adaptive_weight(rec_loss, g_loss, last_layer):
 class LPIPS(nn.Module):
     """Learned perceptual distance (Zhang et al. 2018) on VGG16 features, written in plain torch.
 
-    The VGG layers keep torchvision's vgg16().features indices (features.N); the LPIPS linear layers are
-    lins.0..4. vqgan.py --convert writes taming's (net.sliceK.N, lin0.model.1) as lpips.pt. Nothing is downloaded."""
+    The VGG layers keep torchvision's vgg16().features indices (features.N); the LPIPS linear layers
+    are lins.0..4. vqgan.py --convert writes taming's (net.sliceK.N, lin0.model.1) as lpips.pt.
+    Nothing is downloaded."""
 
     def __init__(self):
         super().__init__()
@@ -429,7 +472,8 @@ class LPIPS(nn.Module):
             c = v if v != "M" else c
         self.features = nn.Sequential(*layers)
         self.taps = [3, 8, 15, 22, 29]  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512)])
+        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1,
+                                             bias=False) for c in (64, 128, 256, 512, 512)])
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
         self.requires_grad_(False)
@@ -440,14 +484,15 @@ class LPIPS(nn.Module):
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i in self.taps:
-                a, b = F.normalize(h, dim=1).chunk(2)  # unit-normalise channels, then weighted squared diff
+                # unit-normalise channels, then weighted squared diff
+                a, b = F.normalize(h, dim=1).chunk(2)
                 dist = dist + self.lins[k]((a - b) ** 2).mean((1, 2, 3))
                 k += 1
                 if k == len(self.taps):
                     break
         return dist  # (B,)
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # training configuration and presets
 
 @dataclass
@@ -457,21 +502,24 @@ class TrainConfig:
     batch_size: int = flag(8, "images per optimizer step, summed over processes and micro-batches")
     grad_accum: int = flag(1, "micro-batches per optimizer step in each process")
     lr: float = flag(2e-3, "peak learning rate (Adam), also for the discriminator")
-    min_lr: float = flag(2e-4, "cosine decay reaches this at max_steps (set it to lr for a constant rate)")
+    min_lr: float = flag(2e-4, "cosine decay reaches this at max_steps (set it to lr for a "
+                               "constant rate)")
     beta1: float = flag(0.9, "Adam beta1; taming uses 0.5 for its long GAN phase")
     beta2: float = flag(0.99, "Adam beta2 (taming: 0.9)")
     warmup: int = flag(100, "linear learning-rate warm-up steps")
     grad_clip: float = flag(1.0, "clip the gradient norm to this; 0 = off")
-    ema: float = flag(0.99, "decay of a moving average of the weights, measured and shipped as the model; "
-                            "0 = off")
+    ema: float = flag(0.99, "decay of a moving average of the weights, measured and shipped as the "
+                            "model; 0 = off")
     max_steps: int = flag(2400, "optimizer steps in total")
     disc_start: int = flag(1800, "step at which the GAN losses switch on")
     disc_weight: float = flag(0.1, "scale of the adaptive GAN weight")
     perceptual_weight: float = flag(0.0, "weight of the LPIPS loss; needs --lpips")
-    # held-out PSNR measures squared error, and small features (pupils) are a few pixels: the demo adds a squared
-    # term to L1; the ffhq presets keep taming's L1 (+ LPIPS)
-    l2_weight: float = flag(5.0, "weight of a squared-error term added to the L1 reconstruction loss")
-    lpips: str = flag("", "path of LPIPS weights (vqgan.py --convert writes lpips.pt); '' = no perceptual loss")
+    # held-out PSNR measures squared error, and small features (pupils) are a few pixels: the demo
+    # adds a squared term to L1; the ffhq presets keep taming's L1 (+ LPIPS)
+    l2_weight: float = flag(5.0, "weight of a squared-error term added to the L1 reconstruction "
+                                 "loss")
+    lpips: str = flag("", "path of LPIPS weights (vqgan.py --convert writes lpips.pt); '' = no "
+                          "perceptual loss")
     flip: bool = flag(True, "random horizontal flips in training; flipped copies when encoding")
     val_n: int = flag(256, "held-out images for PSNR and codebook usage")
     log_every: int = flag(50, "steps between log lines")
@@ -479,66 +527,78 @@ class TrainConfig:
     ckpt_every: int = flag(600, "steps between checkpoints")
     out: str = flag("vqgan.pt", "checkpoint path (training) / latents path (--encode: latents.npy)")
     resume: bool = flag(False, "continue from --out")
-    overwrite: bool = flag(False, "replace an existing --out (a checkpoint, or latents with --encode) instead "
-                                  "of refusing")
+    overwrite: bool = flag(False, "replace an existing --out (a checkpoint, or latents with "
+                                  "--encode) instead of refusing")
     device: str = flag("auto", "'auto', 'cpu' or 'cuda'")
     compile: bool = flag(False, "torch.compile the model")
     grad_ckpt: bool = flag(False, "activation checkpointing per block (less memory, ~30% slower)")
-    dtype: str = flag("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32', on any device")
+    dtype: str = flag("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32', on "
+                              "any device")
     seed: int = flag(0, "random seed (each process adds its rank)")
     workers: int = flag(8, "threads decoding image files")
 
 PRESETS = {
-    # CPU demo: 32x32 toy faces -> 8x8 tokens (f = 4), minutes on 2 cores; at 64x64 the same CPU time reconstructs
-    # far worse (docs/RESULTS.md)
+    # CPU demo: 32x32 toy faces -> 8x8 tokens (f = 4), minutes on 2 cores; at 64x64 the same CPU
+    # time reconstructs far worse (docs/RESULTS.md)
     "tiny": (ModelConfig(), TrainConfig()),
-    # FFHQ-256: f = 16, V = 1024, 16x16 tokens (the paper's FFHQ-256 setting). Both FFHQ presets keep taming's
-    # recipe (Adam (0.5, 0.9), L1 + LPIPS, no averaging): the tiny preset's changes are unmeasured at 256 px and up
+    # FFHQ-256: f = 16, V = 1024, 16x16 tokens (the paper's FFHQ-256 setting). Both FFHQ presets
+    # keep taming's recipe (Adam (0.5, 0.9), L1 + LPIPS, no averaging): the tiny preset's changes
+    # are unmeasured at 256 px and up
     "ffhq256": (
-        ModelConfig(size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
-                    z_channels=256, codebook_size=1024, code_dim=32, l2_norm=True, restart_after=1000,
-                    disc_ch=64, disc_layers=3),
-        TrainConfig(batch_size=16, lr=1e-4, min_lr=1e-4, beta1=0.5, beta2=0.9, warmup=1000, max_steps=300_000,
-                    disc_start=30_000, disc_weight=0.8,
+        ModelConfig(size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                    attn_resolutions=(16,),
+                    z_channels=256, codebook_size=1024, code_dim=32, l2_norm=True,
+                    restart_after=1000, disc_ch=64, disc_layers=3),
+        TrainConfig(batch_size=16, lr=1e-4, min_lr=1e-4, beta1=0.5, beta2=0.9, warmup=1000,
+                    max_steps=300_000, disc_start=30_000, disc_weight=0.8,
                     l2_weight=0.0, ema=0.0, log_every=100, sample_every=2000, ckpt_every=2000),
     ),
-    # FFHQ-1024, the paper's own: f = 32, V = 8192, 32x32 tokens; authors: batch 1, lr 5e-6, Adam (0.5, 0.9)
+    # FFHQ-1024, the paper's own: f = 32, V = 8192, 32x32 tokens; authors: batch 1, lr 5e-6, Adam
+    # (0.5, 0.9)
     "ffhq1024": (
-        ModelConfig(size=1024, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, attn_resolutions=(64,),
-                    z_channels=256, codebook_size=8192, code_dim=32, l2_norm=True, restart_after=1000,
-                    disc_ch=64, disc_layers=3),
-        TrainConfig(batch_size=1, lr=5e-6, min_lr=5e-6, beta1=0.5, beta2=0.9, warmup=0, max_steps=500_000,
-                    disc_start=15_000, disc_weight=0.5,
-                    l2_weight=0.0, ema=0.0, log_every=100, sample_every=2000, ckpt_every=2000, grad_ckpt=True),
+        ModelConfig(size=1024, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1,
+                    attn_resolutions=(64,),
+                    z_channels=256, codebook_size=8192, code_dim=32, l2_norm=True,
+                    restart_after=1000, disc_ch=64, disc_layers=3),
+        TrainConfig(batch_size=1, lr=5e-6, min_lr=5e-6, beta1=0.5, beta2=0.9, warmup=0,
+                    max_steps=500_000, disc_start=15_000, disc_weight=0.5,
+                    l2_weight=0.0, ema=0.0, log_every=100, sample_every=2000, ckpt_every=2000,
+                    grad_ckpt=True),
     ),
 }
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data: the built-in toy faces and an image-folder loader
 
-# colours come from small palettes with a little jitter: varied faces, but few enough colours that a 256-code
-# tokenizer and a CPU-sized prior can learn them in minutes (continuous colours made every flat region unique)
+# colours come from small palettes with a little jitter: varied faces, but few enough colours that a
+# 256-code tokenizer and a CPU-sized prior can learn them in minutes (continuous colours made every
+# flat region unique)
 TOY_PALETTES = {
-    "skin": np.array([[255, 224, 196], [241, 194, 160], [224, 172, 125], [198, 134, 86], [141, 85, 54], [94, 60, 40]]),
-    "hair": np.array([[20, 20, 20], [90, 55, 25], [150, 95, 45], [230, 195, 110], [180, 60, 30], [170, 170, 175]]),
-    "background": np.array([[200, 225, 240], [240, 220, 200], [210, 240, 210], [235, 210, 235], [245, 240, 200],
-                            [190, 200, 230], [230, 200, 200], [200, 230, 230]]),
-    "shirt": np.array([[200, 40, 40], [40, 90, 180], [40, 140, 70], [230, 180, 40], [120, 60, 150], [240, 240, 240],
-                       [50, 50, 60], [230, 110, 160]]),
+    "skin": np.array([[255, 224, 196], [241, 194, 160], [224, 172, 125], [198, 134, 86],
+                      [141, 85, 54], [94, 60, 40]]),
+    "hair": np.array([[20, 20, 20], [90, 55, 25], [150, 95, 45], [230, 195, 110], [180, 60, 30],
+                      [170, 170, 175]]),
+    "background": np.array([[200, 225, 240], [240, 220, 200], [210, 240, 210], [235, 210, 235],
+                            [245, 240, 200], [190, 200, 230], [230, 200, 200], [200, 230, 230]]),
+    "shirt": np.array([[200, 40, 40], [40, 90, 180], [40, 140, 70], [230, 180, 40], [120, 60, 150],
+                       [240, 240, 240], [50, 50, 60], [230, 110, 160]]),
 }
-TOY_CLASSES = ("red", "blue", "green", "yellow", "purple", "white", "black", "pink")  # the shirt colours' names
+# the shirt colours' names
+TOY_CLASSES = ("red", "blue", "green", "yellow", "purple", "white", "black", "pink")
 
 def toy_faces(n, size, seed=0, labels=False):
     """Procedural cartoon faces, np.uint8 (n, size, size, 3); image i depends only on (seed, i). labels: also return
-    each face's shirt colour, an index into TOY_CLASSES (n,), as class labels for conditional models; labels="all":
-    its palette index of every attribute, (n, 4) in TOY_PALETTES' order (the truth inpainting is judged by)."""
+    each face's shirt colour, an index into TOY_CLASSES (n,), as class labels for conditional
+    models; labels="all": its palette index of every attribute, (n, 4) in TOY_PALETTES' order (the
+    truth inpainting is judged by)."""
     assert 16 <= size <= 1024, "toy_faces draws sizes from 16 to 1024"
     ss = 4 if size <= 256 else 2  # draw at ss x the size, then shrink: antialiased edges
     S = size * ss
     skins, hairs, backs, shirts = TOY_PALETTES.values()
     out, attrs = np.empty((n, size, size, 3), np.uint8), np.empty((n, 4), np.int64)
     for i in range(n):
-        r = np.random.default_rng([seed, i])  # one stream per image: toy_faces(k) is a prefix of toy_faces(n)
+        # one stream per image: toy_faces(k) is a prefix of toy_faces(n)
+        r = np.random.default_rng([seed, i])
         u = lambda lo, hi: float(r.uniform(lo, hi))
         col = lambda base, jit: tuple(int(c) for c in np.clip(base + r.integers(-jit, jit + 1, 3), 0, 255))
         attrs[i, 2] = r.integers(8)
@@ -553,15 +613,18 @@ def toy_faces(n, size, seed=0, labels=False):
         hair = col(hairs[attrs[i, 1]], 6)
         # shoulders in a random shirt colour, below the head
         attrs[i, 3] = r.integers(8)
-        d.ellipse([cx - 1.5 * rx, cy + 0.8 * ry, cx + 1.5 * rx, cy + 2.6 * ry], fill=col(shirts[attrs[i, 3]], 6))
+        d.ellipse([cx - 1.5 * rx, cy + 0.8 * ry, cx + 1.5 * rx, cy + 2.6 * ry],
+                  fill=col(shirts[attrs[i, 3]], 6))
         style = r.integers(4)  # 0 bald, 1 short cap, 2 long hair behind the head, 3 bun
         if style == 2:
-            d.rounded_rectangle([cx - 1.2 * rx, cy - 1.15 * ry, cx + 1.2 * rx, cy + 0.9 * ry], rx * 0.6, fill=hair)
+            d.rounded_rectangle([cx - 1.2 * rx, cy - 1.15 * ry, cx + 1.2 * rx, cy + 0.9 * ry],
+                                rx * 0.6, fill=hair)
         if style == 3:
             d.ellipse([cx - 0.45 * rx, cy - 1.5 * ry, cx + 0.45 * rx, cy - 0.7 * ry], fill=hair)
         d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=skin)
         if style in (1, 2, 3):  # hair cap: the top of a slightly larger ellipse
-            d.chord([cx - 1.06 * rx, cy - 1.08 * ry, cx + 1.06 * rx, cy + 0.5 * ry * u(0.2, 0.8)], 180, 360, fill=hair)
+            d.chord([cx - 1.06 * rx, cy - 1.08 * ry, cx + 1.06 * rx, cy + 0.5 * ry * u(0.2, 0.8)],
+                    180, 360, fill=hair)
         # eyes: white, iris, pupil; shared gaze direction
         ey, ex, er = cy - ry * u(0.05, 0.2), rx * u(0.32, 0.45), rx * u(0.13, 0.19)
         gx, gy = u(-0.35, 0.35) * er, u(-0.25, 0.25) * er
@@ -569,8 +632,10 @@ def toy_faces(n, size, seed=0, labels=False):
         for sx in (-1, 1):
             x = cx + sx * ex
             d.ellipse([x - er, ey - er * 0.8, x + er, ey + er * 0.8], fill=(250, 250, 250))
-            d.ellipse([x + gx - er * 0.55, ey + gy - er * 0.55, x + gx + er * 0.55, ey + gy + er * 0.55], fill=iris)
-            d.ellipse([x + gx - er / 4, ey + gy - er / 4, x + gx + er / 4, ey + gy + er / 4], fill=(0, 0, 0))
+            d.ellipse([x + gx - er * 0.55, ey + gy - er * 0.55, x + gx + er * 0.55,
+                       ey + gy + er * 0.55], fill=iris)
+            d.ellipse([x + gx - er / 4, ey + gy - er / 4, x + gx + er / 4, ey + gy + er / 4],
+                      fill=(0, 0, 0))
             # brow: a thick line whose tilt expresses mood
             by, tilt = ey - er * u(1.3, 1.9), sx * u(-0.4, 0.5) * er
             brow = tuple(int(c * 0.6) for c in hair)
@@ -578,13 +643,15 @@ def toy_faces(n, size, seed=0, labels=False):
         # nose: a darker triangle
         ny, nw = cy + ry * u(0.08, 0.2), rx * u(0.08, 0.15)
         nose = tuple(int(c * 0.8) for c in skin)
-        d.polygon([(cx, ny - ry * 0.18), (cx - nw, ny + nw * 0.6), (cx + nw, ny + nw * 0.6)], fill=nose)
+        d.polygon([(cx, ny - ry * 0.18), (cx - nw, ny + nw * 0.6), (cx + nw,
+                                                                    ny + nw * 0.6)], fill=nose)
         # mouth: a smile/frown arc or an open ellipse
         my, mw, lips = cy + ry * u(0.45, 0.6), rx * u(0.25, 0.5), col([180, 50, 60], 25)
         if r.random() < 0.7:
             curve = u(-0.5, 1.0) * mw  # > 0 smiles
             box = [cx - mw, my - abs(curve), cx + mw, my + abs(curve) + 1]
-            d.arc(box, 0 if curve > 0 else 180, 180 if curve > 0 else 360, fill=lips, width=max(1, int(rx * 0.07)))
+            d.arc(box, 0 if curve > 0 else 180, 180 if curve > 0 else 360, fill=lips,
+                  width=max(1, int(rx * 0.07)))
         else:
             d.ellipse([cx - mw * 0.6, my - mw * 0.3, cx + mw * 0.6, my + mw * 0.45], fill=lips)
         out[i] = np.asarray(img.resize((size, size), Image.LANCZOS))
@@ -593,29 +660,36 @@ def toy_faces(n, size, seed=0, labels=False):
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 def list_images(folder, size):
-    """Sorted image paths under folder (recursive) that open and are at least size on their short side."""
+    """Sorted image paths under folder (recursive) that open and are at least size on their short
+    side."""
     if not os.path.isdir(folder):
         kind = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
-        raise BadInput(f"--data {folder!r} {kind}; pass --data DIR with images (searched recursively), or --data toy")
-    paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
+        raise BadInput(f"--data {folder!r} {kind}; pass --data DIR with images (searched "
+                       "recursively), or --data toy")
+    paths = sorted(os.path.join(dp, f) for dp, _,
+                   fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
     if not paths:
-        raise BadInput(f"no images ({', '.join(IMAGE_EXTS)}) under {folder!r}; point --data at a folder of images")
+        raise BadInput(f"no images ({', '.join(IMAGE_EXTS)}) under {folder!r}; point --data at a "
+                       "folder of images")
     good, unreadable, small = [], 0, 0
     for p in paths:
         try:
             with Image.open(p) as im:  # reads the header only: cheap even for 70k files
                 w, h = im.size
-        except Exception:  # PIL raises many types for broken files (and decompression bombs); all mean "skip it"
+        # PIL raises many types for broken files (and decompression bombs); all mean "skip it"
+        except Exception:
             unreadable += 1
             continue
         small += min(w, h) < size
         if min(w, h) >= size:
             good.append(p)
     if unreadable or small:
-        print(f"warning: skipped {unreadable} unreadable images and {small} smaller than {size}px in {folder!r}",
+        print(f"warning: skipped {unreadable} unreadable images and {small} smaller than {size}px "
+              f"in {folder!r}",
               file=sys.stderr)
     if not good:
-        raise BadInput(f"none of the {len(paths)} images in {folder!r} is readable and at least {size}px; "
+        raise BadInput(f"none of the {len(paths)} images in {folder!r} is readable and at least "
+                       f"{size}px; "
                        f"use --size {size // 2} or other images")
     return good
 
@@ -633,27 +707,32 @@ def open_upright(im):
     (PIL's convert("RGB") would clip every value above 255 to white)."""
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max() > 255):
-        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+        im = Image.fromarray((np.asarray(im,
+                                         dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     return im
 
 def load_image(path, size):
-    """One image file -> uint8 (size, size, 3): upright, RGB, short side resized to size, centre crop."""
+    """One image file -> uint8 (size, size, 3): upright, RGB, short side resized to size, centre
+    crop."""
     with Image.open(path) as im:
         return np.array(resize_and_crop(open_upright(im).convert("RGB"), size))  # a writable copy
 
 def load_mask(path, size):
     """A mask file (white = fill in) -> bool (size, size), resized and cropped like its image. A pixel is unknown
-    if any unknown source pixel falls in it (box-filtered coverage > 0), so a small hole never vanishes."""
+    if any unknown source pixel falls in it (box-filtered coverage > 0), so a small hole never
+    vanishes."""
     with Image.open(path) as im:
         unknown = np.asarray(open_upright(im).convert("L")) > 127
-    coverage = resize_and_crop(Image.fromarray(unknown.astype(np.float32), mode="F"), size, Image.BOX)
+    coverage = resize_and_crop(Image.fromarray(unknown.astype(np.float32), mode="F"),
+                               size, Image.BOX)
     return np.asarray(coverage) > 0
 
 def split_indices(n, val_fraction=0.05, seed=0):
     """Deterministic train/val split of n items that keeps rows (2i, 2i+1) on the same side.
 
-    vqgan.py --encode writes an image and its flipped copy next to each other, so a split over pairs never
-    puts an image in training and its mirror image in validation (a defect of the authors' code)."""
+    vqgan.py --encode writes an image and its flipped copy next to each other, so a split over pairs
+    never puts an image in training and its mirror image in validation (a defect of the authors'
+    code)."""
     pairs = (n + 1) // 2
     perm = torch.randperm(pairs, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(pairs * val_fraction)) if pairs > 1 else 0
@@ -665,22 +744,27 @@ def split_indices(n, val_fraction=0.05, seed=0):
 
 class ImageData:
     """Indexable image set: the toy faces in memory, or files decoded on demand (FFHQ does not fit in RAM).
-    split: "train", "val" (held out: toy faces of another seed, or a deterministic share of the files) or "all"."""
+    split: "train", "val" (held out: toy faces of another seed, or a deterministic share of the
+    files) or "all"."""
 
     def __init__(self, data, size, split="train", toy_n=8192, val_n=256, workers=8):
         if data == "toy":  # held-out faces: another seed
             val = split == "val"
-            self.images, self.labels = toy_faces(val_n if val else toy_n, size, int(val), labels=True)
+            self.images, self.labels = toy_faces(val_n if val else toy_n, size, int(val),
+                                                 labels=True)
             self.paths, self.class_names = None, TOY_CLASSES
         else:
             paths = list_images(data, size)
             if split != "all" and len(paths) < 2:
-                raise BadInput(f"{data!r} holds one usable image; training needs at least 2 (one is held out)")
+                raise BadInput(f"{data!r} holds one usable image; training needs at least 2 (one "
+                               "is held out)")
             train, val = split_indices(len(paths), val_fraction=min(0.5, val_n / len(paths)))
             keep = {"train": train.tolist(), "val": val.tolist(), "all": range(len(paths))}[split]
             self.paths, self.images = [paths[i] for i in keep], None
-            # one sub-folder per class (root/class_name/*.png, the usual layout): labels in sorted folder order
-            top = [os.path.relpath(p, data).split(os.sep)[0] if os.sep in os.path.relpath(p, data) else None
+            # one sub-folder per class (root/class_name/*.png, the usual layout): labels in sorted
+            # folder order
+            top = [os.path.relpath(p,
+                                   data).split(os.sep)[0] if os.sep in os.path.relpath(p, data) else None
                    for p in self.paths]
             self.class_names = sorted(set(top)) if None not in top and len(set(top)) > 1 else None
             self.labels = np.array([self.class_names.index(t) for t in top]) if self.class_names else None
@@ -698,20 +782,23 @@ class ImageData:
             return load_image(self.paths[i], self.size)
         except Exception as e:  # PIL raises many types for damaged files
             self.broken.add(i)
-            print(f"warning: skipping {self.paths[i]!r}, which does not decode ({type(e).__name__}); "
+            print(f"warning: skipping {self.paths[i]!r}, which does not decode "
+                  f"({type(e).__name__}); "
                   f"{len(self.broken)} such file(s) so far", file=sys.stderr)
             return None
 
     def batch(self, idx, flip=None, drop_broken=False):
         """Indices -> float (B, 3, size, size) in [-1, 1]; flip: optional bool (B,) tensor. A file that does not
-        decode is replaced by another image of the batch (training), or left out (drop_broken: encoding)."""
+        decode is replaced by another image of the batch (training), or left out (drop_broken:
+        encoding)."""
         if self.paths is None:
             x = self.images[np.asarray(idx)]
         else:
             x = list(self.pool.map(self.load, idx))
             good = [im for im in x if im is not None]
             if not good and not drop_broken:
-                raise BadInput(f"none of the images of a batch could be decoded (e.g. {self.paths[idx[0]]!r})")
+                raise BadInput("none of the images of a batch could be decoded (e.g. "
+                               f"{self.paths[idx[0]]!r})")
             x = np.stack(good if drop_broken else [im if im is not None else good[0] for im in x]) if good else \
                 np.zeros((0, self.size, self.size, 3), np.uint8)
         x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
@@ -719,17 +806,18 @@ class ImageData:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # training
 
-def generator_loss(model, disc, last_layer, x, gan_on, disc_weight, lpips=None, perceptual_weight=0.0,
-                   amp=nullcontext, l2_weight=0.0):
+def generator_loss(model, disc, last_layer, x, gan_on, disc_weight, lpips=None,
+                   perceptual_weight=0.0, amp=nullcontext, l2_weight=0.0):
     """The autoencoder's loss for one batch: L1 (+ l2_weight * squared error) (+ LPIPS) + quantizer loss
     (+ lambda * GAN generator loss).
 
-    Returns (loss, stats, x_rec, indices). D's parameters are frozen while its logits are computed, so the
-    generator's backward pass leaves no gradient on D (its own step follows, on x_rec.detach()). Pass the plain
-    discriminator, not its DDP wrapper: no gradient of D is produced here, so there is nothing to all-reduce."""
+    Returns (loss, stats, x_rec, indices). D's parameters are frozen while its logits are computed,
+    so the generator's backward pass leaves no gradient on D (its own step follows, on
+    x_rec.detach()). Pass the plain discriminator, not its DDP wrapper: no gradient of D is produced
+    here, so there is nothing to all-reduce."""
     with amp():  # the bf16 autocast context, or none
         x_rec, indices, q_loss = model(x)
     err = x - x_rec.float()
@@ -753,117 +841,125 @@ def generator_loss(model, disc, last_layer, x, gan_on, disc_weight, lpips=None, 
 def evaluate(model, data, device, batch=64, bf16=False):
     """Reconstruction PSNR (dB, images in [0, 1]) and codebook usage over the whole held-out set."""
     model.eval()
-    mse, all_idx = [], []
+    mse, counts = [], torch.zeros(model.codebook_size)
     for i in range(0, len(data), batch):
         x = data.batch(list(range(i, min(len(data), i + batch)))).to(device)
-        with autocast(device, bf16):
+        with bf16_autocast(device, bf16):
             x_rec, idx, _ = model(x)
         mse.append(((x_rec.float().clamp(-1, 1) - x) / 2).pow(2).mean((1, 2, 3)).cpu())
-        all_idx.append(idx.cpu())
+        counts += torch.bincount(idx.flatten().cpu(), minlength=model.codebook_size)
     model.train()
     psnr = (-10 * torch.log10(torch.cat(mse))).mean().item()
-    usage, ppl = codebook_usage(torch.cat(all_idx), model.codebook_size)
+    usage, ppl = codebook_usage(counts)
     return psnr, usage, ppl
 
 def compile_for_adaptive_weight():
     """The adaptive GAN weight differentiates the loss twice through the same graph (retain_graph=True), which a
-    compiled backward that donates (frees) its buffers refuses; keep them. Found by the slow-tier compile test."""
+    compiled backward that donates (frees) its buffers refuses; keep them. Found by the slow-tier
+    compile test."""
     torch._functorch.config.donated_buffer = False
 
-def build_training(mcfg, tcfg, device, resume_ckpt=None):
-    """Autoencoder, its moving average (or None), discriminator, optional LPIPS and their optimizers, fresh or from
-    a checkpoint -> (model, ema, disc, lpips, opt_g, opt_d, step, history, log window)."""
-    # channels_last: the faster convolution layout on CPUs and on GPUs' tensor cores
-    model = VQGAN(mcfg).to(device, memory_format=torch.channels_last)
-    disc = PatchDiscriminator(mcfg.disc_ch, mcfg.disc_layers).to(device, memory_format=torch.channels_last)
-    model.set_grad_ckpt(tcfg.grad_ckpt)
-    lpips = None
-    if tcfg.perceptual_weight > 0:
-        if not os.path.isfile(tcfg.lpips):
-            raise BadInput(f"--perceptual_weight needs --lpips PATH to LPIPS weights; {tcfg.lpips!r} is not a file "
-                           f"(python vqgan.py --convert writes lpips.pt from a taming checkpoint)")
-        lpips = LPIPS().to(device)
-        lpips.load_state_dict(torch.load(tcfg.lpips, map_location=device, weights_only=True))
-    opt_g = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
-    ema = copy.deepcopy(model).requires_grad_(False) if tcfg.ema > 0 else None  # the averaged weights
-    if resume_ckpt is None:
-        return model, ema, disc, lpips, opt_g, opt_d, 0, {"rec": [], "q": [], "g": [], "d": [], "val_psnr": []}, \
-            new_window()
-    model.load_state_dict(resume_ckpt["model"])
-    if ema is not None:  # a run that switches --ema on at resume starts the average from the current weights
-        ema.load_state_dict(shipped_weights(resume_ckpt))
-    disc.load_state_dict(resume_ckpt["disc"])
-    opt_g.load_state_dict(resume_ckpt["opt_g"])
-    opt_d.load_state_dict(resume_ckpt["opt_d"])
-    torch.set_rng_state(resume_ckpt["rng"])
-    # the open log window continues, so a resumed run logs what an uninterrupted one does
-    return (model, ema, disc, lpips, opt_g, opt_d, resume_ckpt["step"], resume_ckpt["history"],
-            resume_ckpt.get("log_window") or new_window())
-
-def new_window():
-    """Running sums of one log window: losses, the codebook indices seen (for usage) and the steps in it."""
-    return {"rec": 0.0, "q": 0.0, "g": 0.0, "d": 0.0, "lam": 0.0, "idx": [], "n": 0}
+def load_lpips(tcfg, device):
+    """The LPIPS network for --perceptual_weight (from --lpips), or None without a perceptual
+    loss."""
+    if tcfg.perceptual_weight <= 0:
+        return None
+    if not os.path.isfile(tcfg.lpips):
+        raise BadInput(f"--perceptual_weight needs --lpips PATH to LPIPS weights; {tcfg.lpips!r} "
+                       "is not a file "
+                       f"(python vqgan.py --convert writes lpips.pt from a taming checkpoint)")
+    lpips = LPIPS().to(device)
+    lpips.load_state_dict(torch.load(tcfg.lpips, map_location=device, weights_only=True))
+    return lpips
 
 def train(mcfg, tcfg, resume_ckpt=None):
-    ddp, rank, world, device, micro = setup_processes(tcfg)
-    master = rank == 0
+    run = setup_processes(tcfg)  # one process, or one of several under torchrun (DDP)
+    device, micro = run.device, run.micro
     train_data = ImageData(tcfg.data, mcfg.size, "train", tcfg.toy_n, tcfg.val_n, tcfg.workers)
     val_data = ImageData(tcfg.data, mcfg.size, "val", tcfg.toy_n, tcfg.val_n, tcfg.workers)
-    raw_model, ema, raw_disc, lpips, opt_g, opt_d, step, history, win = build_training(mcfg, tcfg, device, resume_ckpt)
-    model, disc = raw_model, raw_disc  # checkpoints are saved from the plain modules, never a wrapper
+
+    # the autoencoder and its discriminator; channels_last is the faster convolution layout on CPUs
+    # and GPUs
+    raw_model = VQGAN(mcfg).to(device, memory_format=torch.channels_last)
+    raw_model.set_grad_ckpt(tcfg.grad_ckpt)
+    raw_disc = PatchDiscriminator(mcfg.disc_ch, mcfg.disc_layers).to(device,
+                                                                     memory_format=torch.channels_last)
+    lpips = load_lpips(tcfg, device)
+    opt_g = torch.optim.Adam(raw_model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+    opt_d = torch.optim.Adam(raw_disc.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+    # the averaged weights
+    ema = copy.deepcopy(raw_model).requires_grad_(False) if tcfg.ema > 0 else None
+    step, history = 0, {"rec": [], "q": [], "g": [], "d": [], "val_psnr": []}
+    window = new_window("rec", "q", "g", "d", "lam", codes=torch.zeros(mcfg.codebook_size))
+    # the open log window continues: a resumed run logs what an uninterrupted one does
+    if resume_ckpt is not None:
+        step, history, window = restore(resume_ckpt, window, model=raw_model, ema=ema,
+                                        disc=raw_disc, opt_g=opt_g, opt_d=opt_d)
+    # checkpoints are saved from the plain modules, never a wrapper
+    model, disc = raw_model, raw_disc
     if tcfg.compile:
         compile_for_adaptive_weight()
         model, disc = torch.compile(model), torch.compile(disc)
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        disc = nn.parallel.DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None)
+    if run.ddp:
+        model, disc = (nn.parallel.DistributedDataParallel(m,
+                                                           device_ids=[device.index] if device.type == "cuda"
+                                                           else None) for m in (model, disc))
     bf16 = use_bf16(tcfg.dtype, device)
-    amp = lambda: autocast(device, bf16)
-    save = lambda: master and save_checkpoint(
-        {"kind": "vqgan", "model_config": asdict(mcfg), "train_config": asdict(tcfg), "model": raw_model.state_dict(),
-         "ema": None if ema is None else ema.state_dict(), "disc": raw_disc.state_dict(), "opt_g": opt_g.state_dict(),
-         "opt_d": opt_d.state_dict(), "step": step, "history": history, "rng": torch.get_rng_state(),
-         "log_window": win}, tcfg.out)
+    amp = partial(bf16_autocast, device, bf16)  # the bf16 autocast context, or none
+    save = lambda: run.master and save_checkpoint(
+        {"kind": "vqgan", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
+         "model": raw_model.state_dict(),
+         "ema": None if ema is None else ema.state_dict(), "disc": raw_disc.state_dict(),
+         "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "history": history,
+         "rng": torch.get_rng_state(), "log_window": window}, tcfg.out)
     stop = stop_on_signals()  # Ctrl-C or SIGTERM: finish the step, save, exit
     restart = isinstance(raw_model.quantize, VectorQuantizer) and mcfg.restart_after > 0
-    if master:
+    if run.master:
         h = mcfg.size // raw_model.downsample_factor
-        print(f"vqgan: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, {mcfg.size}px -> {h}x{h} "
-              f"tokens, V={mcfg.codebook_size}, {len(train_data)} train / {len(val_data)} val images, batch "
-              f"{tcfg.batch_size} on {world} x {device}")
+        print(f"vqgan: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, "
+              f"{mcfg.size}px -> {h}x{h} "
+              f"tokens, V={mcfg.codebook_size}, {len(train_data)} train / {len(val_data)} val "
+              "images, batch "
+              f"{tcfg.batch_size} on {run.world} x {device}")
 
     # training loop
     t0 = t_log = time.time()
     start_step = step_log = step
     while step < tcfg.max_steps and not stop:
         lr = lr_at(step, tcfg)
-        for opt in (opt_g, opt_d):
-            for g in opt.param_groups:
-                g["lr"] = lr
+        for g in opt_g.param_groups + opt_d.param_groups:
+            g["lr"] = lr
         gan_on = step >= tcfg.disc_start
-        # the same global batch whatever the number of processes: indices from (seed, step), sliced by rank
+        # the same global batch whatever the number of processes: indices from (seed, step), sliced
+        # by rank
         gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step)
         idx = torch.randint(len(train_data), (tcfg.batch_size,), generator=gen)
         flips = (torch.rand(tcfg.batch_size, generator=gen) < 0.5) if tcfg.flip else None
-        xs = []
-        for m in range(tcfg.grad_accum):  # generator step: reconstruction + quantizer + adaptive GAN loss
-            rows = slice((rank * tcfg.grad_accum + m) * micro, (rank * tcfg.grad_accum + m + 1) * micro)
+        pairs = []  # (images, reconstructions) of each micro-batch, for the discriminator's step
+        # generator step: reconstruction + quantizer + adaptive GAN loss
+        for m in range(tcfg.grad_accum):
+            rows = slice((run.rank * tcfg.grad_accum + m) * micro,
+                         (run.rank * tcfg.grad_accum + m + 1) * micro)
             x = train_data.batch(idx[rows].tolist(), None if flips is None else flips[rows])
             x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-            sync = m == tcfg.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
-            with (model.no_sync() if ddp and not sync else nullcontext()):
-                loss, stats, x_rec, indices = generator_loss(model, raw_disc, raw_model.last_layer(), x, gan_on,
-                                                          tcfg.disc_weight, lpips, tcfg.perceptual_weight, amp,
-                                                          tcfg.l2_weight)
-                for k in stats:
-                    win[k] += stats[k] / tcfg.grad_accum
-                if not torch.isfinite(loss):  # stop before the update: the last checkpoints stay good
-                    raise BadInput(f"loss is {loss.item()} at step {step}; stopping ({checkpoints_left(tcfg.out)}); lower --lr "
-                                   f"or check the data")
+            # DDP all-reduces gradients on the last micro-batch only
+            sync = m == tcfg.grad_accum - 1
+            with (model.no_sync() if run.ddp and not sync else nullcontext()):
+                loss, stats, x_rec, indices = generator_loss(model, raw_disc,
+                                                             raw_model.last_layer(), x, gan_on,
+                                                             tcfg.disc_weight, lpips,
+                                                             tcfg.perceptual_weight, amp,
+                                                             tcfg.l2_weight)
+                # stop before the update: the last checkpoints stay good
+                if not torch.isfinite(loss):
+                    raise BadInput(f"loss is {loss.item()} at step {step}; stopping "
+                                   f"({checkpoints_left(tcfg.out)}); "
+                                   f"lower --lr or check the data")
                 (loss / tcfg.grad_accum).backward()
-            win["idx"].append(indices.detach().cpu())
-            xs.append((x, x_rec.detach()))
+            for k in stats:
+                window[k] += stats[k] / tcfg.grad_accum
+            window["codes"] += torch.bincount(indices.flatten().cpu(), minlength=mcfg.codebook_size)
+            pairs.append((x, x_rec.detach()))
         if tcfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
         opt_g.step()
@@ -875,68 +971,70 @@ def train(mcfg, tcfg, resume_ckpt=None):
         if ema is not None:
             ema_update(ema, raw_model, tcfg.ema, step)  # the weights we measure and ship
         if gan_on:  # discriminator step on detached reconstructions
-            for m, (x, x_rec) in enumerate(xs):
-                sync = m == len(xs) - 1
-                with (disc.no_sync() if ddp and not sync else nullcontext()):
+            for m, (x, x_rec) in enumerate(pairs):
+                with (disc.no_sync() if run.ddp and m < len(pairs) - 1 else nullcontext()):
                     with amp():
                         d_loss = hinge_d_loss(disc(x).float(), disc(x_rec).float())
                     (d_loss / tcfg.grad_accum).backward()
-                win["d"] += d_loss.item() / tcfg.grad_accum
+                window["d"] += d_loss.item() / tcfg.grad_accum
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         step += 1
-        win["n"] += 1
+        window["steps"] += 1
 
-        if step % tcfg.log_every == 0 or step == tcfg.max_steps:  # one line per window: means over its steps
-            n = win["n"]  # the steps actually in this window (fewer than log_every at the end or after a resume)
-            stats = torch.tensor([win[k] / n for k in ("rec", "q", "g", "d", "lam")], device=device)
-            if ddp:
-                dist.all_reduce(stats)
-                stats /= world
-            rec_m, q_m, g_m, d_m, lam_m = stats.tolist()
-            usage, ppl = codebook_usage(torch.cat(win["idx"]), mcfg.codebook_size)  # over the whole window
-            for k, v in (("rec", rec_m), ("q", q_m), ("g", g_m), ("d", d_m)):
-                history[k].append((step, v))
+        # one line per window: means over its steps
+        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            means = window_means(window, ("rec", "q", "g", "d", "lam"), device, run.ddp)
+            for k in ("rec", "q", "g", "d"):
+                history[k].append((step, means[k]))
+            usage, ppl = codebook_usage(window["codes"])  # over the whole window
             dt = time.time() - t_log  # timed only since this process started
             eta = (time.time() - t0) / (step - start_step) * (tcfg.max_steps - step)
-            if master:
-                print(f"step {step}/{tcfg.max_steps} | rec {rec_m:.4f} | q {q_m:.4f} | g {g_m:.3f} | d {d_m:.3f} | "
-                      f"lam {lam_m:.3f} | usage {usage:.2f} ppl {ppl:.0f} | "
+            if run.master:
+                print(f"step {step}/{tcfg.max_steps} | rec {means['rec']:.4f} | q {means['q']:.4f} "
+                      f"| g {means['g']:.3f} | "
+                      f"d {means['d']:.3f} | lam {means['lam']:.3f} | usage {usage:.2f} ppl "
+                      f"{ppl:.0f} | "
                       f"{(step - step_log) * tcfg.batch_size / dt:.1f} img/s | eta {eta / 60:.1f}m", flush=True)
-            t_log, step_log, win = time.time(), step, new_window()
-        if master and (step % tcfg.sample_every == 0 or step == tcfg.max_steps):  # real | reconstruction, to look at
-            x, x_rec = xs[0]
+            t_log, step_log = time.time(), step
+            window = new_window("rec", "q", "g", "d", "lam", codes=torch.zeros(mcfg.codebook_size))
+        # real | reconstruction
+        if run.master and (step % tcfg.sample_every == 0 or step == tcfg.max_steps):
+            x, x_rec = pairs[0]
             k = min(8, len(x))
-            save_png(torch.cat([x[:k], x_rec[:k].float()]), os.path.splitext(tcfg.out)[0] + "_recon.png", nrow=k)
+            save_png(torch.cat([x[:k], x_rec[:k].float()]),
+                     os.path.splitext(tcfg.out)[0] + "_recon.png", nrow=k)
         if step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
             save()
 
     save()
-    if master and not stop:
+    if run.master and not stop:
         psnr, usage, ppl = evaluate(raw_model if ema is None else ema, val_data, device, bf16=bf16)
         history["val_psnr"].append((step, psnr))
         save()
-        plot_curves({k: history[k] for k in ("rec", "q", "d")}, os.path.splitext(tcfg.out)[0] + "_loss.png",
-                    "VQ-GAN training")
-        print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min | held-out PSNR {psnr:.2f} dB | codebook usage "
-              f"{usage:.3f} ({usage * mcfg.codebook_size:.0f}/{mcfg.codebook_size}), perplexity {ppl:.1f}"
+        plot_curves({k: history[k] for k in ("rec", "q", "d")},
+                    os.path.splitext(tcfg.out)[0] + "_loss.png", "VQ-GAN training")
+        print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min | held-out PSNR {psnr:.2f} "
+              "dB | codebook usage "
+              f"{usage:.3f} ({usage * mcfg.codebook_size:.0f}/{mcfg.codebook_size}), perplexity "
+              f"{ppl:.1f}"
               f" | peak memory {peak_memory(device)}")
-    finish_processes(ddp, stop, master, tcfg.out, step)
+    finish_processes(run, stop, tcfg.out, step)
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # encoding a dataset into latents, and token grids back into images
 
 @torch.no_grad()
 def encode_dataset(model, data, device, flip=True, batch=64, bf16=False):
     """All images -> (N or 2N, h, w) ids, and their labels (or None); with flip each image is followed by its mirror
-    image, with the same label. A file that does not decode is left out (with a warning), never replaced by a copy
-    of another image."""
+    image, with the same label. A file that does not decode is left out (with a warning), never
+    replaced by a copy of another image."""
     out, kept = [], []
     t0 = time.time()
     for i in range(0, len(data), batch):
         x = data.batch(list(range(i, min(len(data), i + batch))), drop_broken=True).to(device)
         kept += [j for j in range(i, min(len(data), i + batch)) if j not in data.broken]
-        with autocast(device, bf16):
+        with bf16_autocast(device, bf16):
             ids = model.encode(x)
             if flip:  # interleave (image, flipped image): split_indices keeps each pair together
                 ids = torch.stack([ids, model.encode(x.flip(3))], 1).flatten(0, 1)
@@ -952,7 +1050,8 @@ def encode_dataset(model, data, device, flip=True, batch=64, bf16=False):
 
 def fingerprint(state_dict):
     """A short identity of a VQ-GAN's token meaning: a hash of its quantizer and post-quantizer weights. Latents and
-    SUNDAE checkpoints carry it, so a prior is never paired with a VQ-GAN of the same V whose ids mean other things."""
+    SUNDAE checkpoints carry it, so a prior is never paired with a VQ-GAN of the same V whose ids
+    mean other things."""
     h = hashlib.sha256()
     for k in sorted(state_dict):
         if k.startswith(("quantize.", "post_quant_conv.")) and state_dict[k].is_floating_point():
@@ -966,58 +1065,73 @@ def encode_main(args):
     model = load_vqgan(args.ckpt)
     tcfg = TrainConfig(**tuples(ckpt["train_config"]))
     if args.size and args.size != model.config.size:
-        raise BadInput(f"--size {args.size}: this VQ-GAN works on {model.config.size}px images; drop --size (images "
+        raise BadInput(f"--size {args.size}: this VQ-GAN works on {model.config.size}px images; "
+                       "drop --size (images "
                        f"are resized to it)")
     data, out, flip = args.data or tcfg.data, args.out or "latents.npy", tcfg.flip if args.flip is None else args.flip
     labels_out = os.path.splitext(out)[0] + "_labels.npy"
-    check_outputs({"--out": out, "--out .json": out + ".json", "labels": labels_out}, [args.ckpt], bool(args.overwrite))
+    check_outputs({"--out": out, "--out .json": out + ".json", "labels": labels_out}, [args.ckpt],
+                  bool(args.overwrite))
     device = pick_device(args.device or "auto")
-    images = ImageData(data, model.config.size, "all", args.toy_n or tcfg.toy_n, workers=tcfg.workers)
-    ids, labels = encode_dataset(model.to(device), images, device, flip, bf16=use_bf16(args.dtype or "auto", device))
+    images = ImageData(data, model.config.size, "all", args.toy_n or tcfg.toy_n,
+                       workers=tcfg.workers)
+    ids, labels = encode_dataset(model.to(device), images, device, flip,
+                                 bf16=use_bf16(args.dtype or "auto", device))
     write_atomic(out, lambda f: np.save(f, ids))
     meta = {"vocab_size": model.codebook_size, "vqgan_id": fingerprint(model.state_dict())}
-    if labels is not None:  # class sub-folders, or the toy faces' shirt colours: sundae.py --labels takes them
+    # class sub-folders, or the toy faces' shirt colours: sundae.py --labels takes them
+    if labels is not None:
         write_atomic(labels_out, lambda f: np.save(f, labels))
         meta.update(labels=os.path.basename(labels_out), class_names=list(images.class_names))
     write_atomic(out + ".json", lambda f: f.write(json.dumps(meta).encode()))
-    print(f"wrote {out} (+ {out}.json: V and the VQ-GAN's id): {ids.shape} {ids.dtype} (V={model.codebook_size}"
+    print(f"wrote {out} (+ {out}.json: V and the VQ-GAN's id): {ids.shape} {ids.dtype} "
+          f"(V={model.codebook_size}"
           f"{', with flipped copies' if flip else ''})" + ("" if labels is None else f"; {labels_out}: "
           f"{len(images.class_names)} classes ({', '.join(images.class_names)})"))
 
 def check_tokens(array, vocab_size, h, w, name):
-    """A token array (n, h, w) (or one (h, w) grid) of integer ids in [0, V) -> int64 tensor; BadInput otherwise."""
+    """A token array (n, h, w) (or one (h, w) grid) of integer ids in [0, V) -> int64 tensor;
+    BadInput otherwise."""
     if not np.issubdtype(array.dtype, np.integer):
-        raise BadInput(f"{name} has dtype {array.dtype}, not integer token ids; save them as uint16 or int64")
+        raise BadInput(f"{name} has dtype {array.dtype}, not integer token ids; save them as "
+                       "uint16 or int64")
     array = array[None] if array.ndim == 2 else array
     if array.ndim != 3 or array.shape[1:] != (h, w) or len(array) == 0:
-        raise BadInput(f"{name} has shape {tuple(array.shape)}, but this model's grids are (n, {h}, {w})")
+        raise BadInput(f"{name} has shape {tuple(array.shape)}, but this model's grids are (n, "
+                       f"{h}, {w})")
     lo, hi = int(array.min()), int(array.max())
     if lo < 0 or hi >= vocab_size:
-        raise BadInput(f"{name} holds ids in [{lo}, {hi}], outside this model's vocabulary [0, {vocab_size})")
+        raise BadInput(f"{name} holds ids in [{lo}, {hi}], outside this model's vocabulary [0, "
+                       f"{vocab_size})")
     return torch.from_numpy(array.astype(np.int64))
 
 def load_npy(path, flag):
-    """An .npy array, memory-mapped (nothing is read until used); BadInput naming the flag if it is not one."""
+    """An .npy array, memory-mapped (nothing is read until used); BadInput naming the flag if it is
+    not one."""
     if not os.path.isfile(path):
-        raise BadInput(f"{flag} {path!r} {'is a directory' if os.path.isdir(path) else 'not found'}; pass an .npy file")
+        raise BadInput(f"{flag} {path!r} "
+                       f"{'is a directory' if os.path.isdir(path) else 'not found'}; pass an .npy file")
     try:
         array = np.load(path, mmap_mode="r")
     except Exception as e:  # numpy raises several types for files that are not .npy
-        raise BadInput(f"{flag} {path!r} is not a readable .npy array ({type(e).__name__}); save it with np.save")
+        raise BadInput(f"{flag} {path!r} is not a readable .npy array ({type(e).__name__}); save "
+                       "it with np.save")
     if not isinstance(array, np.ndarray):  # an .npz archive of several arrays
-        raise BadInput(f"{flag} {path!r} is an .npz archive; save the (N, h, w) token array alone with np.save")
+        raise BadInput(f"{flag} {path!r} is an .npz archive; save the (N, h, w) token array alone "
+                       "with np.save")
     return array
 
 @torch.no_grad()
 def decode_tokens(path, ckpt, outdir, grid_png, device, batch=16):
-    """vqgan.py --decode: any token array -> one PNG per grid in outdir (and a grid PNG), in batches."""
+    """vqgan.py --decode: any token array -> one PNG per grid in outdir (and a grid PNG), in
+    batches."""
     array = load_npy(path, "--decode")
     model = load_vqgan(ckpt, device)
     h = model.config.size // model.downsample_factor
     tokens = check_tokens(array, model.codebook_size, h, h, f"token array {path!r}")
     images, t0 = [], time.time()
     for i in range(0, len(tokens), batch):
-        with autocast(device, device.type == "cuda"):
+        with bf16_autocast(device, device.type == "cuda"):
             x = model.decode(tokens[i:i + batch].to(device)).float().clamp(-1, 1).cpu()
         for j, img in enumerate(x):
             save_png(img[None], os.path.join(outdir, f"{i + j:06d}.png"), nrow=1, pad=0, scale=1)
@@ -1030,10 +1144,11 @@ def decode_tokens(path, ckpt, outdir, grid_png, device, batch=16):
     print(f"wrote {len(tokens)} PNGs ({model.config.size}x{model.config.size}) to {outdir}/" +
           (f" and {grid_png}" if grid_png else ""))
 
-# ----------------------------------------------------------------------------------------------------------
-# pretrained taming-transformers VQ-GANs (paper §3.1: "where such models are available, we use pretrained
-# VQ-GANs"), as nanoGPT's from_pretrained. Their layout differs from ours only in names, fused q/k/v and the
-# decoder's extra ResNet block per level; the architecture is read from the weight shapes.
+# --------------------------------------------------------------------------------------------------
+# pretrained taming-transformers VQ-GANs (paper §3.1: "where such models are available, we use
+# pretrained VQ-GANs"), as nanoGPT's from_pretrained. Their layout differs from ours only in names,
+# fused q/k/v and the decoder's extra ResNet block per level; the architecture is read from the
+# weight shapes.
 
 class _Lenient(pickle.Unpickler):
     """Unpickles a trusted Lightning file on a machine without pytorch_lightning or omegaconf: the classes it names
@@ -1043,20 +1158,25 @@ class _Lenient(pickle.Unpickler):
         try:
             return super().find_class(module, name)
         except (ImportError, AttributeError):
-            return type(name, (), {"__init__": lambda self, *a, **k: None, "__setstate__": lambda self, state: None})
+            return type(name, (), {"__init__": lambda self, *a, **k: None,
+                                   "__setstate__": lambda self, state: None})
 
 def read_foreign(path, trust=False):
     """torch.load a checkpoint from elsewhere: tensors and plain types only, unless the user trusts its source
     (unpickling arbitrary objects can run arbitrary code, so we never do it silently)."""
     if not os.path.isfile(path):
-        raise BadInput(f"--convert {path!r} {'is a directory' if os.path.isdir(path) else 'not found'}")
+        raise BadInput(f"--convert {path!r} "
+                       f"{'is a directory' if os.path.isdir(path) else 'not found'}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for foreign or damaged files
-        if not (isinstance(e, pickle.UnpicklingError) and "global" in str(e)):  # not a refused class: damaged
-            raise BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); pass a .ckpt or .pt file")
+        # not a refused class: damaged
+        if not (isinstance(e, pickle.UnpicklingError) and "global" in str(e)):
+            raise BadInput(f"{path!r} is not a readable checkpoint ({type(e).__name__}); pass a "
+                           ".ckpt or .pt file")
         if not trust:
-            raise BadInput(f"{path!r} pickles Python objects beyond tensors (Lightning checkpoints do), and loading "
+            raise BadInput(f"{path!r} pickles Python objects beyond tensors (Lightning checkpoints "
+                           "do), and loading "
                            f"them can run code; if you trust its source, pass --trust_checkpoint")
     lenient = type(sys)("lenient_pickle")  # a pickle module whose Unpickler is _Lenient
     lenient.__dict__.update(vars(pickle), Unpickler=_Lenient)
@@ -1074,12 +1194,14 @@ def taming_state_dict(ckpt):
 
 def taming_codebook(sd):
     """taming's quantizer -> (our codebook (V, embed_dim), V). Its layouts: VectorQuantizer(2) and
-    EMAVectorQuantizer keep the codes in quantize.embedding.weight (the EMA one also its running sums, which
-    inference does not use); VectorQuantizer2 with remap keeps a `used` list, and its ids index that list, so our
-    codebook is those codes in that order (an input whose nearest code is outside the list gets taming's 'unknown'
-    id there, the nearest listed code here). Gumbel quantizers are refused."""
+    EMAVectorQuantizer keep the codes in quantize.embedding.weight (the EMA one also its running
+    sums, which inference does not use); VectorQuantizer2 with remap keeps a `used` list, and its
+    ids index that list, so our codebook is those codes in that order (an input whose nearest code
+    is outside the list gets taming's 'unknown' id there, the nearest listed code here). Gumbel
+    quantizers are refused."""
     if "quantize.embed.weight" in sd:
-        raise BadInput("this taming VQModel uses a GumbelQuantize quantizer (quantize.embed, quantize.proj), which "
+        raise BadInput("this taming VQModel uses a GumbelQuantize quantizer (quantize.embed, "
+                       "quantize.proj), which "
                        "samples codes; only nearest-neighbour quantizers convert")
     codes = sd["quantize.embedding.weight"]
     if "quantize.used" in sd:
@@ -1093,24 +1215,30 @@ def taming_config(sd, size):
     ch, levels = sd["encoder.conv_in.weight"].shape[0], count("encoder.down.")
     embed_dim, z_channels = sd["quant_conv.weight"].shape[:2]
     if sd["encoder.conv_out.weight"].shape[0] != z_channels:
-        raise BadInput("this taming model's encoder has double_z (mean and variance: a KL autoencoder, not a VQModel)")
+        raise BadInput("this taming model's encoder has double_z (mean and variance: a KL "
+                       "autoencoder, not a VQModel)")
     if size % 2 ** (levels - 1):
-        raise BadInput(f"--size {size} is not divisible by this model's downsample factor {2 ** (levels - 1)}")
+        raise BadInput(f"--size {size} is not divisible by this model's downsample factor "
+                       f"{2 ** (levels - 1)}")
     return ModelConfig(
         size=size, ch=ch,
         ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
         num_res_blocks=count("encoder.down.0.block."), dec_res_blocks=count("decoder.up.0.block."),
         attn_resolutions=tuple(size >> i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd),
-        z_channels=z_channels, embed_dim=embed_dim, quantizer="vq", codebook_size=taming_codebook(sd)[1],
-        code_dim=0, l2_norm=False, restart_after=0)  # taming: plain Euclidean lookup, no projection, no restarts
+        z_channels=z_channels, embed_dim=embed_dim, quantizer="vq",
+        codebook_size=taming_codebook(sd)[1],
+        # taming: plain Euclidean lookup, no projection, no restarts
+        code_dim=0, l2_norm=False, restart_after=0)
 
 def from_taming(sd, cfg):
     """Rename taming's weights into this file's layout (and fuse its separate q, k, v 1x1 convs into our qkv).
 
-    taming: encoder.down.{i}.block.{j} / .attn.{j} / .downsample.conv; decoder.up.{t} counts levels from the
-    finest, ours from the coarsest. Within a level our ModuleList holds block, [attn], block, [attn], ..., resample."""
+    taming: encoder.down.{i}.block.{j} / .attn.{j} / .downsample.conv; decoder.up.{t} counts levels
+    from the finest, ours from the coarsest. Within a level our ModuleList holds block, [attn],
+    block, [attn], ..., resample."""
     L, out = len(cfg.ch_mult), {}
-    renames = {"nin_shortcut": "skip", "proj_out": "proj", "block_1": "0", "attn_1": "1", "block_2": "2"}
+    renames = {"nin_shortcut": "skip", "proj_out": "proj", "block_1": "0", "attn_1": "1",
+               "block_2": "2"}
     for key, v in sd.items():
         p = key.split(".")
         if p[0] not in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
@@ -1118,7 +1246,8 @@ def from_taming(sd, cfg):
         if p[1] in ("down", "up"):
             t = int(p[2])  # taming's level, counted from the finest resolution
             i = t if p[0] == "encoder" else L - 1 - t
-            per = 1 + ((cfg.size >> t) in cfg.attn_resolutions)  # modules per ResNet block: itself and its attention
+            # modules per ResNet block: itself and its attention
+            per = 1 + ((cfg.size >> t) in cfg.attn_resolutions)
             n = cfg.num_res_blocks if p[0] == "encoder" else (cfg.dec_res_blocks or cfg.num_res_blocks)
             if p[3] in ("downsample", "upsample"):  # ours: Sequential(pad or upsample, conv)
                 p = [p[0], "levels", str(i), str(n * per), "1"] + p[5:]
@@ -1127,7 +1256,8 @@ def from_taming(sd, cfg):
         elif p[0] == "encoder" and p[1] in ("norm_out", "conv_out"):
             p = ["encoder", "out", "0" if p[1] == "norm_out" else "2"] + p[2:]
         out[".".join(renames.get(x, x) for x in p)] = v
-    for key in [k for k in out if k.endswith((".q.weight", ".q.bias"))]:  # fuse q, k, v along the output channels
+    # fuse q, k, v along the output channels
+    for key in [k for k in out if k.endswith((".q.weight", ".q.bias"))]:
         stem, kind = key.rsplit(".q.", 1)
         out[f"{stem}.qkv.{kind}"] = torch.cat([out.pop(f"{stem}.{c}.{kind}") for c in "qkv"])
     out["quantize.codebook"] = taming_codebook(sd)[0]
@@ -1156,51 +1286,63 @@ def convert_taming(path, out, size=256, trust=False, overwrite=False):
     check_outputs({"--out": out}, [path], overwrite)
     ckpt = read_foreign(path, trust)
     if isinstance(ckpt, dict) and "kind" in ckpt:
-        raise BadInput(f"{path!r} is already a {ckpt['kind']} checkpoint of this project; it needs no conversion")
+        raise BadInput(f"{path!r} is already a {ckpt['kind']} checkpoint of this project; it needs "
+                       "no conversion")
     sd = taming_state_dict(ckpt)
     if sd is None:
-        raise BadInput(f"{path!r} is not a taming-transformers VQModel (no quantize.* and encoder.* weights)")
+        raise BadInput(f"{path!r} is not a taming-transformers VQModel (no quantize.* and "
+                       "encoder.* weights)")
     cfg = taming_config(sd, size)
     ours = from_taming(sd, cfg)
     mismatch = set(VQGAN(cfg).state_dict()) ^ set(ours)
     if mismatch:
-        raise BadInput(f"{path!r}: taming weights do not map onto the inferred layout ({sorted(mismatch)[:3]} ...)")
-    lp, lp_path = taming_lpips(ckpt.get("state_dict", ckpt)), os.path.join(os.path.dirname(out) or ".", "lpips.pt")
+        raise BadInput(f"{path!r}: taming weights do not map onto the inferred layout "
+                       f"({sorted(mismatch)[:3]} ...)")
+    lp, lp_path = taming_lpips(ckpt.get("state_dict",
+                                        ckpt)), os.path.join(os.path.dirname(out) or ".", "lpips.pt")
     if lp is not None:
         check_outputs({"--out": out, "lpips.pt": lp_path}, [path], overwrite)
-    save_checkpoint({"kind": "vqgan", "model_config": asdict(cfg), "train_config": asdict(TrainConfig(out=out)),
-                     "model": ours, "step": 0, "history": {}, "converted_from": os.path.abspath(path)}, out)
+    save_checkpoint({"kind": "vqgan", "model_config": asdict(cfg),
+                     "train_config": asdict(TrainConfig(out=out)),
+                     "model": ours, "step": 0, "history": {},
+                     "converted_from": os.path.abspath(path)}, out)
     f = 2 ** (len(cfg.ch_mult) - 1)
-    print(f"wrote {out}: taming VQ-GAN {size}px -> {size // f}x{size // f} tokens, V={cfg.codebook_size}, ch {cfg.ch} "
-          f"x {cfg.ch_mult}, {cfg.num_res_blocks}/{cfg.dec_res_blocks} ResNet blocks per encoder/decoder level, "
+    print(f"wrote {out}: taming VQ-GAN {size}px -> {size // f}x{size // f} tokens, "
+          f"V={cfg.codebook_size}, ch {cfg.ch} "
+          f"x {cfg.ch_mult}, {cfg.num_res_blocks}/{cfg.dec_res_blocks} ResNet blocks per "
+          "encoder/decoder level, "
           f"attention at {cfg.attn_resolutions}, z {cfg.z_channels}, embed {cfg.embed_dim}")
     if lp is not None:
         save_checkpoint(lp, lp_path)
-        print(f"wrote {lp_path}: the checkpoint's LPIPS weights (use with --lpips {lp_path} --perceptual_weight 1.0)")
+        print(f"wrote {lp_path}: the checkpoint's LPIPS weights (use with --lpips {lp_path} "
+              "--perceptual_weight 1.0)")
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # benchmark: one full training step (G and D) on random images
 
 def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
     """images/s and peak memory of VQ-GAN training steps with the GAN on, without data."""
     device = pick_device(tcfg.device)
-    if device.type == "cuda" and mem_cap_gb > 0:  # pretend to be a smaller card: allocations beyond the cap fail
+    # pretend to be a smaller card: allocations beyond the cap fail
+    if device.type == "cuda" and mem_cap_gb > 0:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, mem_cap_gb * 2**30 / total), device)
     model = VQGAN(mcfg).to(device, memory_format=torch.channels_last)
-    disc = PatchDiscriminator(mcfg.disc_ch, mcfg.disc_layers).to(device, memory_format=torch.channels_last)
+    disc = PatchDiscriminator(mcfg.disc_ch, mcfg.disc_layers).to(device,
+                                                                 memory_format=torch.channels_last)
     model.set_grad_ckpt(tcfg.grad_ckpt)
     opt_g, opt_d = torch.optim.Adam(model.parameters()), torch.optim.Adam(disc.parameters())
     if tcfg.compile:
         compile_for_adaptive_weight()
     fwd = torch.compile(model) if tcfg.compile else model
     bf16 = use_bf16(tcfg.dtype, device)
-    amp = lambda: autocast(device, bf16)
+    amp = partial(bf16_autocast, device, bf16)
     x = torch.rand(tcfg.batch_size, 3, mcfg.size, mcfg.size, device=device).mul(2).sub(1)
     x = x.contiguous(memory_format=torch.channels_last)
 
     def one_step():
-        loss, _, x_rec, _ = generator_loss(fwd, disc, model.last_layer(), x, True, tcfg.disc_weight, amp=amp)
+        loss, _, x_rec, _ = generator_loss(fwd, disc, model.last_layer(), x, True,
+                                           tcfg.disc_weight, amp=amp)
         loss.backward()
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
@@ -1214,23 +1356,35 @@ def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     mem = peak_memory(device)
     cap = f" (capped at {mem_cap_gb:g} GiB)" if device.type == "cuda" and mem_cap_gb > 0 else ""
-    print(f"device {name} | {'bf16' if bf16 else 'fp32'} | {mcfg.size}px, f={model.downsample_factor}, "
-          f"V={mcfg.codebook_size} | batch {tcfg.batch_size} | grad_ckpt {tcfg.grad_ckpt} | compile {tcfg.compile}")
-    print(f"{dt * 1e3:.0f} ms/step (G + D) | {tcfg.batch_size / dt:.2f} images/s | peak memory {mem}{cap}")
+    print(f"device {name} | {'bf16' if bf16 else 'fp32'} | {mcfg.size}px, "
+          f"f={model.downsample_factor}, "
+          f"V={mcfg.codebook_size} | batch {tcfg.batch_size} | grad_ckpt {tcfg.grad_ckpt} | "
+          f"compile {tcfg.compile}")
+    print(f"{dt * 1e3:.0f} ms/step (G + D) | {tcfg.batch_size / dt:.2f} images/s | peak memory "
+          f"{mem}{cap}")
 
 def main(argv=None):
     parser = Parser(description="Train the VQ-GAN tokenizer, or encode images into latents.")
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training preset")
-    parser.add_argument("--encode", action="store_true", help="encode --data with --ckpt into --out (latents.npy)")
-    parser.add_argument("--ckpt", default="vqgan.pt", help="the VQ-GAN checkpoint that encodes or decodes")
-    parser.add_argument("--benchmark", action="store_true", help="time training steps (G + D) on random images")
-    parser.add_argument("--mem_cap_gb", type=float, default=0.0, help="--benchmark on CUDA: cap this process at N GiB")
-    parser.add_argument("--bench_steps", type=int, default=5, help="--benchmark: timed steps after one warm-up step")
-    parser.add_argument("--convert", default="", help="taming-transformers .ckpt -> a vqgan.pt at --out (image side "
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                        help="model and training preset")
+    parser.add_argument("--encode", action="store_true",
+                        help="encode --data with --ckpt into --out (latents.npy)")
+    parser.add_argument("--ckpt", default="vqgan.pt",
+                        help="the VQ-GAN checkpoint that encodes or decodes")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="time training steps (G + D) on random images")
+    parser.add_argument("--mem_cap_gb", type=float, default=0.0,
+                        help="--benchmark on CUDA: cap this process at N GiB")
+    parser.add_argument("--bench_steps", type=int, default=5,
+                        help="--benchmark: timed steps after one warm-up step")
+    parser.add_argument("--convert", default="",
+                        help="taming-transformers .ckpt -> a vqgan.pt at --out (image side "
                                                       "--size, default 256)")
-    parser.add_argument("--trust_checkpoint", action="store_true", help="--convert: allow a checkpoint that pickles "
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="--convert: allow a checkpoint that pickles "
                         "Python objects (a Lightning .ckpt); only for files from a source you trust")
-    parser.add_argument("--decode", default="", help="token array (.npy, (n, h, w)) -> one PNG per grid in --outdir, "
+    parser.add_argument("--decode", default="",
+                        help="token array (.npy, (n, h, w)) -> one PNG per grid in --outdir, "
                                                      "with --ckpt (and a grid PNG at --out, if given)")
     parser.add_argument("--outdir", default="decoded", help="--decode: folder for the PNGs")
     add_flags(parser, ModelConfig)
@@ -1238,11 +1392,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.convert:
-        return convert_taming(args.convert, args.out or "vqgan.pt", args.size or 256, args.trust_checkpoint,
-                              bool(args.overwrite))
+        return convert_taming(args.convert, args.out or "vqgan.pt", args.size or 256,
+                              args.trust_checkpoint, bool(args.overwrite))
     if args.decode:
-        check_outputs({"--out": args.out}, [args.decode, args.ckpt], bool(args.overwrite), outdir=args.outdir)
-        return decode_tokens(args.decode, args.ckpt, args.outdir, args.out, pick_device(args.device or "auto"))
+        check_outputs({"--out": args.out}, [args.decode, args.ckpt], bool(args.overwrite),
+                      outdir=args.outdir)
+        return decode_tokens(args.decode, args.ckpt, args.outdir, args.out,
+                             pick_device(args.device or "auto"))
     if args.encode:
         return encode_main(args)
 
@@ -1250,9 +1406,11 @@ def main(argv=None):
     mcfg = replace(mcfg_p, **overrides(args, ModelConfig))
     tcfg = replace(tcfg_p, **overrides(args, TrainConfig))
     if args.max_steps and args.disc_start is None and tcfg.disc_start >= args.max_steps:
-        # a shortened run keeps the preset's share of GAN steps, rather than silently never switching the GAN on
+        # a shortened run keeps the preset's share of GAN steps, rather than silently never
+        # switching the GAN on
         tcfg = replace(tcfg, disc_start=tcfg_p.disc_start * tcfg.max_steps // tcfg_p.max_steps)
-        print(f"note: --max_steps {tcfg.max_steps}: the GAN starts at step {tcfg.disc_start} (set --disc_start to "
+        print(f"note: --max_steps {tcfg.max_steps}: the GAN starts at step {tcfg.disc_start} (set "
+              "--disc_start to "
               f"choose)", file=sys.stderr)
     if args.benchmark:
         if args.bench_steps < 1:
@@ -1262,40 +1420,46 @@ def main(argv=None):
     if tcfg.resume:
         resume_ckpt = load_checkpoint(tcfg.out, "vqgan")
         mcfg, tcfg = resumed_configs(resume_ckpt, ModelConfig, TrainConfig, args)
-    check_config(mcfg, positive=("size", "ch", "z_channels", "codebook_size", "beta", "disc_ch", "disc_layers"),
-                 nonneg=("num_res_blocks", "dec_res_blocks", "embed_dim", "code_dim", "restart_after",
-                         "entropy_weight"),
+    check_config(mcfg, positive=("size", "ch", "z_channels", "codebook_size", "beta", "disc_ch",
+                                 "disc_layers"),
+                 nonneg=("num_res_blocks", "dec_res_blocks", "embed_dim", "code_dim",
+                         "restart_after", "entropy_weight"),
                  choices={"quantizer": ("vq", "lfq")})
     if not mcfg.ch_mult or min(mcfg.ch_mult) < 1:
-        raise BadInput(f"--ch_mult needs at least one multiplier, all >= 1, got {','.join(map(str, mcfg.ch_mult))}")
+        raise BadInput("--ch_mult needs at least one multiplier, all >= 1, got "
+                       f"{','.join(map(str, mcfg.ch_mult))}")
     check_train_config(tcfg, positive=("toy_n", "val_n", "workers", "sample_every"),
                        nonneg=("disc_start", "disc_weight", "perceptual_weight", "l2_weight"))
     vq_only = {"code_dim", "l2_norm", "restart_after"} & set(overrides(args, ModelConfig))
     if mcfg.quantizer == "lfq" and vq_only:
-        print(f"warning: {', '.join('--' + k for k in sorted(vq_only))} ignored: lfq has no codebook to project, "
+        print(f"warning: {', '.join('--' + k for k in sorted(vq_only))} ignored: lfq has no "
+              "codebook to project, "
               f"normalise or restart", file=sys.stderr)
     if tcfg.data == "toy" and not 16 <= mcfg.size <= 1024:
         raise BadInput(f"toy faces come in sizes 16..1024, not {mcfg.size}")
     run_guarded(train, mcfg, tcfg, resume_ckpt, inputs=[tcfg.lpips])
 
-# ----------------------------------------------------------------------------------------------------------
-# plumbing shared by every script (sundae.py, sample.py and inpaint.py import it from here): flags from
-# dataclasses, one-line errors, devices and bf16, DDP, atomic writes and checkpoints, figures, benchmark timing.
-# Nothing here is about the VQ-GAN; a reader of the VQ-GAN may stop above.
+# --------------------------------------------------------------------------------------------------
+# plumbing shared by every script (sundae.py, sample.py and inpaint.py import it from here): flags
+# from dataclasses, one-line errors, devices and bf16, DDP, atomic writes and checkpoints, figures,
+# benchmark timing. Nothing here is about the VQ-GAN; a reader of the VQ-GAN may stop above.
 
 class BadInput(ValueError):
     """Input the user can fix (a file, a flag, a checkpoint). Library functions raise it; each script's __main__
-    (run_main) prints its message as one line and exits 2. Any other exception is a bug and keeps its traceback."""
+    (run_main) prints its message as one line and exits 2. Any other exception is a bug and keeps
+    its traceback."""
 
 def run_main(main):
-    """A script's entry point: BadInput -> one line on stderr (from rank 0 only under torchrun), exit status 2."""
+    """A script's entry point: BadInput -> one line on stderr (from rank 0 only under torchrun),
+    exit status 2."""
     try:
         main()
     except BadInput as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C outside training (which saves and exits itself): outputs are atomic
+    # Ctrl-C outside training (which saves and exits itself): outputs are atomic
+    except KeyboardInterrupt:
         print("interrupted: no output was half-written", file=sys.stderr)
         sys.exit(130)
 
@@ -1307,20 +1471,27 @@ class Parser(argparse.ArgumentParser):
         raise BadInput(f"{message}{hint} (see --help)")
 
 def add_flags(parser, cls):
-    """One --flag per field of the config dataclass cls, with the help its declaration gives (flag(default, help))."""
+    """One --flag per field of the config dataclass cls, with the help its declaration gives
+    (flag(default, help))."""
     for f in fields(cls):
         if not f.metadata.get("help"):
-            raise TypeError(f"{cls.__name__}.{f.name} has no help; declare it as {f.name}: {f.type.__name__} = "
+            raise TypeError(f"{cls.__name__}.{f.name} has no help; declare it as {f.name}: "
+                            f"{f.type.__name__} = "
                             f"flag(default, help)")
         help = f.metadata["help"].replace("%", "%%")  # argparse %-formats help text
         if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help)
-        elif f.type is tuple:  # the element type follows the default's: ints (channel multipliers) or floats
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+                                default=None, help=help)
+        # the element type follows the default's: ints (channel multipliers) or floats
+        elif f.type is tuple:
             conv = type(f.default[0]) if f.default else int
-            parser.add_argument(f"--{f.name}", type=lambda s, conv=conv: tuple(conv(v) for v in s.split(",") if v),
-                                default=None, help=f"{help} (comma-separated, default {','.join(map(str, f.default))})")
+            parser.add_argument(f"--{f.name}", type=lambda s,
+                                conv=conv: tuple(conv(v) for v in s.split(",") if v), default=None,
+                                help=f"{help} (comma-separated, default "
+                                     f"{','.join(map(str, f.default))})")
         else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=None, help=f"{help} (default {f.default!r})")
+            parser.add_argument(f"--{f.name}", type=f.type, default=None,
+                                help=f"{help} (default {f.default!r})")
 
 def overrides(args, cls):
     """The fields of cls that were given on the command line."""
@@ -1332,40 +1503,48 @@ def tuples(config):
 
 def resumed_configs(ckpt, model_cls, train_cls, args):
     """--resume: the checkpoint's configs, except what this command line sets (e.g. --max_steps). --out stays where
-    the checkpoint was read: a run writes back where it read, never to a path stored inside (a copy resumed
-    elsewhere must not overwrite its original)."""
+    the checkpoint was read: a run writes back where it read, never to a path stored inside (a copy
+    resumed elsewhere must not overwrite its original)."""
     ignored = overrides(args, model_cls)
     if ignored:
-        print(f"warning: {', '.join('--' + k for k in ignored)} ignored: a resumed model keeps its checkpoint's shape",
+        print(f"warning: {', '.join('--' + k for k in ignored)} ignored: a resumed model keeps its "
+              "checkpoint's shape",
               file=sys.stderr)
     out = args.out or train_cls.out
-    tcfg = replace(train_cls(**tuples(ckpt["train_config"])), **{**overrides(args, train_cls), "out": out})
+    tcfg = replace(train_cls(**tuples(ckpt["train_config"])), **{**overrides(args, train_cls),
+                                                                 "out": out})
     print(f"resuming from {out!r} at step {ckpt['step']}")
     return model_cls(**tuples(ckpt["model_config"])), tcfg
 
 def check_config(cfg, positive=(), nonneg=(), fractions=(), choices=None):
     """Refuse nonsense flag values before any work, one line naming the flag, the value and the rule: positive
-    (> 0), nonneg (>= 0; NaN fails both), fractions (strictly between 0 and 1), choices {field: allowed values}."""
+    (> 0), nonneg (>= 0; NaN fails both), fractions (strictly between 0 and 1), choices {field:
+    allowed values}."""
     for name in positive + nonneg:
         v = getattr(cfg, name)
         if not (math.isfinite(v) and (v > 0 if name in positive else v >= 0) and v < 2**63):
-            raise BadInput(f"--{name} must be {'> 0' if name in positive else '>= 0'} and finite, got {v!r}")
+            raise BadInput(f"--{name} must be {'> 0' if name in positive else '>= 0'} and finite, "
+                           f"got {v!r}")
     for name in fractions:
         if not 0 < getattr(cfg, name) < 1:
-            raise BadInput(f"--{name} must be between 0 and 1 (exclusive), got {getattr(cfg, name)!r}")
+            raise BadInput(f"--{name} must be between 0 and 1 (exclusive), got "
+                           f"{getattr(cfg, name)!r}")
     for name, allowed in (choices or {}).items():
         if getattr(cfg, name) not in allowed:
-            raise BadInput(f"--{name} must be one of {', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
+            raise BadInput(f"--{name} must be one of {', '.join(map(str, allowed))}, got "
+                           f"{getattr(cfg, name)!r}")
 
 def check_train_config(tcfg, positive=(), nonneg=(), fractions=()):
     """The checks both training scripts share, plus their own."""
-    check_config(tcfg, positive=("batch_size", "grad_accum", "lr", "log_every", "ckpt_every", "max_steps") + positive,
-                 nonneg=("min_lr", "warmup", "grad_clip", "seed", "ema") + nonneg, fractions=fractions,
-                 choices={"dtype": ("auto", "bf16", "fp32")})
+    check_config(tcfg, positive=("batch_size", "grad_accum", "lr", "log_every", "ckpt_every",
+                                 "max_steps") + positive,
+                 nonneg=("min_lr", "warmup", "grad_clip", "seed", "ema") + nonneg,
+                 fractions=fractions, choices={"dtype": ("auto", "bf16", "fp32")})
     if tcfg.ema >= 1:
         raise BadInput(f"--ema must be below 1 (a decay; 0 = off), got {tcfg.ema}")
     if tcfg.min_lr > tcfg.lr:
-        raise BadInput(f"--min_lr {tcfg.min_lr} is above --lr {tcfg.lr}: the decay would rise; set it to at most --lr")
+        raise BadInput(f"--min_lr {tcfg.min_lr} is above --lr {tcfg.lr}: the decay would rise; set "
+                       "it to at most --lr")
 
 def pick_device(name):
     """auto/cpu/cuda -> a torch.device. On a GPU, fp32 matmuls may use TF32 tensor cores from here on (as DiT):
@@ -1375,25 +1554,28 @@ def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     device = torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"  # GPU only: fp32 matmuls on TF32 tensor cores
+    # GPU only: fp32 matmuls on TF32 tensor cores
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
     return device
 
 def use_bf16(dtype, device):
     """--dtype: "auto" = bf16 autocast on CUDA (tensor cores), fp32 on the CPU; "bf16" and "fp32" force it on any
-    device. bf16 autocast runs on the CPU too, which is how the GPU's code path is tested without one; it is faster
-    there only on CPUs with bf16 instructions and at large sizes, so auto keeps fp32 on the CPU."""
+    device. bf16 autocast runs on the CPU too, which is how the GPU's code path is tested without
+    one; it is faster there only on CPUs with bf16 instructions and at large sizes, so auto keeps
+    fp32 on the CPU."""
     if dtype not in ("auto", "bf16", "fp32"):
         raise BadInput(f"--dtype must be auto, bf16 or fp32, not {dtype!r}")
     return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
 
-def autocast(device, bf16):
+def bf16_autocast(device, bf16):
     """The bf16 autocast context (or a no-op). What must stay fp32 (quantizer distances, the adaptive GAN weight,
     the transformer's head, the losses) turns it off locally or upcasts."""
     return torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
 def setup_processes(tcfg):
-    """One process, or DDP when torchrun launched several (it sets WORLD_SIZE and RANK). Returns (ddp, rank, world,
-    device, micro), micro being the per-process micro-batch: --batch_size counts all processes and micro-batches."""
+    """One process, or DDP when torchrun launched several (it sets WORLD_SIZE and RANK). Returns the run's place:
+    ddp, rank, world (processes), master (rank 0, which writes files), device, and micro, the
+    per-process micro-batch (--batch_size counts all processes and micro-batches)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     ddp, rank = world > 1, int(os.environ.get("RANK", 0)) if world > 1 else 0
     if tcfg.batch_size % (world * tcfg.grad_accum):
@@ -1406,18 +1588,45 @@ def setup_processes(tcfg):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(tcfg.seed + rank)
-    return ddp, rank, world, device, tcfg.batch_size // (world * tcfg.grad_accum)
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
+                           micro=tcfg.batch_size // (world * tcfg.grad_accum))
 
-def finish_processes(ddp, stop, master, out, step):
+def finish_processes(run, stop, out, step):
     """End of a training run: leave DDP together (a rank that tears down early aborts its peers); after Ctrl-C or
     SIGTERM say how to continue and exit 128 + the signal's number."""
-    if ddp:
+    if run.ddp:
         dist.barrier()
         dist.destroy_process_group()
     if stop:
-        if master:
+        if run.master:
             print(f"interrupted at step {step}: saved {out!r}; continue with --resume", flush=True)
         sys.exit(128 + stop[0])
+
+def restore(ckpt, window, **parts):
+    """--resume: each named module or optimizer takes its state from the checkpoint (a weight average switched on
+    only now starts from the model) and the random state continues -> (step, history, log window).
+    """
+    for name, part in parts.items():
+        if part is not None:
+            part.load_state_dict(ckpt.get(name) or ckpt["model"])
+    torch.set_rng_state(ckpt["rng"])
+    saved = ckpt.get("log_window")
+    return ckpt["step"], ckpt["history"], saved if isinstance(saved, dict) else window
+
+def new_window(*names, **extra):
+    """A log window's running sums, the same shape in both trainers: {name: 0.0, ..., **extra,
+    "steps": 0}."""
+    return {**dict.fromkeys(names, 0.0), **extra, "steps": 0}
+
+def window_means(window, names, device, ddp):
+    """The means over a log window's steps of its running sums `names`, averaged over processes under DDP (every
+    process must call it) -> {name: float}."""
+    means = torch.stack([torch.as_tensor(window[k], dtype=torch.float32,
+                                         device=device) for k in names]) / window["steps"]
+    if ddp:
+        dist.all_reduce(means)
+        means /= dist.get_world_size()
+    return dict(zip(names, means.tolist()))
 
 def lr_at(step, tcfg):
     """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
@@ -1429,8 +1638,9 @@ def lr_at(step, tcfg):
 @torch.no_grad()
 def ema_update(ema, model, decay, step):
     """ema <- ema + (1 - d) (model - ema), with d = min(decay, (1 + step) / (10 + step)): the average starts close to
-    the model (d = 0.1 at step 0) and lengthens its memory up to `decay`, so early checkpoints are not the
-    random initialisation's ghost. Buffers (the codebook's usage counters) are copied, not averaged."""
+    the model (d = 0.1 at step 0) and lengthens its memory up to `decay`, so early checkpoints are
+    not the random initialisation's ghost. Buffers (the codebook's usage counters) are copied, not
+    averaged."""
     d = min(decay, (1 + step) / (10 + step))
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
@@ -1452,9 +1662,9 @@ def stop_on_signals():
 
 def run_guarded(train_fn, mcfg, tcfg, resume_ckpt, inputs):
     """train_fn(mcfg, tcfg, resume_ckpt) with what is on disk protected, before any heavy work: --out is checked
-    (check_outputs; an existing checkpoint is replaced only with --resume or --overwrite), one writer per checkpoint
-    (a kernel lock that dies with its process, so a killed run leaves nothing stale), and the caller's signal
-    handlers given back."""
+    (check_outputs; an existing checkpoint is replaced only with --resume or --overwrite), one
+    writer per checkpoint (a kernel lock that dies with its process, so a killed run leaves nothing
+    stale), and the caller's signal handlers given back."""
     check_outputs({"--out": tcfg.out}, inputs, overwrite=tcfg.resume or tcfg.overwrite)
     lock = None
     if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
@@ -1464,7 +1674,8 @@ def run_guarded(train_fn, mcfg, tcfg, resume_ckpt, inputs):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise BadInput(f"another run is writing {tcfg.out!r} (it holds {tcfg.out + '.lock'!r}); wait for it to "
+            raise BadInput(f"another run is writing {tcfg.out!r} (it holds "
+                           f"{tcfg.out + '.lock'!r}); wait for it to "
                            f"finish, or choose another --out")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1476,12 +1687,14 @@ def run_guarded(train_fn, mcfg, tcfg, resume_ckpt, inputs):
             os.remove(lock.name)
             lock.close()
 
-MARK = "megapixel-sundae"  # written into every PNG the scripts save: such a figure may be replaced without asking
+# written into every PNG the scripts save: such a figure may be replaced without asking
+MARK = "megapixel-sundae"
 
 def check_outputs(outputs, inputs=(), overwrite=False, outdir=""):
     """Before any heavy work, each output {flag: path}: not an input of this run nor another output, a file in a
-    writable folder, PNG where it is a picture, and not an existing file that this project did not write, unless
-    overwrite (a figure the scripts wrote carries MARK and is replaced freely). outdir: a folder, created here."""
+    writable folder, PNG where it is a picture, and not an existing file that this project did not
+    write, unless overwrite (a figure the scripts wrote carries MARK and is replaced freely).
+    outdir: a folder, created here."""
     taken = {os.path.realpath(p): "an input" for p in inputs if p}
     for flag, path in ((f, p) for f, p in outputs.items() if p):
         real, ext = os.path.realpath(path), os.path.splitext(path)[1].lower()
@@ -1498,7 +1711,8 @@ def check_outputs(outputs, inputs=(), overwrite=False, outdir=""):
             raise BadInput(f"{flag} {path!r} {problem}; choose another path")
         if os.path.exists(path) and not overwrite and not written_by_us(path):
             hint = "continue it with --resume, " if path.endswith(".pt") else ""
-            raise BadInput(f"{flag} {path!r} already exists; {hint}replace it with --overwrite, or choose another path")
+            raise BadInput(f"{flag} {path!r} already exists; {hint}replace it with --overwrite, or "
+                           "choose another path")
         taken[real] = flag
     try:
         if outdir:
@@ -1516,23 +1730,27 @@ def written_by_us(path):
 
 def write_atomic(path, write):
     """write(f) into path + ".tmp" (a binary file), then rename: a crash, Ctrl-C or full disk mid-write never leaves
-    a partial `path` nor changes the old one. The one fixed temporary name means a killed run leaves at most one
-    stray file, which the next write replaces."""
+    a partial `path` nor changes the old one. The one fixed temporary name means a killed run leaves
+    at most one stray file, which the next write replaces."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError, the others OSError
+    # a full disk: torch.save raises RuntimeError, the others OSError
+    except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise BadInput(f"cannot write {path!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); free "
+        raise BadInput(f"cannot write {path!r} "
+                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); free "
                        f"space or choose another path (what was there is unchanged)") from e
 
 def save_checkpoint(obj, path):
     """torch.save, atomically; the checkpoint it replaces survives as path + ".prev", for a run that diverges while
-    its numbers stay finite. Weights an exploding step made inf/NaN are never saved (the loss check stops the run)."""
-    weights = [v for part in ("model", "ema") for v in (obj.get(part) or {}).values() if v.is_floating_point()]
+    its numbers stay finite. Weights an exploding step made inf/NaN are never saved (the loss check
+    stops the run)."""
+    weights = [v for part in ("model",
+                              "ema") for v in (obj.get(part) or {}).values() if v.is_floating_point()]
     if not all(torch.isfinite(v).all() for v in weights):
         return
 
@@ -1550,14 +1768,17 @@ def checkpoints_left(path):
     return "kept " + " and ".join(found) if found else "no checkpoint was written"
 
 def load_checkpoint(path, kind):
-    """A checkpoint this project wrote, of the expected kind: a dict of plain types and tensors (weights_only)."""
+    """A checkpoint this project wrote, of the expected kind: a dict of plain types and tensors
+    (weights_only)."""
     if not os.path.isfile(path):
         what = "is a directory" if os.path.isdir(path) else "not found"
         raise BadInput(f"checkpoint {path!r} {what}; train one first (python {kind}.py) or pass its path")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain types and tensors only
+        # plain types and tensors only
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for foreign or damaged files
-        raise BadInput(f"{path!r} is not a checkpoint of this project ({type(e).__name__}); a taming-transformers "
+        raise BadInput(f"{path!r} is not a checkpoint of this project ({type(e).__name__}); a "
+                       "taming-transformers "
                        f".ckpt converts with python vqgan.py --convert")
     found = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if found != kind:
@@ -1567,30 +1788,37 @@ def load_checkpoint(path, kind):
     return ckpt
 
 def load_weights(model, state_dict, path):
-    """Weights into a model built from the same checkpoint's config; a damaged file or NaN weights stop here."""
+    """Weights into a model built from the same checkpoint's config; a damaged file or NaN weights
+    stop here."""
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise BadInput(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the file is damaged")
+        raise BadInput(f"{path!r} does not match its own config ({str(e).splitlines()[0]}); the "
+                       "file is damaged")
     if not all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point()):
-        raise BadInput(f"{path!r} holds NaN or infinite weights; use {path + '.prev'!r} if it exists, or retrain")
+        raise BadInput(f"{path!r} holds NaN or infinite weights; use {path + '.prev'!r} if it "
+                       "exists, or retrain")
 
 def save_png(images, path, nrow, pad=2, scale=0):
     """Save (N, 3, H, W) images in [-1, 1] as one grid PNG with pad-pixel white gaps, atomically (pad=0, scale=1
-    and one image: the image itself, e.g. for FID tools). scale: nearest-neighbour enlargement of each image;
-    0 = enough that images smaller than 128 pixels are at least that (a 32x32 face is shown 4x: eyes visible)."""
+    and one image: the image itself, e.g. for FID tools). scale: nearest-neighbour enlargement of
+    each image; 0 = enough that images smaller than 128 pixels are at least that (a 32x32 face is
+    shown 4x: eyes visible)."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
     scale = scale or max(1, 128 // max(x.shape[2:]))
-    x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # each pixel becomes a scale x scale block
+    # each pixel becomes a scale x scale block
+    x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
     N, C, H, W = x.shape
     ncol = math.ceil(N / nrow)
     grid = torch.full((C, ncol * (H + pad) + pad, nrow * (W + pad) + pad), 255, dtype=torch.uint8)
     for i in range(N):
         r, c = divmod(i, nrow)
-        grid[:, pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = x[i]
+        grid[:, pad + r * (H + pad): pad + r * (H + pad) + H,
+             pad + c * (W + pad): pad + c * (W + pad) + W] = x[i]
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", MARK)
-    write_atomic(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, "PNG", pnginfo=info))
+    write_atomic(path, lambda f: Image.fromarray(grid.permute(1, 2,
+                                                              0).numpy()).save(f, "PNG", pnginfo=info))
 
 def save_figure(fig, path):
     """A matplotlib figure -> PNG, atomically, marked as the project's."""
@@ -1613,7 +1841,8 @@ def plot_curves(curves, path, title):
     save_figure(fig, path)
 
 def peak_memory(device):
-    """This process's peak memory: the CUDA allocator's peak on a GPU, the resident-set high-water mark on the CPU."""
+    """This process's peak memory: the CUDA allocator's peak on a GPU, the resident-set high-water
+    mark on the CPU."""
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA allocator peak)"
     import resource  # Unix only: ru_maxrss is in KiB on Linux, in bytes on macOS
@@ -1622,8 +1851,9 @@ def peak_memory(device):
 
 def seconds_per_step(one_step, steps, device, warmup):
     """Mean seconds of one_step() over `steps` calls, after `warmup` calls (allocation, kernel choice, compilation).
-    CUDA runs asynchronously: synchronise around the timed calls so they measure the work, not its launch. The
-    peak-memory counter is reset after warm-up, so peak_memory reports the steady state."""
+    CUDA runs asynchronously: synchronise around the timed calls so they measure the work, not its
+    launch. The peak-memory counter is reset after warm-up, so peak_memory reports the steady state.
+    """
     for _ in range(warmup):
         one_step()
     if device.type == "cuda":
