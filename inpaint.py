@@ -245,7 +245,7 @@ def main(argv=None):
     p.add_argument("--image", default="", help="image to inpaint (default: 4 held-out toy faces)")
     p.add_argument("--mask", default="",
                    help="mask image with --image's aspect ratio (any size, e.g. drawn on an "
-                                               "enlarged copy): white = fill in")
+                        "enlarged copy): white = fill in")
     p.add_argument("--box", default="",
                    help="x0,y0,x1,y1: fill in this box (pixels of the model-sized image)")
     p.add_argument("--random_boxes", type=int, default=0,
@@ -253,7 +253,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=4, help="inpaintings per image")
     p.add_argument("--candidates", type=int,
                    help="sample each inpainting this many times and keep the one that best "
-                   "agrees with the known pixels (default 32; 1 = the paper's single sample)")
+                        "agrees with the known pixels (default 32; 1 = the paper's single sample)")
     add_sampling_flags(p)
     p.add_argument("--tokens", default="",
                    help="inpaint token grids instead: an (B, h, w) .npy of ids (no VQ-GAN)")
@@ -261,13 +261,13 @@ def main(argv=None):
                    help="with --tokens: (B, h, w) .npy, bool or 0/1, 1 = keep this token")
     p.add_argument("--out", default="",
                    help="figure: original | masked | inpaintings, a row per image (default "
-                   "inpaint.png); with --tokens the filled grids as (B * samples, h, w) .npy")
+                        "inpaint.png); with --tokens the filled grids as (B * samples, h, w) .npy")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out that the scripts did not write")
     p.add_argument("--eval", type=int, default=0,
                    help="judge fills of N held-out toy faces by their true colours: "
-                                                      "how often each agrees with the context, and "
-                                                      "the pixel error")
+                        "how often each agrees with the context, and "
+                        "the pixel error")
     args = p.parse_args(argv)
     device = vqgan.pick_device(args.device)
     args.bf16 = vqgan.use_bf16(args.dtype, device)

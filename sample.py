@@ -61,11 +61,11 @@ def load_pair(sundae_path, vqgan_path, device):
     vq = vqgan.load_vqgan(vqgan_path, device)
     if model.vocab_size != vq.codebook_size:
         raise BadInput(f"{sundae_path!r} models V={model.vocab_size} tokens but {vqgan_path!r} has "
-                         f"{vq.codebook_size} codes; pass the VQ-GAN whose latents trained this model")
+                       f"{vq.codebook_size} codes; pass the VQ-GAN whose latents trained this model")
     if getattr(model, "vqgan_id", None) and model.vqgan_id != vqgan.fingerprint(vq.state_dict()):
         raise BadInput(f"{sundae_path!r} was trained on latents of another VQ-GAN than "
                        f"{vqgan_path!r} (same V, other "
-                         f"codes); pass the VQ-GAN whose latents trained this model")
+                       f"codes); pass the VQ-GAN whose latents trained this model")
     g = vq.config.size // vq.downsample_factor
     if (model.height, model.width) != (g, g):
         fix = f"convert it again with --size {model.height * vq.downsample_factor}" if vq.converted else \
@@ -235,10 +235,10 @@ def add_sampling_flags(p):
                         "as paper §3.5 asks, else 0.5,0.5)")
     p.add_argument("--class", dest="classes", default="",
                    help="class-conditional models: a class (index or name), "
-                   "a comma list, or 'all' (sample.py: --n samples of each, a row per class)")
+                        "a comma list, or 'all' (sample.py: --n samples of each, a row per class)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w >= 0 (with --class): "
-                   "logits = cond + w (cond - uncond); 0 = the conditional model as it is")
+                        "logits = cond + w (cond - uncond); 0 = the conditional model as it is")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed: the same seed gives the same samples")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -307,8 +307,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64, help="samples per forward pass")
     p.add_argument("--out", default="samples.png",
                    help="grid PNG of the samples (a PNG the scripts wrote is "
-                                                        "replaced; any other existing file needs "
-                                                        "--overwrite)")
+                        "replaced; any other existing file needs "
+                        "--overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing --tokens / --out files")
     p.add_argument("--outdir", default="",
@@ -319,12 +319,12 @@ def main(argv=None):
                    help="Frechet distance of N samples to N held-out images")
     p.add_argument("--eval_vqgan", default="",
                    help="--eval in this VQ-GAN's encoder features (default --vqgan's): one "
-                                                    "fixed file compares pipelines whose "
-                                                    "tokenizers differ")
+                        "fixed file compares pipelines whose "
+                        "tokenizers differ")
     p.add_argument("--calibrate", action="store_true",
                    help="choose the temperature schedule on --data's held-out "
-                                                            "split (as training does at its end); "
-                                                            "store it in --sundae")
+                        "split (as training does at its end); "
+                        "store it in --sundae")
     p.add_argument("--data", default="", help="--calibrate: the latents --sundae was trained on")
     p.add_argument("--benchmark", action="store_true",
                    help="time sampling and decoding at random weights")
@@ -374,7 +374,7 @@ def main(argv=None):
         if feature_vq is not None and feature_vq.config.size != vq.config.size:
             raise BadInput(f"--eval_vqgan {args.eval_vqgan!r} takes {feature_vq.config.size}px "
                            "images, the samples are "
-                 f"{vq.config.size}px; pass a VQ-GAN of the same image size")
+                           f"{vq.config.size}px; pass a VQ-GAN of the same image size")
         return evaluate(model, vq, args.vqgan, args.eval, args.seed, args.batch, feature_vq,
                         steps=args.steps, temperature=args.temperature, proportion=args.proportion,
                         min_steps=args.min_steps, bf16=bf16)

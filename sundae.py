@@ -193,7 +193,7 @@ def check_latents(array, vocab_size=0, name="latents"):
     if array.ndim != 3:
         raise BadInput(f"{name} must be an (N, h, w) array of token ids, got shape "
                        f"{tuple(array.shape)}; "
-                         f"write them with vqgan.py --encode or reshape to (N, h, w)")
+                       f"write them with vqgan.py --encode or reshape to (N, h, w)")
     if not np.issubdtype(array.dtype, np.integer):
         raise BadInput(f"{name} have dtype {array.dtype}, not an integer type; save token ids as "
                        "int64/uint16")

@@ -3350,7 +3350,7 @@ def main(argv=None):
         parser.exit(2,
                     f"error: --exercises {args.exercises!r}: unknown "
                     f"{', '.join(unknown) or 'empty list'}; the "
-                       f"keys are {', '.join(EXERCISES)}\n")
+                    f"keys are {', '.join(EXERCISES)}\n")
     if os.path.exists(args.handout):
         parser.exit(2, f"error: --handout {args.handout!r} already exists; choose a new folder\n")
     handout(args.handout, keys)

@@ -1087,7 +1087,7 @@ def encode_main(args):
     print(f"wrote {out} (+ {out}.json: V and the VQ-GAN's id): {ids.shape} {ids.dtype} "
           f"(V={model.codebook_size}"
           f"{', with flipped copies' if flip else ''})" + ("" if labels is None else f"; {labels_out}: "
-          f"{len(images.class_names)} classes ({', '.join(images.class_names)})"))
+                                                                                     f"{len(images.class_names)} classes ({', '.join(images.class_names)})"))
 
 def check_tokens(array, vocab_size, h, w, name):
     """A token array (n, h, w) (or one (h, w) grid) of integer ids in [0, V) -> int64 tensor;
@@ -1379,13 +1379,13 @@ def main(argv=None):
                         help="--benchmark: timed steps after one warm-up step")
     parser.add_argument("--convert", default="",
                         help="taming-transformers .ckpt -> a vqgan.pt at --out (image side "
-                                                      "--size, default 256)")
+                             "--size, default 256)")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="--convert: allow a checkpoint that pickles "
-                        "Python objects (a Lightning .ckpt); only for files from a source you trust")
+                             "Python objects (a Lightning .ckpt); only for files from a source you trust")
     parser.add_argument("--decode", default="",
                         help="token array (.npy, (n, h, w)) -> one PNG per grid in --outdir, "
-                                                     "with --ckpt (and a grid PNG at --out, if given)")
+                             "with --ckpt (and a grid PNG at --out, if given)")
     parser.add_argument("--outdir", default="decoded", help="--decode: folder for the PNGs")
     add_flags(parser, ModelConfig)
     add_flags(parser, TrainConfig)
