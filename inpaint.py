@@ -26,6 +26,8 @@ import vqgan
 from sample import add_sampling_flags, decode, load_pair, parse_classes, sample, token_dtype
 from vqgan import BadInput
 
+MAX_FILLS = 1024  # fills per image (--samples x --candidates) sampled in one batch
+
 def pixel_to_token_mask(known_pixels, f):
     """Which tokens inpainting may keep (paper §3.6): known_pixels bool (B, H, W), H and W multiples of f ->
     bool (B, H/f, W/f). Token (i, j) stands for the f x f pixel cell of rows i*f .. i*f+f-1 and
@@ -91,7 +93,7 @@ def hole_masks(n, size, rng=None, sides=None, boxes=1):
     for b in range(n):
         for _ in range(boxes):
             bw, bh = rng.integers(*sides, 2)
-            x0, y0 = rng.integers(0, size - bw), rng.integers(0, size - bh)
+            x0, y0 = rng.integers(0, size - bw + 1), rng.integers(0, size - bh + 1)  # the last row and column too
             unknown[b, y0:y0 + bh, x0:x0 + bw] = True
     return unknown
 
@@ -274,6 +276,9 @@ def main(argv=None):
     if args.samples < 1 or (args.candidates is not None and args.candidates < 1):
         raise BadInput(f"--samples and --candidates must be at least 1, got {args.samples} and "
                        f"{args.candidates}")
+    if args.samples * (args.candidates or 32) > MAX_FILLS:  # one batch holds them all
+        raise BadInput(f"--samples x --candidates is {args.samples * (args.candidates or 32)}; at most {MAX_FILLS} "
+                       f"fills per image are sampled in one batch (e.g. --candidates 32)")
     if args.tokens or args.known:
         return inpaint_tokens(args, device)
     args.candidates = 32 if args.candidates is None else args.candidates

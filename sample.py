@@ -249,8 +249,9 @@ def parse_classes(spec, model, guidance=0.0):
     """--class: 'all', a comma list of indices or names (the class names the model's training data carried) -> list
     of class indices, or None when not given."""
     C, names = getattr(model, "num_classes", 0), getattr(model, "class_names", [])
-    if not 0 <= guidance < math.inf:
-        raise BadInput(f"--guidance must be >= 0 and finite, got {guidance}")
+    if not 0 <= guidance <= sundae.MAX_GUIDANCE:
+        raise BadInput(f"--guidance must be in [0, {sundae.MAX_GUIDANCE:g}] (useful weights are 0 to about 10), got "
+                       f"{guidance}")
     if not spec:
         if guidance:
             raise BadInput("--guidance needs --class: guidance pushes samples towards a class")
@@ -262,7 +263,7 @@ def parse_classes(spec, model, guidance=0.0):
         return list(range(C))
     out = []
     for c in spec.split(","):
-        if c in names or (c.isdigit() and int(c) < C):
+        if c in names or (c.isascii() and c.isdigit() and int(c) < C):
             out.append(names.index(c) if c in names else int(c))
         else:
             raise BadInput(f"--class {c!r} is not a class of this model: 0..{C - 1} or "
@@ -270,28 +271,42 @@ def parse_classes(spec, model, guidance=0.0):
     return out
 
 def calibrate_checkpoint(args, device, bf16):
-    """sample.py --calibrate --data latents.npy: the calibration that ends training, for an existing checkpoint: on the
-    validation split of its latents (the rows its training held out), and the choice stored back
-    into it."""
+    """sample.py --calibrate --data latents.npy: the calibration that ends training, for an existing checkpoint: on
+    the validation split of its latents (the rows its training held out), and the choice stored back into it. The
+    checkpoint is read and written under its training lock, so a training run cannot write it meanwhile."""
     if not (args.calibrate and args.data):
-        raise BadInput("--calibrate and --data go together: sample.py --calibrate --data LATENTS "
-                       "--sundae CKPT")
-    ckpt = vqgan.load_checkpoint(args.sundae, "sundae")
-    model = sundae.load_sundae(args.sundae, device)
-    array, _ = sundae.load_latents(args.data, model.vocab_size)
-    if array.shape[1:] != (model.height, model.width):
-        raise BadInput(f"--data {args.data!r} holds {array.shape[1]}x{array.shape[2]} grids, the model "
-                       f"{model.height}x{model.width}; pass the latents it was trained on")
-    _, val_idx = vqgan.split_indices(len(array), ckpt["train_config"].get("val_fraction", 0.05))
-    if len(val_idx) < 32:
-        raise BadInput(f"--data {args.data!r} has {len(val_idx)} held-out grids; calibration needs "
-                       "at least 32")
-    t = time.time()
-    best, table = sundae.calibrate(model, torch.from_numpy(np.asarray(array[val_idx],
-                                                                      dtype=np.int64)), bf16=bf16)
-    sundae.print_calibration(table, best, f"{len(val_idx)} held-out grids, {time.time() - t:.0f} s")
-    ckpt["train_config"]["temperature"] = best  # what load_sundae gives sample.py and inpaint.py
-    vqgan.save_checkpoint(ckpt, args.sundae)
+        raise BadInput("--calibrate and --data go together: sample.py --calibrate --data LATENTS --sundae CKPT")
+    ignored = [flag for flag, given in (("--temperature", args.temperature is not None), ("--class", args.classes),
+                                        ("--out", args.out != "samples.png"), ("--tokens", args.tokens),
+                                        ("--outdir", args.outdir), ("--trajectory", args.trajectory),
+                                        ("--eval", args.eval)) if given]
+    if ignored:
+        raise BadInput(f"--calibrate chooses and stores the temperature schedule; {', '.join(ignored)} do(es) not "
+                       f"apply (sample afterwards with the stored schedule)")
+    vqgan.check_outputs({"--sundae": args.sundae}, overwrite=True)  # writable, before minutes of calibration
+    lock = vqgan.hold_lock(args.sundae)
+    try:
+        ckpt = vqgan.load_checkpoint(args.sundae, "sundae")
+        model = sundae.load_sundae(args.sundae, device)
+        array, _ = sundae.load_latents(args.data, model.vocab_size)
+        latents_id = sundae.latents_meta(args.data).get("vqgan_id")
+        if latents_id and model.vqgan_id and latents_id != model.vqgan_id:
+            raise BadInput(f"--data {args.data!r} was encoded by another VQ-GAN than the one whose latents trained "
+                           f"{args.sundae!r}; pass the latents it was trained on")
+        if array.shape[1:] != (model.height, model.width):
+            raise BadInput(f"--data {args.data!r} holds {array.shape[1]}x{array.shape[2]} grids, the model "
+                           f"{model.height}x{model.width}; pass the latents it was trained on")
+        _, val_idx = vqgan.split_indices(len(array), ckpt["train_config"].get("val_fraction", 0.05))
+        if len(val_idx) < 32:
+            raise BadInput(f"--data {args.data!r} has {len(val_idx)} held-out grids; calibration needs at least 32")
+        t = time.time()
+        heldout = torch.from_numpy(np.asarray(array[val_idx], dtype=np.int64))
+        best, table = sundae.calibrate(model, heldout, bf16=bf16)
+        sundae.print_calibration(table, best, f"{len(val_idx)} held-out grids, {time.time() - t:.0f} s")
+        ckpt["train_config"]["temperature"] = best  # what load_sundae gives sample.py and inpaint.py
+        vqgan.save_checkpoint(ckpt, args.sundae)
+    finally:
+        vqgan.release_lock(lock)
     print(f"stored temperature {best[0]} -> {best[1]} in {args.sundae}")
 
 def main(argv=None):
@@ -335,6 +350,8 @@ def main(argv=None):
     bf16 = vqgan.use_bf16(args.dtype, device)
     if args.benchmark:
         preset = args.preset or ("ffhq1024" if device.type == "cuda" else "tiny")
+        if preset not in sundae.PRESETS:
+            raise BadInput(f"--preset {preset!r} is not a preset; choose one of {', '.join(sundae.PRESETS)}")
         # batches: a GPU's small and large; on the CPU batch 1 at megapixel presets (a 1024² decode
         # holds GBs)
         batches = [1, 32] if device.type == "cuda" else [1, 16] if preset == "tiny" else [1]

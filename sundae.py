@@ -44,6 +44,7 @@ from vqgan import BadInput, add_flags, flag, lr_at, overrides, pick_device, spli
 
 ModelConfig = hourglass.HourglassConfig  # the network's shape: one dataclass, owned by hourglass.py
 PAPER_TEMPERATURE = (1.0, 0.7)  # sampling temperature, annealed from start to end (paper §3.5)
+MAX_GUIDANCE = 100.0  # classifier-free guidance weights in use are 0 to about 10
 
 @dataclass
 class TrainConfig:
@@ -185,6 +186,7 @@ def unrolled_loss(model, tokens, vocab_size, unroll_steps=2, generator=None, cor
 # data
 
 # the largest vocabulary accepted (the biggest VQ-GAN codebooks are 2**18 = 262144)
+MAX_CLASSES = 2**16  # the most classes accepted (ImageNet-21k has about 21,000)
 MAX_VOCAB = 2**20
 
 def check_latents(array, vocab_size=0, name="latents"):
@@ -250,9 +252,9 @@ def load_labels(path, n, num_classes=0):
                        f"grid (N = {n}), "
                        f"got {labels.dtype} of shape {labels.shape}")
     lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or (num_classes and hi >= num_classes):
-        raise BadInput(f"--labels {path!r} hold classes in [{lo}, {hi}]; they must be in [0, "
-                       f"{num_classes or 'N'})")
+    if lo < 0 or hi >= (num_classes or MAX_CLASSES):  # one embedding row per class: not raw values
+        raise BadInput(f"--labels {path!r} hold classes in [{lo}, {hi}]; they must be in "
+                       f"[0, {num_classes or MAX_CLASSES:,})")
     return labels, num_classes or hi + 1
 
 # --------------------------------------------------------------------------------------------------
@@ -340,7 +342,7 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
     temperature = getattr(model, "default_temperature",
                           PAPER_TEMPERATURE) if temperature is None else temperature
     proportion = default_proportion(steps) if proportion is None else proportion
-    check_sample_inputs(model, n, steps, tuple(temperature), tuple(proportion), init, known, labels)
+    check_sample_inputs(model, n, steps, tuple(temperature), tuple(proportion), init, known, labels, guidance)
     if device is None:
         device = init.device if init is not None else generator.device if generator is not None else \
             next(model.parameters(), torch.empty(0)).device
@@ -361,8 +363,10 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
     return denoise(logits_at, x, steps, tuple(temperature), tuple(proportion), min_steps,
                    known, generator, trajectory)
 
-def check_sample_inputs(model, n, steps, temperature, proportion, init, known, labels):
+def check_sample_inputs(model, n, steps, temperature, proportion, init, known, labels, guidance):
     """sample's arguments, checked before any work: BadInput naming the problem."""
+    if not 0 <= guidance <= MAX_GUIDANCE:  # cond + w (cond - uncond) overflows float32 long before 1e308
+        raise BadInput(f"guidance must be in [0, {MAX_GUIDANCE:g}], got {guidance}")
     check_schedule("temperature", temperature, 0.0, math.inf)
     check_schedule("proportion", proportion, 0.0, 1.0)
     if steps < 1 or n < 1:
@@ -583,6 +587,12 @@ def prepare_data(mcfg, tcfg, resume_ckpt=None):
                            f"{tcfg.vqgan!r}; pass the "
                            f"VQ-GAN that wrote them")
         vqgan_id = vq_id
+    if resume_ckpt and vqgan_id and resume_ckpt.get("vqgan_id") not in (None, vqgan_id):
+        raise BadInput(f"--resume: {tcfg.out!r} was trained on latents of another VQ-GAN than {tcfg.data!r}; pass "
+                       f"the latents it was trained on (--data)")
+    if resume_ckpt and tcfg.labels and not mcfg.num_classes:
+        raise BadInput(f"--resume: {tcfg.out!r} is an unconditional model (no class embedding); --labels needs a "
+                       f"new run (another --out)")
     if (mcfg.height or h, mcfg.width or w) != (h, w):
         asked = "--resume: the checkpoint models" if resume_ckpt else "--height/--width ask for"
         raise BadInput(f"{asked} {mcfg.height}x{mcfg.width} grids but {tcfg.data!r} holds {h}x{w}; "

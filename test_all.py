@@ -2590,6 +2590,45 @@ def test_encoded_class_folders_and_toy_faces_carry_labels_and_names(pipeline, tm
                 "--out", out])
     assert json.load(open(out + ".json"))["class_names"] == ["cat", "dog"]
     assert np.load(str(tmp_path / "f_labels.npy")).tolist() == [0, 0, 1, 1, 1, 1]
+    # encoded again over it, from a folder without classes: the old labels must not stay beside new latents
+    for i in range(3):
+        Image.fromarray(vqgan.toy_faces(1, 32, seed=i)[0]).save(tmp_path / f"{i}.png")
+    os.makedirs(tmp_path / "flat")
+    for i in range(3):
+        os.replace(tmp_path / f"{i}.png", tmp_path / "flat" / f"{i}.png")
+    vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--data", str(tmp_path / "flat"), "--out", out,
+                "--overwrite"])
+    assert not os.path.exists(tmp_path / "f_labels.npy") and "labels" not in json.load(open(out + ".json"))
+
+def test_a_full_disk_while_encoding_leaves_the_latents_sidecar_and_labels_as_they_were(pipeline, tmp_path,
+                                                                                         monkeypatch):
+    needs("vector_quantizer")
+    out = str(tmp_path / "lat.npy")
+    vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--out", out, "--toy_n", "8"])
+    files = [out, out + ".json", str(tmp_path / "lat_labels.npy")]
+    before = [open(f, "rb").read() for f in files]
+    real = json.dumps
+    monkeypatch.setattr(vqgan.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(vqgan.BadInput, match="free space"):  # the sidecar, written last, fails
+        vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--out", out, "--toy_n", "16", "--overwrite"])
+    monkeypatch.setattr(vqgan.json, "dumps", real)
+    assert [open(f, "rb").read() for f in files] == before, "a failed encode must leave all three files as they were"
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+def test_class_names_and_indices_only_as_written():
+    model = nn.Module()
+    model.num_classes, model.class_names = 3, ["red", "blue", "green"]
+    assert sample.parse_classes("2,blue", model) == [2, 1]
+    for spec in ("²", "3", "-1", "Red"):
+        with pytest.raises(vqgan.BadInput, match="is not a class of this model"):
+            sample.parse_classes(spec, model)
+
+def test_random_hole_boxes_reach_every_row_and_column():
+    masks = inpaint.hole_masks(2000, 16, np.random.default_rng(0), (2, 5))
+    assert masks[:, -1, :].any() and masks[:, :, -1].any() and masks[:, 0, :].any() and masks[:, :, 0].any()
+    assert masks.any(0).all(), "every pixel must be in some random box"
+    box = inpaint.hole_masks(1, 32)[0]  # the default: rows 12..27 (eyes to mouth), columns 8..23 (the face's width)
+    assert box[12:28, 8:24].all() and box.sum() == 16 * 16 and not box[:12].any() and not box[:, :8].any()
 
 # ==================================================================================================
 # Part 4: command lines as a user meets them: bad input is one line and exit 2, nothing on disk is
@@ -2778,7 +2817,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
                                                     "another VQ-GAN"),
         "resume on latents of another grid": (["sundae.py", "--resume", "--out",
                                                str(t / "trained_sd.pt"), "--data",
-                                               str(t / "grid8.npy")],
+                                               str(t / "grid8.npy"), "--max_steps", "100000"],
                                                "--resume: the checkpoint models"),
         "too few latents to split": (["sundae.py", "--data", str(t / "tok4.npy"), "--vocab_size",
                                       "8"], "at least 3"),
@@ -2912,7 +2951,59 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
                            "--label_drop"),
         "--class on an unconditional model": (S("--class", "1"), "unconditional"),
         "--guidance without --class": (S("--guidance", "2"), "--guidance needs --class"),
+        # the newest features: no lost work, no silent wrong answer, no traceback
+        "calibrate a checkpoint a training run is writing": (
+            ["sample.py", "--calibrate", "--data", p["latents"], "--sundae", str(t / "locked_sd.pt")],
+            "another run is writing"),
+        "a user's file named OUT.prev": (["sundae.py", "--data", p["latents"], "--out", str(t / "mine.pt")],
+                                         "this project did not write it"),
+        "a user's file named OUT.lock": (["sundae.py", "--data", p["latents"], "--out", str(t / "mine2.pt")],
+                                         "this project did not write it"),
+        "a user's file named OUT.tmp": (S("--out", str(t / "fig.png")), "this project did not write it"),
+        "a directory named OUT.tmp": (["sundae.py", "--data", p["latents"], "--out", str(t / "dir1.pt")],
+                                      "this project did not write it"),
+        "a directory named OUT.lock": (["vqgan.py", "--out", str(t / "dir2.pt")], "this project did not write it"),
+        "a read-only figure the scripts wrote": (S("--out", str(t / "ro.png")), "is read-only"),
+        "resume on another tokenizer's latents": (
+            ["sundae.py", "--resume", "--out", str(t / "resume_sd.pt"), "--data", str(t / "other_lat.npy"),
+             "--max_steps", "100000"], "another VQ-GAN"),
+        "calibrate on another tokenizer's latents": (
+            ["sample.py", "--calibrate", "--data", str(t / "other_lat.npy"), "--sundae", str(t / "trained_sd.pt")],
+            "another VQ-GAN"),
+        "calibrate with flags it ignores": (
+            ["sample.py", "--calibrate", "--data", p["latents"], "--sundae", str(t / "trained_sd.pt"),
+             "--temperature", "0.5,0.5", "--out", str(t / "cal.png")], "--temperature, --out do(es) not apply"),
+        "an overflowing guidance weight": (S("--guidance", "1e308"), "--guidance must be in [0, 100]"),
+        "resume past the last step": (["sundae.py", "--resume", "--out", str(t / "resume_sd.pt"), "--data",
+                                       p["latents"]], "already at step"),
+        "resume an unconditional model with labels": (
+            ["sundae.py", "--resume", "--out", str(t / "resume_sd.pt"), "--data", p["latents"], "--labels",
+             str(t / "lab3.npy"), "--max_steps", "100000"], "unconditional model"),
+        "labels too large to be classes": (["sundae.py", "--data", p["latents"], "--labels",
+                                            str(t / "hugelab.npy")], "hold classes in"),
+        "too many fills per image": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"],
+                                      "--candidates", "100000"], "at most 1024"),
+        "benchmark an unknown preset": (["sample.py", "--benchmark", "--preset", "nope"], "is not a preset"),
     }
+    import shutil
+    shutil.copy(p["sundae"], t / "locked_sd.pt")
+    held_sd = open(t / "locked_sd.pt.lock", "w")  # a training run of that checkpoint, alive
+    import fcntl
+    fcntl.flock(held_sd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (t / "mine.pt.prev").write_text("my notes")  # a user's files under the names written beside outputs
+    (t / "mine2.pt.lock").write_text("my notes")
+    (t / "fig.png.tmp").write_text("my notes")
+    (t / "dir1.pt.tmp").mkdir()
+    (t / "dir2.pt.lock").mkdir()
+    vqgan.save_png(torch.zeros(1, 3, 8, 8), str(t / "ro.png"), nrow=1)  # a figure the scripts wrote, made read-only
+    os.chmod(t / "ro.png", 0o444)
+    shutil.copy(p["latents"], t / "other_lat.npy")  # the same grids, said to come from another VQ-GAN
+    (t / "other_lat.npy.json").write_text(json.dumps({**json.load(open(p["latents"] + ".json")),
+                                                      "vqgan_id": "another"}))
+    shutil.copy(p["sundae"], t / "resume_sd.pt")
+    n_lat = len(np.load(p["latents"]))
+    np.save(t / "lab3.npy", np.arange(n_lat) % 3)
+    np.save(t / "hugelab.npy", np.full(n_lat, 10**12, np.int64))
     import shutil
     shutil.copy(p["vqgan"], t / "trained_vq.pt")
     shutil.copy(p["sundae"], t / "trained_sd.pt")
@@ -2968,6 +3059,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     results = run_scripts({name: [script(args[0])] + args[1:] for name,
                            (args, _) in cases.items()}, cwd=t)
     held.close()
+    held_sd.close()
     wrong = []
     for name, (code, err) in results.items():
         lines = [l for l in err.strip().splitlines() if not l.startswith(("warning:", "note:"))]
@@ -3043,6 +3135,10 @@ def test_shortened_training_scales_the_gan_start_and_says_so(tmp_path, capsys):
                                 "1", "--max_steps", "8", "--out", str(tmp_path / "v.pt")])
     tcfg = torch.load(tmp_path / "v.pt", weights_only=True)["train_config"]
     assert tcfg["disc_start"] == 1800 * 8 // 2400 and "the GAN starts at step 6" in capsys.readouterr().err
+    # resumed to a longer run, it keeps the GAN start it stored and names no other
+    vqgan.main(["--resume", "--out", str(tmp_path / "v.pt"), "--max_steps", "10"])
+    assert torch.load(tmp_path / "v.pt", weights_only=True)["train_config"]["disc_start"] == 6
+    assert "the GAN starts" not in capsys.readouterr().err
 
 def test_a_sampler_that_never_freezes_says_so_once(pipeline, tmp_path, capsys):
     needs("sampler")

@@ -1077,13 +1077,15 @@ def encode_main(args):
                        workers=tcfg.workers)
     ids, labels = encode_dataset(model.to(device), images, device, flip,
                                  bf16=use_bf16(args.dtype or "auto", device))
-    write_atomic(out, lambda f: np.save(f, ids))
     meta = {"vocab_size": model.codebook_size, "vqgan_id": fingerprint(model.state_dict())}
-    # class sub-folders, or the toy faces' shirt colours: sundae.py --labels takes them
-    if labels is not None:
-        write_atomic(labels_out, lambda f: np.save(f, labels))
+    files = {out: lambda f: np.save(f, ids)}
+    if labels is not None:  # class sub-folders, or the toy faces' shirt colours: sundae.py --labels takes them
+        files[labels_out] = lambda f: np.save(f, labels)
         meta.update(labels=os.path.basename(labels_out), class_names=list(images.class_names))
-    write_atomic(out + ".json", lambda f: f.write(json.dumps(meta).encode()))
+    files[out + ".json"] = lambda f: f.write(json.dumps(meta).encode())
+    write_all(files)  # the latents, their sidecar and labels replace the old ones together, or not at all
+    if labels is None and os.path.exists(labels_out):  # the replaced latents' labels would now be wrong
+        os.remove(labels_out)
     print(f"wrote {out} (+ {out}.json: V and the VQ-GAN's id): {ids.shape} {ids.dtype} "
           f"(V={model.codebook_size}"
           f"{', with flipped copies' if flip else ''})" + ("" if labels is None else f"; {labels_out}: "
@@ -1405,13 +1407,12 @@ def main(argv=None):
     mcfg_p, tcfg_p = PRESETS[args.preset]
     mcfg = replace(mcfg_p, **overrides(args, ModelConfig))
     tcfg = replace(tcfg_p, **overrides(args, TrainConfig))
-    if args.max_steps and args.disc_start is None and tcfg.disc_start >= args.max_steps:
-        # a shortened run keeps the preset's share of GAN steps, rather than silently never
-        # switching the GAN on
+    if not tcfg.resume and args.max_steps and args.disc_start is None and tcfg.disc_start >= args.max_steps:
+        # a shortened run keeps the preset's share of GAN steps, rather than silently never switching the GAN on
+        # (a resumed run keeps the GAN start its checkpoint stored)
         tcfg = replace(tcfg, disc_start=tcfg_p.disc_start * tcfg.max_steps // tcfg_p.max_steps)
-        print(f"note: --max_steps {tcfg.max_steps}: the GAN starts at step {tcfg.disc_start} (set "
-              "--disc_start to "
-              f"choose)", file=sys.stderr)
+        print(f"note: --max_steps {tcfg.max_steps}: the GAN starts at step {tcfg.disc_start} (set --disc_start "
+              f"to choose)", file=sys.stderr)
     if args.benchmark:
         if args.bench_steps < 1:
             raise BadInput(f"--bench_steps must be at least 1, got {args.bench_steps}")
@@ -1513,6 +1514,9 @@ def resumed_configs(ckpt, model_cls, train_cls, args):
     out = args.out or train_cls.out
     tcfg = replace(train_cls(**tuples(ckpt["train_config"])), **{**overrides(args, train_cls),
                                                                  "out": out})
+    if ckpt["step"] >= tcfg.max_steps:  # nothing to train: the stored results would pass for a new run's
+        raise BadInput(f"--resume: {out!r} is already at step {ckpt['step']} of --max_steps {tcfg.max_steps}; pass "
+                       f"a larger --max_steps to train on")
     print(f"resuming from {out!r} at step {ckpt['step']}")
     return model_cls(**tuples(ckpt["model_config"])), tcfg
 
@@ -1660,23 +1664,32 @@ def stop_on_signals():
     signal.signal(signal.SIGTERM, handler)
     return stop
 
+def hold_lock(out):
+    """One writer per checkpoint: an exclusive kernel lock on out + ".lock" that ends with its process (a killed run
+    leaves an empty, unlocked file, which the next run takes) -> the open lock file, for release_lock."""
+    import fcntl  # Unix
+    try:
+        lock = open(out + ".lock", "a")  # "a": an existing lock file is never truncated before it is locked
+    except OSError as e:
+        raise BadInput(f"cannot lock {out + '.lock'!r} ({e.strerror}); choose another path")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise BadInput(f"another run is writing {out!r} (it holds {out + '.lock'!r}); wait for it to finish, or "
+                       f"choose another path")
+    return lock
+
+def release_lock(lock):
+    os.remove(lock.name)  # while still held: no other run can hold this file meanwhile
+    lock.close()
+
 def run_guarded(train_fn, mcfg, tcfg, resume_ckpt, inputs):
     """train_fn(mcfg, tcfg, resume_ckpt) with what is on disk protected, before any heavy work: --out is checked
-    (check_outputs; an existing checkpoint is replaced only with --resume or --overwrite), one
-    writer per checkpoint (a kernel lock that dies with its process, so a killed run leaves nothing
-    stale), and the caller's signal handlers given back."""
+    (check_outputs; an existing checkpoint is replaced only with --resume or --overwrite), one writer per
+    checkpoint (hold_lock), and the caller's signal handlers given back."""
     check_outputs({"--out": tcfg.out}, inputs, overwrite=tcfg.resume or tcfg.overwrite)
-    lock = None
-    if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
-        import fcntl  # Unix
-        lock = open(tcfg.out + ".lock", "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise BadInput(f"another run is writing {tcfg.out!r} (it holds "
-                           f"{tcfg.out + '.lock'!r}); wait for it to "
-                           f"finish, or choose another --out")
+    lock = hold_lock(tcfg.out) if int(os.environ.get("RANK", 0)) == 0 else None  # only rank 0 writes
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         train_fn(mcfg, tcfg, resume_ckpt)
@@ -1684,8 +1697,7 @@ def run_guarded(train_fn, mcfg, tcfg, resume_ckpt, inputs):
         for s, h in handlers.items():
             signal.signal(s, h)
         if lock:
-            os.remove(lock.name)
-            lock.close()
+            release_lock(lock)
 
 # written into every PNG the scripts save: such a figure may be replaced without asking
 MARK = "megapixel-sundae"
@@ -1709,16 +1721,31 @@ def check_outputs(outputs, inputs=(), overwrite=False, outdir=""):
             problem = "names another image format, but pictures are written as PNG"
         if problem:
             raise BadInput(f"{flag} {path!r} {problem}; choose another path")
-        if os.path.exists(path) and not overwrite and not written_by_us(path):
+        for side in (path + ".tmp", path + ".lock", path + ".prev"):  # the names the project writes beside
+            if os.path.lexists(side) and not ours(side):
+                raise BadInput(f"{flag} {path!r}: {side!r} exists and this project did not write it (it writes "
+                               f"that name beside its outputs); move it away, or choose another path")
+        read_only = os.path.isfile(path) and not os.stat(path).st_mode & 0o200  # (root may write it anyway)
+        if os.path.exists(path) and not overwrite and not (written_by_us(path) and not read_only):
             hint = "continue it with --resume, " if path.endswith(".pt") else ""
-            raise BadInput(f"{flag} {path!r} already exists; {hint}replace it with --overwrite, or "
-                           "choose another path")
+            what = "is read-only" if written_by_us(path) else "already exists"
+            raise BadInput(f"{flag} {path!r} {what}; {hint}replace it with --overwrite, or choose another path")
         taken[real] = flag
     try:
         if outdir:
             os.makedirs(outdir, exist_ok=True)
     except OSError as e:
         raise BadInput(f"--outdir {outdir!r} cannot be a folder ({e.strerror}); choose another path")
+
+def ours(path):
+    """Whether a file beside an output (path + .tmp, .lock or .prev) can be one this project wrote: an empty lock, or
+    the start of a format the scripts write (a torch checkpoint, PNG, .npy, JSON). A user's file of another kind
+    under such a name is never replaced."""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return head == b"" or head.startswith((b"PK\x03\x04", b"\x89PNG", b"\x93NUMPY", b"{"))
 
 def written_by_us(path):
     """Whether path is a PNG figure that one of the scripts wrote (its metadata carries MARK)."""
@@ -1729,21 +1756,27 @@ def written_by_us(path):
         return False
 
 def write_atomic(path, write):
-    """write(f) into path + ".tmp" (a binary file), then rename: a crash, Ctrl-C or full disk mid-write never leaves
-    a partial `path` nor changes the old one. The one fixed temporary name means a killed run leaves
-    at most one stray file, which the next write replaces."""
-    tmp = path + ".tmp"
+    """write(f) into path + ".tmp" (a binary file), then rename: see write_all."""
+    write_all({path: write})
+
+def write_all(writes):
+    """{path: write(f)}: each file written into path + ".tmp", and renamed over path only once all of them are
+    written, so a crash, Ctrl-C or full disk mid-write never leaves a partial file, nor a new file beside old ones
+    (latents with another run's sidecar). The one fixed temporary name means a killed run leaves at most one stray
+    file per output, which the next write replaces."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    # a full disk: torch.save raises RuntimeError, the others OSError
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise BadInput(f"cannot write {path!r} "
-                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); free "
-                       f"space or choose another path (what was there is unchanged)") from e
+        for path, write in writes.items():
+            with open(path + ".tmp", "wb") as f:
+                write(f)
+        for path in writes:
+            os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError, the others OSError
+        for path in writes:
+            if os.path.isfile(path + ".tmp"):
+                os.remove(path + ".tmp")
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInput(f"cannot write {', '.join(map(repr, writes))} ({reason}); free space or choose another path "
+                       f"(what was there is unchanged)") from e
 
 def save_checkpoint(obj, path):
     """torch.save, atomically; the checkpoint it replaces survives as path + ".prev", for a run that diverges while
