@@ -123,8 +123,8 @@ def context_agreement(model, vq, n, seed=0, candidates=1, **sample_kwargs):
     size, f = vq.config.size, vq.downsample_factor
     # held-out: vqgan.py trains on seed 0
     images, attrs = vqgan.toy_faces(n, size, seed=1, labels="all")
-    x = torch.from_numpy(images).permute(0, 3, 1,
-                                         2).float().div(127.5).sub(1).to(next(vq.parameters()).device)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (n, 3, H, W) in [-1, 1]
+    x = x.to(next(vq.parameters()).device)
     with torch.no_grad():
         tokens = vq.encode(x)  # (n, h, w)
     rng, gen = np.random.default_rng(seed), torch.Generator(x.device).manual_seed(seed)
@@ -320,7 +320,7 @@ def main(argv=None):
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             if isinstance(e, BadInput):
                 raise
-            raise BadInput(f"cannot read mask {args.mask!r} ({type(e).__name__}); pass a PNG, "
+            raise BadInput(f"cannot read mask {args.mask!r} ({type(e).__name__}: {str(e).splitlines()[0][:80]}); pass a PNG, "
                            "white where to fill in")
     elif args.box:
         try:

@@ -321,9 +321,8 @@ def main(argv=None):
     p.add_argument("--min_steps", type=int, default=10, help="steps before a sample may freeze")
     p.add_argument("--batch", type=int, default=64, help="samples per forward pass")
     p.add_argument("--out", default="samples.png",
-                   help="grid PNG of the samples (a PNG the scripts wrote is "
-                        "replaced; any other existing file needs "
-                        "--overwrite)")
+                   help="grid PNG of the samples (a PNG the scripts wrote is replaced unless it is read-only; "
+                        "any other existing file needs --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing --tokens / --out files")
     p.add_argument("--outdir", default="",

@@ -268,8 +268,7 @@ def load_sundae(path, device="cpu"):
     model.class_names = ckpt.get("class_names") or [str(c) for c in range(model.num_classes)]
     # the sampling temperature its training stored; checkpoints from before the field existed get
     # the paper's
-    model.default_temperature = tuple(ckpt.get("train_config", {}).get("temperature",
-                                                                       PAPER_TEMPERATURE))
+    model.default_temperature = tuple(ckpt.get("train_config", {}).get("temperature", PAPER_TEMPERATURE))
     # the averaged weights, where training kept them
     vqgan.load_weights(model, ckpt.get("ema") or ckpt["model"], path)
     return model.to(device).eval()
@@ -522,7 +521,9 @@ def save_token_picture(tokens, vocab_size, path, ncol=8):
 def check_schedule(name, start_end, lo, hi):
     """A (start, end) schedule with both ends finite and in [lo, hi]; BadInput naming the flag
     otherwise."""
-    if len(start_end) != 2 or not all(math.isfinite(v) and lo <= v <= hi for v in start_end):
+    if len(start_end) != 2:
+        raise BadInput(f"--{name} {','.join(map(str, start_end))}: needs two numbers, start,end (e.g. 1.0,0.7)")
+    if not all(math.isfinite(v) and lo <= v <= hi for v in start_end):
         rule = ">= 0" if hi == math.inf else f"in [{lo}, {hi}]"
         raise BadInput(f"--{name} {','.join(map(str, start_end))}: both ends must be finite and {rule}")
 
@@ -695,9 +696,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
         {"kind": "sundae", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
          "model": raw_model.state_dict(),
          "ema": None if ema is None else ema.state_dict(), "opt": opt.state_dict(), "step": step,
-         "history": history,
-         "rng": torch.get_rng_state(), "log_window": {k: v if k == "steps" else float(v) for k,
-                                                      v in window.items()},
+         "history": history, "rng": torch.get_rng_state(),
+         "log_window": {k: v if k == "steps" else float(v) for k, v in window.items()},
          "vqgan_id": data.vqgan_id, "class_names": data.class_names}, tcfg.out)
     stop = vqgan.stop_on_signals()  # Ctrl-C or SIGTERM: finish the step, save, exit
     if run.master:
@@ -783,10 +783,10 @@ def train(mcfg, tcfg, resume_ckpt=None):
         if step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
             save()
 
-    # the trained weights are safe on disk before calibrating (a second Ctrl-C there stops at once)
-    save()
-    # the sampling schedule that fits this model and this data
-    if run.master and not stop and tcfg.calibrate:
+    save()  # the trained weights are safe on disk before calibrating
+    if run.master and not stop and tcfg.calibrate:  # the sampling schedule that fits this model and this data
+        vqgan.stop_at_once(f"the trained weights are saved in {tcfg.out!r}; python sample.py --calibrate calibrates "
+                           f"them")  # a signal now ends the run at once: nothing more is lost
         if len(data.val) < 32:
             print(f"calibration skipped: {len(data.val)} held-out grids, fewer than 32; keeping "
                   "the temperature "

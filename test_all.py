@@ -1462,6 +1462,16 @@ def test_best_fit_keeps_the_fill_that_best_reproduces_the_known_pixels():
     # per image: candidates b * K ... b * K + K - 1 belong to image b
     assert torch.equal(two, fills[[2, 2]])
 
+def test_best_fit_measures_each_hole_pixel_against_its_nearest_known_colour():
+    # known: one cell of grey 0.1 and two of grey 0.5; a hole filled with 0.1 shows a known colour (distance 0 at
+    # every hole pixel), one filled with 0.3 shows none (0.04); measured the other way round, from each known
+    # pixel to its nearest hole pixel, the 0.5 cells would prefer 0.3
+    image = CellDecoder().decode(torch.tensor([[[1, 5], [5, 3]]]))
+    known = torch.ones(1, 4, 4, dtype=torch.bool)
+    known[0, 2:, 2:] = False
+    fills = torch.tensor([[[1, 5], [5, 3]], [[1, 5], [5, 1]]])
+    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills), fills[1][None])
+
 def test_best_fit_prefers_fills_painted_in_the_colours_of_the_known_pixels():
     # one known cell of grey 0.1, the rest a hole
     image = CellDecoder().decode(torch.tensor([[[1, 5], [5, 5]]]))
@@ -1774,7 +1784,9 @@ def test_ema_update_follows_its_formula_with_a_short_memory_at_first():
         expected = expected + (1 - d) * (1.0 - expected)
         vqgan.ema_update(ema, model, 0.95, step)
         assert torch.allclose(ema.weight, torch.full((2, 2), expected)), step
-    assert min(0.95, 30 / 39) == 30 / 39 and min(0.95, 1000 / 1009) == 0.95
+    before = ema.weight.detach().clone()  # late in training the memory is the decay itself: d = 0.95
+    vqgan.ema_update(ema, model, 0.95, 1000)
+    assert torch.allclose(ema.weight, before + 0.05 * (1.0 - before)), "the memory must be capped at the decay"
 
 # --------------------------------------------------------------------------------------------------
 # hourglass.py: attention, the whole transformer, FLOPs
@@ -2073,15 +2085,16 @@ def _ddp_worker(rank, latents, out, port):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    sundae.main(["--data", latents, "--out", out, "--max_steps", "3", "--device",
-                 "cpu"] + TINY_SUNDAE)
+    sundae.main(["--data", latents, "--out", out, "--max_steps", "3", "--device", "cpu", "--labels",
+                 latents.replace(".npy", "_labels.npy"), "--label_drop", "0.5"] + TINY_SUNDAE)
 
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(pipeline):
     import torch.multiprocessing as mp
     d = pipeline["dir"]
     one, two = str(d / "one.pt"), str(d / "two.pt")
-    sundae.main(["--data", pipeline["latents"], "--out", one, "--max_steps", "3", "--grad_accum",
-                 "2"] + TINY_SUNDAE)
+    # class-conditional, half the labels dropped: the dropout follows (seed, step, micro-batch) like the noise
+    sundae.main(["--data", pipeline["latents"], "--out", one, "--max_steps", "3", "--grad_accum", "2", "--labels",
+                 pipeline["latents"].replace(".npy", "_labels.npy"), "--label_drop", "0.5"] + TINY_SUNDAE)
     import socket
     # a port no other process holds (two test runs at once must not collide)
     with socket.socket() as sock:
@@ -2178,6 +2191,35 @@ def test_calibration_picks_the_temperature_at_which_the_model_is_the_data():
     # the full grid: these two end at 0.7
     assert sundae.calibrate(model, heldout, n=256)[0] in ((0.7, 0.7), (1.0, 0.7))
 
+def test_calibration_gives_every_schedule_the_same_noise():
+    # two copies of one schedule must score the same: each schedule starts from the same seed, so the table
+    # compares schedules, not random draws
+    needs("sampler", "frechet", "rope", "resampling", "hourglass_level")
+    torch.manual_seed(0)
+    model = hourglass.HourglassTransformer(12, 4, 4, 16, 2, depth=(1, 1, 1)).eval()
+    heldout = torch.randint(12, (64, 4, 4), generator=torch.Generator().manual_seed(1))
+    _, table = sundae.calibrate(model, heldout, n=32, schedules=((1.0, 0.5), (1.0, 0.5), (0.7, 0.7)))
+    assert table[0][1] == table[1][1] and table[0][2] == table[1][2], "the same schedule must get the same noise"
+    assert table[0][1] != table[2][1]
+
+def test_calibration_features_pool_each_quarter_of_the_grid():
+    # token a in the top-left quarter, b elsewhere: the features are the mean embedding of each quarter, so the
+    # top-left block is embed(a) and the other three embed(b) (pooling the whole grid would mix them)
+    m = hourglass.HourglassTransformer(5, 4, 6, 8, 2, depth=(1,))
+    grid = torch.full((1, 4, 6), 2)
+    grid[0, :2, :3] = 1
+    f = torch.from_numpy(sundae.embedding_features(m, grid)).reshape(8, 4)  # (D, quarters) in raster order
+    e = m.embed.weight.detach()
+    assert f.shape == (8, 4), "one D-vector per quarter of the grid"
+    assert torch.allclose(f[:, 0], e[1], atol=1e-6) and all(torch.allclose(f[:, q], e[2], atol=1e-6)
+                                                             for q in (1, 2, 3))
+
+def test_the_calibration_grid_is_what_the_documentation_says():
+    # from 1.2 -> 1.0 to 0.7 -> 0.3: nothing colder, where the criterion cannot see over-cooling
+    starts, ends = zip(*sundae.CALIBRATION_SCHEDULES)
+    assert max(starts) == 1.2 and min(starts) == 0.7 and min(ends) == 0.3 and (0.5, 0.5) not in \
+        sundae.CALIBRATION_SCHEDULES and all(s >= e for s, e in sundae.CALIBRATION_SCHEDULES)
+
 def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, capsys):
     needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw",
           "sampler", "frechet")
@@ -2196,11 +2238,16 @@ def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, c
     assert "calibration" not in capsys.readouterr().out
     assert tuple(torch.load(tmp_path / "t.pt",
                             weights_only=True)["train_config"]["temperature"]) == (0.9, 0.4)
-    # sample.py --calibrate on that checkpoint: the same choice as training made (the same held-out
-    # rows and noise)
+    # sample.py --calibrate on that checkpoint (the same weights): the same table as training printed, number for
+    # number (the same held-out rows and noise), so the same choice
     sample.main(["--calibrate", "--data", str(tmp_path / "lat.npy"), "--sundae",
                  str(tmp_path / "t.pt")])
+    table = lambda text: re.findall(r"temperature .*?: +([\d.]+) \|", text)
+    assert table(capsys.readouterr().out) == table(out) and len(table(out)) == len(sundae.CALIBRATION_SCHEDULES)
     assert sundae.load_sundae(str(tmp_path / "t.pt")).default_temperature == stored
+    # exactly 32 held-out grids are enough (16 of the 200 pairs)
+    run("--out", str(tmp_path / "e.pt"), "--val_fraction", "0.08")
+    assert "calibration (32 held-out grids" in capsys.readouterr().out
     # 20 held-out grids: too few to judge
     run("--out", str(tmp_path / "f.pt"), "--val_fraction", "0.05")
     assert "calibration skipped: 20 held-out grids, fewer than 32" in capsys.readouterr().out
@@ -2214,6 +2261,30 @@ def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, c
         sundae.calibrate = calibrate
     # the trained weights were saved first
     assert torch.load(tmp_path / "k.pt", weights_only=True)["step"] == 20
+    def terminated(*args, **kwargs):  # one SIGTERM while calibrating ends the run then, not after calibrating
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("the calibration went on after SIGTERM")
+    sundae.calibrate = terminated
+    try:
+        with pytest.raises(SystemExit) as e:
+            run("--out", str(tmp_path / "s.pt"))
+    finally:
+        sundae.calibrate = calibrate
+    assert e.value.code == 128 + signal.SIGTERM and "the trained weights are saved" in capsys.readouterr().err
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 20
+
+def test_a_signal_during_a_write_waits_for_the_file_to_be_whole(tmp_path):
+    out = str(tmp_path / "f.bin")
+
+    def write(f):  # Ctrl-C in the middle of the write
+        f.write(b"first half ")
+        os.kill(os.getpid(), signal.SIGINT)
+        f.write(b"second half")
+
+    with pytest.raises(KeyboardInterrupt):  # delivered once the file is whole and in place
+        vqgan.write_atomic(out, write)
+    assert open(out, "rb").read() == b"first half second half" and os.listdir(tmp_path) == ["f.bin"]
 
 # --------------------------------------------------------------------------------------------------
 # sample.py and inpaint.py: pictures, evaluation
@@ -2527,6 +2598,13 @@ def test_a_two_class_problem_is_learnt_and_each_class_keeps_its_statistics(tmp_p
                  "10"] + TINY_SUNDAE[:6] + ["--log_every", "50"])
     model = sundae.load_sundae(out)
     assert model.num_classes == 2 and model.class_names == ["0", "1"]
+    # the logged validation loss is the conditional model's, on the held-out grids with their labels
+    ckpt = torch.load(out, weights_only=True)
+    tcfg = sundae.TrainConfig(**vqgan.tuples(ckpt["train_config"]))
+    _, val_idx = vqgan.split_indices(512, tcfg.val_fraction)
+    val = lambda labels: sundae.validate(model, np.load(tmp_path / "lat.npy"), val_idx, tcfg.batch_size, tcfg,
+                                         nullcontext, labels)[0]
+    assert ckpt["history"]["val_loss"][-1][1] == pytest.approx(val(lab), abs=1e-6) != val(None)
     for c in (0, 1):
         toks, _ = sundae.sample(model, 64, steps=20, labels=torch.full((64,), c), guidance=1.0,
                                 generator=torch.Generator().manual_seed(c))
@@ -2550,6 +2628,27 @@ def test_a_hole_determined_by_its_context_is_filled_with_the_determined_tokens(t
                              generator=torch.Generator().manual_seed(0))
     assert (filled == truth).float().mean() > 0.99
 
+def test_fills_are_scored_by_the_known_pixels_of_their_own_image(pipeline, monkeypatch, tmp_path):
+    # best_fit gets the known pixels (not the hole), and fills b*K .. b*K+K-1 all belong to image b (interleaved,
+    # not tiled): each keeps exactly image b's known tokens
+    needs("sampler", "token_mask")
+    vq, model = vqgan.load_vqgan(pipeline["vqgan"]), sundae.load_sundae(pipeline["sundae"])
+    seen, real = [], inpaint.best_fit
+    monkeypatch.setattr(inpaint, "best_fit", lambda v, *a, **k: seen.append(a) or real(v, *a, **k))
+    inpaint.context_agreement(model, vq, 4, candidates=3, steps=4)
+    inpaint.main(["--sundae", pipeline["sundae"], "--vqgan", pipeline["vqgan"], "--samples", "2", "--candidates",
+                  "3", "--steps", "4", "--out", str(tmp_path / "f.png")])
+    size, f = vq.config.size, vq.downsample_factor
+    assert torch.equal(seen[0][1].cpu(), torch.from_numpy(~inpaint.hole_masks(4, size))), "best_fit's known pixels"
+    for images, known_pixels, fills in (seen[0], seen[-1]):
+        K = len(fills) // len(images)
+        with torch.no_grad():
+            tokens = vq.encode(images)
+        known = inpaint.pixel_to_token_mask(known_pixels.cpu(), f)
+        for b in range(len(images)):
+            for k in range(K):
+                assert torch.equal(fills[b * K + k][known[b]], tokens[b][known[b]]), f"fill {b * K + k} of image {b}"
+
 def test_palette_agreement_judges_each_attribute_by_the_generators_truth(pipeline, capsys):
     images, attrs = vqgan.toy_faces(16, 32, seed=1, labels="all")
     # the shirt is the class
@@ -2566,12 +2665,19 @@ def test_palette_agreement_judges_each_attribute_by_the_generators_truth(pipelin
         wrong[i][mine] = skins[(attrs[i, 0] + 3) % 6]
     judged = inpaint.palette_agreement(wrong, images, attrs, hole)
     assert judged["skin"][0] == 0.0 and judged["shirt"][0] == 1.0
+    # a minority of far-off pixels in the hole (an eye drawn over the skin) does not change the judged colour
+    spotted = images.astype(float)
+    spotted[:, 12:15, 8:24] = 0.0  # 3 of the 16 rows of the box painted black
+    assert inpaint.palette_agreement(spotted, images, attrs, hole)["skin"][0] == 1.0, "the median, not the mean"
     needs("sampler", "token_mask")
     inpaint.main(["--sundae", pipeline["sundae"], "--vqgan", pipeline["vqgan"], "--eval", "8",
                   "--steps", "4"])
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out[2:]] == ["default", "boxes", "boxes",
                                                      "boxes"] and "skin" in out[1]
+    cells = [re.findall(r"(\d+)% / (\d+)%", line) for line in out[2:]]  # inpainted / a random face, per attribute
+    assert all(len(row) == 4 for row in cells) and all(0 <= int(a) <= 100 for row in cells for pair in row for a in pair)
+    assert all(float(line.split()[-3]) >= 0 for line in out[2:])  # the pixel error of the fills
 
 def test_encoded_class_folders_and_toy_faces_carry_labels_and_names(pipeline, tmp_path):
     needs("vector_quantizer")
@@ -3114,20 +3220,21 @@ def test_masks_keep_small_holes_and_images_load_upright_and_unclipped(tmp_path):
                           vqgan.load_image(str(tmp_path / "upright.png"), 20))
 
 def test_a_file_that_stops_decoding_is_skipped_in_training_and_left_out_when_encoding(pipeline, tmp_path, capsys):
-    (tmp_path / "img").mkdir()
-    for i, face in enumerate(vqgan.toy_faces(4, 32, seed=3)):
-        Image.fromarray(face).save(tmp_path / "img" / f"{i}.png")
-    data = open(tmp_path / "img" / "1.png", "rb").read()
+    for i, face in enumerate(vqgan.toy_faces(4, 32, seed=3)):  # two classes, a: 0 and 1, b: 2 and 3
+        (tmp_path / "img" / "ab"[i // 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(face).save(tmp_path / "img" / "ab"[i // 2] / f"{i}.png")
+    data = open(tmp_path / "img" / "a" / "1.png", "rb").read()
     # truncated: the header still reads
-    (tmp_path / "img" / "1.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "img" / "a" / "1.png").write_bytes(data[: len(data) // 2])
     images = vqgan.ImageData(str(tmp_path / "img"), 32, "all", workers=1)
     x = images.batch(list(range(len(images))))  # training: another image of the batch stands in
     assert x.shape[0] == 4 and torch.isfinite(x).all() and "does not decode" in capsys.readouterr().err
     out = str(tmp_path / "lat.npy")
     vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--data", str(tmp_path / "img"),
                 "--out", out])
-    # three images and their flips: no row copies another image
+    # three images and their flips: no row copies another image, and each keeps its own class
     assert np.load(out).shape[0] == 2 * 3
+    assert np.load(str(tmp_path / "lat_labels.npy")).tolist() == [0, 0, 1, 1, 1, 1]
 
 def test_shortened_training_scales_the_gan_start_and_says_so(tmp_path, capsys):
     needs("vector_quantizer", "hinge", "adaptive_weight")
@@ -3182,9 +3289,8 @@ def test_resume_writes_where_it_read_never_to_the_path_stored_inside(pipeline, t
 
 def test_leftovers_of_a_killed_run_do_not_block_and_files_of_others_are_never_deleted(pipeline, tmp_path):
     out = tmp_path / "s.pt"
-    (tmp_path / "s.pt.tmp").write_bytes(b"partial")  # a killed run's half-written checkpoint
-    # and its lock file: the kernel lock died with the process
-    (tmp_path / "s.pt.lock").write_text("1")
+    (tmp_path / "s.pt.tmp").write_bytes(b"PK\x03\x04partial")  # a killed run's half-written checkpoint (a zip)
+    (tmp_path / "s.pt.lock").write_bytes(b"")  # and its empty lock file: the kernel lock died with the process
     # a user's file that merely looks temporary
     (tmp_path / "s.pt.notes.tmp.123456").write_text("mine")
     sundae.main(["--data", pipeline["latents"], "--out", str(out), "--max_steps",
@@ -3196,12 +3302,48 @@ def test_leftovers_of_a_killed_run_do_not_block_and_files_of_others_are_never_de
 def test_one_writer_per_checkpoint(pipeline, tmp_path):
     import fcntl
     out = str(tmp_path / "w.pt")
-    with open(out + ".lock", "w") as held:  # what a live run holds
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(out + ".lock", "w") as held:  # any other holder, even a shared one, keeps a run out
+        fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
         with pytest.raises(vqgan.BadInput, match="another run is writing"):
             sundae.main(["--data", pipeline["latents"], "--out", out, "--max_steps",
                          "1"] + TINY_SUNDAE)
     assert os.listdir(tmp_path) == ["w.pt.lock"]
+    first = vqgan.hold_lock(out)  # the lock is exclusive: a second holder is refused while the first lives
+    with pytest.raises(vqgan.BadInput, match="another run is writing"):
+        vqgan.hold_lock(out)
+    vqgan.release_lock(first)
+    vqgan.release_lock(vqgan.hold_lock(out))  # and taken again once released
+
+def test_a_checkpoint_with_nan_or_infinite_weights_is_never_written(tmp_path):
+    out = str(tmp_path / "c.pt")
+    vqgan.save_checkpoint({"kind": "sundae", "model": {"w": torch.ones(2)}, "step": 1}, out)
+    before = open(out, "rb").read()
+    for bad in (float("nan"), float("inf")):
+        vqgan.save_checkpoint({"kind": "sundae", "model": {"w": torch.tensor([1.0, bad])}, "step": 2}, out)
+        vqgan.save_checkpoint({"kind": "sundae", "model": {"w": torch.ones(2)}, "ema": {"w": torch.full((2,), bad)},
+                               "step": 2}, out)
+    assert open(out, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["c.pt"]
+
+def test_figures_the_scripts_wrote_are_replaced_without_asking_others_are_not(tmp_path):
+    ours, theirs = str(tmp_path / "ours.png"), str(tmp_path / "theirs.png")
+    vqgan.save_png(torch.zeros(1, 3, 8, 8), ours, nrow=1)
+    Image.new("RGB", (8, 8)).save(theirs)
+    vqgan.check_outputs({"--out": ours})  # carries the project's mark: replaced freely
+    with pytest.raises(vqgan.BadInput, match="already exists"):
+        vqgan.check_outputs({"--out": theirs})
+    vqgan.check_outputs({"--out": theirs}, overwrite=True)
+
+def test_a_second_ctrl_c_stops_at_once():
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = vqgan.stop_on_signals()
+        os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, save, exit
+        assert stop == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):  # the second: now
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
                                    RuntimeError("[enforce fail at inline_container.cc:672] . "
@@ -3241,7 +3383,7 @@ def save(obj, f, *args, **kwargs):
     calls.append(f)
     if len(calls) == 1:
         return real(obj, f, *args, **kwargs)
-    f.write(b"half a checkpoint")
+    f.write(b"PK\\x03\\x04half a checkpoint")  # torch.save writes a zip archive: its first bytes
     f.flush()
     print("mid-save", flush=True)
     time.sleep(600)
@@ -3263,8 +3405,10 @@ def test_sigkill_while_checkpointing_keeps_the_previous_checkpoint(pipeline, tmp
     # killed inside torch.save of the second checkpoint, for certain
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    # the first one
-    assert torch.load(out, weights_only=True)["step"] == 1 and sundae.load_sundae(out) is not None
+    # the first one, whole: it loads and resumes (its weights finite and of the model's shape)
+    first = torch.load(out, weights_only=True)
+    assert first["step"] == 1 and all(torch.isfinite(v).all() for v in first["model"].values())
+    assert sundae.load_sundae(out).state_dict().keys() == first["model"].keys()
     # the half-written file is left beside it, under one fixed name...
     assert "k.pt.tmp" in os.listdir(tmp_path)
     res = subprocess.run([sys.executable, script("sundae.py"), "--resume", "--out", out,
@@ -3289,6 +3433,7 @@ def test_a_signal_writes_a_checkpoint_that_resume_continues(pipeline, tmp_path, 
     proc.send_signal(sig)
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig and "interrupted at step" in stdout
+    assert "calibration" not in stdout  # an interrupted run ends at once: it does not calibrate
     step = torch.load(out, weights_only=True)["step"]
     assert 0 < step < 100000
     res = subprocess.run([sys.executable, script("sundae.py"), "--resume", "--out", out,

@@ -25,6 +25,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -56,9 +57,8 @@ class VectorQuantizer(nn.Module):
         self.code_dim = code_dim or dim
         self.proj_in = nn.Linear(dim, self.code_dim) if code_dim else nn.Identity()
         self.proj_out = nn.Linear(self.code_dim, dim) if code_dim else nn.Identity()
-        self.codebook = nn.Parameter(torch.empty(codebook_size,
-                                                 self.code_dim).uniform_(-1 / codebook_size,
-                                                                                         1 / codebook_size))
+        init = torch.empty(codebook_size, self.code_dim).uniform_(-1 / codebook_size, 1 / codebook_size)
+        self.codebook = nn.Parameter(init)
         # dead-code restart: count the optimizer steps since each code was last chosen; re-seed the
         # stale ones. The statistics are gathered by a hook after each forward pass, so forward
         # holds the lookup alone
@@ -305,8 +305,7 @@ class Encoder(nn.Module):
                 res //= 2
             self.levels.append(nn.ModuleList(blocks))
         self.mid = nn.ModuleList([ResBlock(cin, cin), AttnBlock(cin), ResBlock(cin, cin)])
-        self.out = nn.Sequential(group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.z_channels,
-                                                                       3, padding=1))
+        self.out = nn.Sequential(group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.z_channels, 3, padding=1))
         self.grad_ckpt = False
 
     def forward(self, x):
@@ -750,8 +749,7 @@ class ImageData:
     def __init__(self, data, size, split="train", toy_n=8192, val_n=256, workers=8):
         if data == "toy":  # held-out faces: another seed
             val = split == "val"
-            self.images, self.labels = toy_faces(val_n if val else toy_n, size, int(val),
-                                                 labels=True)
+            self.images, self.labels = toy_faces(val_n if val else toy_n, size, int(val), labels=True)
             self.paths, self.class_names = None, TOY_CLASSES
         else:
             paths = list_images(data, size)
@@ -1119,8 +1117,8 @@ def load_npy(path, flag):
         raise BadInput(f"{flag} {path!r} is not a readable .npy array ({type(e).__name__}); save "
                        "it with np.save")
     if not isinstance(array, np.ndarray):  # an .npz archive of several arrays
-        raise BadInput(f"{flag} {path!r} is an .npz archive; save the (N, h, w) token array alone "
-                       "with np.save")
+        raise BadInput(f"{flag} {path!r} is an .npz archive of several arrays; save the one array alone with "
+                       f"np.save")
     return array
 
 @torch.no_grad()
@@ -1170,7 +1168,7 @@ def read_foreign(path, trust=False):
         raise BadInput(f"--convert {path!r} "
                        f"{'is a directory' if os.path.isdir(path) else 'not found'}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return quiet_torch_load(path, weights_only=True)
     except Exception as e:  # torch raises several types for foreign or damaged files
         # not a refused class: damaged
         if not (isinstance(e, pickle.UnpicklingError) and "global" in str(e)):
@@ -1527,7 +1525,7 @@ def check_config(cfg, positive=(), nonneg=(), fractions=(), choices=None):
     for name in positive + nonneg:
         v = getattr(cfg, name)
         if not (math.isfinite(v) and (v > 0 if name in positive else v >= 0) and v < 2**63):
-            raise BadInput(f"--{name} must be {'> 0' if name in positive else '>= 0'} and finite, "
+            raise BadInput(f"--{name} must be {'> 0' if name in positive else '>= 0'}, finite and below 2**63, "
                            f"got {v!r}")
     for name in fractions:
         if not 0 < getattr(cfg, name) < 1:
@@ -1656,13 +1654,22 @@ def stop_on_signals():
     stop = []
 
     def handler(sig, frame):
-        if stop and sig == signal.SIGINT:
+        if stop:  # the second signal, Ctrl-C or SIGTERM: now
             raise KeyboardInterrupt
         stop.append(sig)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return stop
+
+def stop_at_once(saved):
+    """From here on, Ctrl-C or SIGTERM ends the run at once (exit 128 + the signal), saying what is on disk."""
+    def handler(sig, frame):
+        print(f"interrupted: {saved}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + sig)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 def hold_lock(out):
     """One writer per checkpoint: an exclusive kernel lock on out + ".lock" that ends with its process (a killed run
@@ -1764,19 +1771,31 @@ def write_all(writes):
     written, so a crash, Ctrl-C or full disk mid-write never leaves a partial file, nor a new file beside old ones
     (latents with another run's sidecar). The one fixed temporary name means a killed run leaves at most one stray
     file per output, which the next write replaces."""
+    # Ctrl-C and SIGTERM wait until the files are written (handled right after): raised inside torch.save, they would
+    # surface as an unrelated error and leave the temporary files. Only the main thread may set handlers
+    deferred, main = [], threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.signal(s, lambda sig, frame: deferred.append(sig)) for s in
+                (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         for path, write in writes.items():
             with open(path + ".tmp", "wb") as f:
                 write(f)
         for path in writes:
             os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError, the others OSError
+    except BaseException as e:
         for path in writes:
             if os.path.isfile(path + ".tmp"):
                 os.remove(path + ".tmp")
+        if not isinstance(e, (OSError, RuntimeError)):  # a full disk: torch.save raises RuntimeError, others OSError
+            raise
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadInput(f"cannot write {', '.join(map(repr, writes))} ({reason}); free space or choose another path "
                        f"(what was there is unchanged)") from e
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+        for s in deferred:
+            signal.raise_signal(s)
 
 def save_checkpoint(obj, path):
     """torch.save, atomically; the checkpoint it replaces survives as path + ".prev", for a run that diverges while
@@ -1800,6 +1819,14 @@ def checkpoints_left(path):
     found = [repr(p) for p in (path, path + ".prev") if os.path.exists(p)]
     return "kept " + " and ".join(found) if found else "no checkpoint was written"
 
+def quiet_torch_load(path, weights_only):
+    """torch.load to the CPU without torch's warnings about a foreign file's pickle protocol: the caller says in
+    one line what is wrong with the file."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
 def load_checkpoint(path, kind):
     """A checkpoint this project wrote, of the expected kind: a dict of plain types and tensors
     (weights_only)."""
@@ -1807,12 +1834,11 @@ def load_checkpoint(path, kind):
         what = "is a directory" if os.path.isdir(path) else "not found"
         raise BadInput(f"checkpoint {path!r} {what}; train one first (python {kind}.py) or pass its path")
     try:
-        # plain types and tensors only
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = quiet_torch_load(path, weights_only=True)  # plain types and tensors only
     except Exception as e:  # torch raises several types for foreign or damaged files
-        raise BadInput(f"{path!r} is not a checkpoint of this project ({type(e).__name__}); a "
-                       "taming-transformers "
-                       f".ckpt converts with python vqgan.py --convert")
+        hint = ("a taming-transformers checkpoint converts with python vqgan.py --convert" if path.endswith(".ckpt")
+                else f"pass a checkpoint that {kind}.py wrote")
+        raise BadInput(f"{path!r} is not a checkpoint of this project ({type(e).__name__}); {hint}")
     found = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if found != kind:
         hint = "convert it with python vqgan.py --convert" if taming_state_dict(ckpt) else f"pass the {kind} checkpoint"
