@@ -265,7 +265,7 @@ def main(argv=None):
                    help="figure: original | masked | inpaintings, a row per image (default "
                         "inpaint.png); with --tokens the filled grids as (B * samples, h, w) .npy")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out that the scripts did not write")
+                   help="replace an existing --out that the scripts did not write, or a read-only one")
     p.add_argument("--eval", type=int, default=0,
                    help="judge fills of N held-out toy faces by their true colours: "
                         "how often each agrees with the context, and "
