@@ -1470,7 +1470,8 @@ def test_best_fit_measures_each_hole_pixel_against_its_nearest_known_colour():
     known = torch.ones(1, 4, 4, dtype=torch.bool)
     known[0, 2:, 2:] = False
     fills = torch.tensor([[[1, 5], [5, 3]], [[1, 5], [5, 1]]])
-    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills), fills[1][None])
+    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills), fills[1][None]), \
+        "each hole pixel must be scored by its distance to the nearest colour among the known pixels"
 
 def test_best_fit_prefers_fills_painted_in_the_colours_of_the_known_pixels():
     # one known cell of grey 0.1, the rest a hole
@@ -2218,7 +2219,8 @@ def test_the_calibration_grid_is_what_the_documentation_says():
     # from 1.2 -> 1.0 to 0.7 -> 0.3: nothing colder, where the criterion cannot see over-cooling
     starts, ends = zip(*sundae.CALIBRATION_SCHEDULES)
     assert max(starts) == 1.2 and min(starts) == 0.7 and min(ends) == 0.3 and (0.5, 0.5) not in \
-        sundae.CALIBRATION_SCHEDULES and all(s >= e for s, e in sundae.CALIBRATION_SCHEDULES)
+        sundae.CALIBRATION_SCHEDULES and all(s >= e for s, e in sundae.CALIBRATION_SCHEDULES), \
+        f"the grid must run from 1.2 -> 1.0 to 0.7 -> 0.3, nothing colder: {sundae.CALIBRATION_SCHEDULES}"
 
 def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, capsys):
     needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw",
@@ -2731,10 +2733,12 @@ def test_class_names_and_indices_only_as_written():
 
 def test_random_hole_boxes_reach_every_row_and_column():
     masks = inpaint.hole_masks(2000, 16, np.random.default_rng(0), (2, 5))
-    assert masks[:, -1, :].any() and masks[:, :, -1].any() and masks[:, 0, :].any() and masks[:, :, 0].any()
+    assert masks[:, -1, :].any() and masks[:, :, -1].any() and masks[:, 0, :].any() and masks[:, :, 0].any(), \
+        "random boxes must reach the first and the last row and column"
     assert masks.any(0).all(), "every pixel must be in some random box"
     box = inpaint.hole_masks(1, 32)[0]  # the default: rows 12..27 (eyes to mouth), columns 8..23 (the face's width)
-    assert box[12:28, 8:24].all() and box.sum() == 16 * 16 and not box[:12].any() and not box[:, :8].any()
+    assert box[12:28, 8:24].all() and box.sum() == 16 * 16 and not box[:12].any() and not box[:, :8].any(), \
+        "the default box covers rows 12..27 and columns 8..23 of a 32-px face"
 
 # ==================================================================================================
 # Part 4: command lines as a user meets them: bad input is one line and exit 2, nothing on disk is
