@@ -3094,7 +3094,18 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "too many fills per image": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"],
                                       "--candidates", "100000"], "at most 1024"),
         "benchmark an unknown preset": (["sample.py", "--benchmark", "--preset", "nope"], "is not a preset"),
+        "a foreign pickle as a checkpoint": (["sample.py", "--sundae", str(t / "obj.pkl"), "--vqgan", p["vqgan"]],
+                                             "pass a checkpoint that sundae.py wrote"),
+        "a seed beyond 64 bits in training": (["sundae.py", "--data", p["latents"], "--seed", str(10**20)],
+                                              "below 2**63"),
+        "one number for a schedule": (["sundae.py", "--data", p["latents"], "--temperature", "0.5"],
+                                      "needs two numbers"),
+        "labels in an .npz archive": (["sundae.py", "--data", p["latents"], "--labels", str(t / "lat.npz")],
+                                      "save the one array alone"),
     }
+    import pickle
+    with open(t / "obj.pkl", "wb") as f:  # a pickle of a newer protocol than torch.save's: torch warns about it
+        pickle.dump({"a": [1, 2]}, f, protocol=4)
     import shutil
     shutil.copy(p["sundae"], t / "locked_sd.pt")
     held_sd = open(t / "locked_sd.pt.lock", "w")  # a training run of that checkpoint, alive
