@@ -164,62 +164,58 @@ def pytest_in(cwd, *args):
 
 def exercise_table(workdir, keys=None, workers=2):
     """For each exercise: blank it in a copy of the project, run the suite, and count the failures among the tests
-    `-k KEY` selects and elsewhere -> {key: (selected, failed among them, failed elsewhere, seconds
-    of -k KEY)}."""
+    `-k KEY` selects and elsewhere -> {key: (selected, failed among them, failed elsewhere, seconds of -k KEY)}.
+    The copies are made first, in this thread (ast.parse is not safe in several threads at once on Python 3.11);
+    only the pytest runs go in parallel."""
     import re
     from concurrent.futures import ThreadPoolExecutor
+    keys = keys or list(EXERCISES)
+    copies = {key: project_copy(os.path.join(workdir, key), [(EXERCISES[key][0], lambda s, key=key: functools.reduce(
+        blank, EXERCISES[key][1].split(), s))]) for key in keys}
 
     def one(key):
-        file, funcs, _ = EXERCISES[key]
-        d = project_copy(os.path.join(workdir, key), [(file,
-                                                       lambda s: functools.reduce(blank, funcs.split(), s))])
-        collected = subprocess.run([sys.executable, "-m", "pytest", "test_all.py", "-q", "-p",
-                                    "no:cacheprovider",
-                                    "--collect-only", "-k", key], cwd=d, capture_output=True,
-                                    text=True).stdout
+        d = copies[key]
+        collected = subprocess.run([sys.executable, "-m", "pytest", "test_all.py", "-q", "-p", "no:cacheprovider",
+                                    "--collect-only", "-k", key], cwd=d, capture_output=True, text=True).stdout
         selected = {n.split("[")[0] for n in re.findall(r"^test_all.py::(\S+)", collected, re.M)}
         _, _, seconds = pytest_in(d, "-k", key)
         failed = {name.split("[")[0] for name, _ in pytest_in(d)[1]}
         return key, (len(selected), len(failed & selected), sorted(failed - selected), seconds)
 
     with ThreadPoolExecutor(workers) as pool:
-        return dict(pool.map(one, keys or list(EXERCISES)))
+        return dict(pool.map(one, keys))
 
 def answer_table(workdir, workers=2):
     """ANSWERS checked: each right answer against its section, each wrong one against its section, and the whole
     suite once per round of right answers (round i: every exercise's i-th right answer at once) ->
-    (rows [(key, "right" or "wrong", name, exit status, failures)], {round: (exit status,
-    failures)})."""
+    (rows [(key, "right" or "wrong", name, exit status, failures)], {round: (exit status, failures)}).
+    The copies are made first, in this thread; only the pytest runs go in parallel."""
     import re
     from concurrent.futures import ThreadPoolExecutor
 
     def edits_for(key, answer):
         file, funcs, _ = EXERCISES[key]
-        bodies = answer if isinstance(answer, dict) else {funcs: answer}
         if isinstance(answer, list):  # a wrong answer: edits of ours
             return [(file, lambda s: mutate(s, funcs.split(), answer))]
+        bodies = answer if isinstance(answer, dict) else {funcs: answer}
         return [(file, lambda s, q=q, b=b: replace_body(s, q, b)) for q, b in bodies.items()]
 
-    jobs = [(key, "right", f"right {i + 1}", a) for key, v in ANSWERS.items() for i,
-            a in enumerate(v["right"])]
-    jobs += [(key, "wrong", name, a) for key, v in ANSWERS.items() for name,
-             a in v["wrong"].items()]
+    jobs = [(key, "right", f"right {i + 1}", a) for key, v in ANSWERS.items() for i, a in enumerate(v["right"])]
+    jobs += [(key, "wrong", name, a) for key, v in ANSWERS.items() for name, a in v["wrong"].items()]
+    copies = [project_copy(os.path.join(workdir, re.sub(r"\W+", "_", f"{key} {name}")), edits_for(key, answer))
+              for key, _, name, answer in jobs]
+    suites = [project_copy(os.path.join(workdir, f"suite-{i}"),
+                           [e for key, v in ANSWERS.items() for e in edits_for(key, v["right"][i])]) for i in range(2)]
 
-    def one(job):
-        key, kind, name, answer = job
-        d = project_copy(os.path.join(workdir, re.sub(r"\W+", "_", f"{key} {name}")),
-                         edits_for(key, answer))
+    def one(job_and_copy):
+        (key, kind, name, _), d = job_and_copy
         status, failures, _ = pytest_in(d, "-k", key)
         return key, kind, name, status, failures
 
-    def suite(i):
-        edits = [e for key, v in ANSWERS.items() for e in edits_for(key, v["right"][i])]
-        return i, pytest_in(project_copy(os.path.join(workdir, f"suite-{i}"), edits))[:2]
-
     with ThreadPoolExecutor(workers) as pool:
-        rows = list(pool.map(one, jobs))
-        suites = dict(pool.map(suite, range(2)))
-    return rows, suites
+        rows = list(pool.map(one, zip(jobs, copies)))
+        rounds = dict(enumerate(pool.map(lambda d: pytest_in(d)[:2], suites)))
+    return rows, rounds
 
 def named_failure(failures):
     """Whether a section's failures name the property: an error line that is not pytest's bare
@@ -3546,6 +3542,18 @@ def test_slow_blanking_one_exercise_fails_its_own_tests_and_no_other(tmp_path):
         print(f"{key} | {selected} | {failed} | {len(elsewhere)} {elsewhere or ''} | {seconds:.1f}")
     assert all(1 <= failed <= 8 and not elsewhere for _, failed, elsewhere,
                _ in table.values()), table
+
+@slow
+def test_slow_real_image_benchmark_runs_end_to_end(tmp_path):
+    # docs/benchmark.py in a few steps, so that it cannot rot: both sources through the whole pipeline, the table
+    pytest.importorskip("sklearn")
+    pytest.importorskip("skimage")
+    res = subprocess.run([sys.executable, os.path.join(HERE, "docs", "benchmark.py"), "--smoke", "--workdir",
+                          str(tmp_path)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    for line in ("digits:", "photographs:", "train images", "decoded random tokens", "samples",
+                 "nearest training image"):
+        assert line in res.stdout, res.stdout
 
 @slow
 def test_slow_answers_right_ones_pass_the_whole_suite_and_wrong_ones_fail_their_section_by_name(tmp_path):
