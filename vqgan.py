@@ -519,7 +519,9 @@ class TrainConfig:
                                  "loss")
     lpips: str = flag("", "path of LPIPS weights (vqgan.py --convert writes lpips.pt); '' = no "
                           "perceptual loss")
-    flip: bool = flag(True, "random horizontal flips in training; flipped copies when encoding")
+    flip: bool = flag(True, "random horizontal flips in training; flipped copies when encoding. A claim about "
+                            "the data: a mirrored face or scene is one; mirrored text, digits or maps are not "
+                            "(--no-flip)")
     val_n: int = flag(256, "held-out images for PSNR and codebook usage")
     log_every: int = flag(50, "steps between log lines")
     sample_every: int = flag(600, "steps between real|reconstruction grids")
@@ -918,7 +920,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
               f"{mcfg.size}px -> {h}x{h} "
               f"tokens, V={mcfg.codebook_size}, {len(train_data)} train / {len(val_data)} val "
               "images, batch "
-              f"{tcfg.batch_size} on {run.world} x {device}")
+              f"{tcfg.batch_size} on {run.world} x {device}"
+              + (", mirrored at random (--no-flip if mirror images are not your data)" if tcfg.flip else ""))
 
     # training loop
     t0 = t_log = time.time()
@@ -1086,7 +1089,7 @@ def encode_main(args):
         os.remove(labels_out)
     print(f"wrote {out} (+ {out}.json: V and the VQ-GAN's id): {ids.shape} {ids.dtype} "
           f"(V={model.codebook_size}"
-          f"{', with flipped copies' if flip else ''})" + ("" if labels is None else f"; {labels_out}: "
+          f"{', with flipped copies: --no-flip if mirror images are not your data' if flip else ''})" + ("" if labels is None else f"; {labels_out}: "
                                                                                      f"{len(images.class_names)} classes ({', '.join(images.class_names)})"))
 
 def check_tokens(array, vocab_size, h, w, name):

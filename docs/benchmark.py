@@ -45,10 +45,11 @@ def digits(seed=0):
     cut = len(images) // 2
     return images[order[:cut]], images[order[cut:]], d.target[order[cut:]], d.target[order[:cut]]
 
-def photographs(n_train=4000, n_val=1600, seed=0):
+def photographs(n_train=4000, n_val=1600, seed=0, block=64):
     """32x32 crops of the colour photographs bundled with scikit-image, scikit-learn and matplotlib, each shrunk to a
-    short side of 128 px so that a crop holds a part of a scene. The left 70% of every photograph gives the training
-    crops, the right 30% the held-out ones (no pixel in both); the class of a crop is its photograph."""
+    short side of 128 px so that a crop holds a part of a scene. Every photograph is cut into 64-px blocks coloured
+    like a chessboard: crops inside the white blocks train, crops inside the black ones are held out, so both sets
+    cover every part of every scene and no pixel is in both. The class of a crop is its photograph."""
     import matplotlib
     import skimage.data
     from sklearn.datasets import load_sample_images
@@ -63,16 +64,17 @@ def photographs(n_train=4000, n_val=1600, seed=0):
         s = 128 / min(im.size)
         small.append(np.asarray(im.resize((round(im.size[0] * s), round(im.size[1] * s)), Image.BICUBIC)))
 
-    def crops(n, side):
+    def crops(n, parity):
         out, cls = [], rng.integers(len(small), size=n)
         for c in cls:
             h, w, _ = small[c].shape
-            lo, hi = (0, int(0.7 * w) - 32) if side == "train" else (int(0.7 * w), w - 32)
-            x, y = rng.integers(lo, hi + 1), rng.integers(0, h - 32 + 1)
+            blocks = [(i, j) for i in range(h // block) for j in range(w // block) if (i + j) % 2 == parity]
+            i, j = blocks[rng.integers(len(blocks))]
+            y, x = i * block + rng.integers(block - 32 + 1), j * block + rng.integers(block - 32 + 1)
             out.append(small[c][y:y + 32, x:x + 32])
         return np.stack(out), cls
 
-    (train, train_cls), (val, val_cls) = crops(n_train, "train"), crops(n_val, "val")
+    (train, train_cls), (val, val_cls) = crops(n_train, 0), crops(n_val, 1)
     return train, val, val_cls, train_cls
 
 # --------------------------------------------------------------------------------------------------------------
@@ -108,20 +110,24 @@ class Judge:
 def run(*args):
     subprocess.run([sys.executable, *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
-def train_pipeline(train, work, flip, vq_steps, sundae_steps, calibrate=True):
+def train_pipeline(train, work, flip, vq_steps, sundae_steps, vq_flags=(), sundae_flags=(), reuse=False):
+    """vqgan.py --data, --encode and sundae.py --data in `work` -> (VQ-GAN, SUNDAE, tokenizer minutes, prior
+    minutes). reuse: keep the tokenizer and latents already in `work` (to compare priors on one tokenizer)."""
     folder = os.path.join(work, "train")
-    os.makedirs(folder, exist_ok=True)
-    for i, im in enumerate(train):
-        Image.fromarray(im).save(os.path.join(folder, f"{i:05d}.png"))
     vq, lat, sd = (os.path.join(work, f) for f in ("vqgan.pt", "latents.npy", "sundae.pt"))
     flag = "--flip" if flip else "--no-flip"
     t = time.time()
-    run("vqgan.py", "--data", folder, "--size", "32", "--max_steps", str(vq_steps), "--out", vq, flag, "--overwrite",
-        "--val_n", str(min(256, len(train) // 4)))
-    run("vqgan.py", "--encode", "--ckpt", vq, "--data", folder, "--out", lat, flag, "--overwrite")
+    if not (reuse and os.path.exists(lat)):
+        os.makedirs(folder, exist_ok=True)
+        for i, im in enumerate(train):
+            Image.fromarray(im).save(os.path.join(folder, f"{i:05d}.png"))
+        run("vqgan.py", "--data", folder, "--size", "32", "--max_steps", str(vq_steps), "--out", vq, flag,
+            "--overwrite", "--val_n", str(min(256, len(train) // 4)), *vq_flags)
+        run("vqgan.py", "--encode", "--ckpt", vq, "--data", folder, "--out", lat, flag, "--overwrite")
+    t_vq = time.time()
     run("sundae.py", "--data", lat, "--vqgan", vq, "--max_steps", str(sundae_steps), "--out", sd, "--overwrite",
-        "--calibrate" if calibrate else "--no-calibrate")
-    return vqgan.load_vqgan(vq), sundae.load_sundae(sd), (time.time() - t) / 60
+        *sundae_flags)
+    return vqgan.load_vqgan(vq), sundae.load_sundae(sd), (t_vq - t) / 60, (time.time() - t_vq) / 60
 
 def to_images(x):  # (n, 3, H, W) in [-1, 1] -> uint8 (n, H, W, 3)
     return x.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -137,50 +143,129 @@ def holes(n):
     out["centre box"][:, 8:24, 8:24] = True
     return out
 
+def fills(model, vq, ref, hole, gen, candidates=1):
+    """Inpaint the images ref (n, 32, 32, 3) where `hole` (n, 32, 32) is set, best_fit of `candidates` fillings each;
+    the visible part pasted back -> uint8 (n, 32, 32, 3)."""
+    x, known_px = to_tensor(ref), torch.from_numpy(~hole)
+    known = inpaint.pixel_to_token_mask(known_px, vq.downsample_factor)
+    rep = lambda t: t.repeat_interleave(candidates, 0)
+    filled = inpaint.inpaint(model, rep(vq.encode(x)), rep(known), generator=gen)
+    if candidates > 1:
+        filled = inpaint.best_fit(vq, x, known_px, filled)
+    return np.where(hole[..., None], to_images(vq.decode(filled)), ref)
+
+def spearman(a, b):
+    rank = lambda v: np.argsort(np.argsort(v))
+    return float(np.corrcoef(rank(np.asarray(a)), rank(np.asarray(b)))[0, 1])
+
 @torch.no_grad()
-def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_steps, n, seed=0, calibrate=True):
+def embedding_features(model, grids):
+    """Token grids (n, h, w) -> (n, 4 D): the tokens' input embeddings averaged over each quarter of the grid (the
+    calibration criterion before sundae.hidden_features), for comparison."""
+    e = model.embed(grids).permute(0, 3, 1, 2)  # (n, D, h, w)
+    return torch.nn.functional.adaptive_avg_pool2d(e, 2).flatten(1).numpy()
+
+@torch.no_grad()
+def calibration_study(model, vq, judge, ref, latents, work, seeds=3, n=128):
+    """Each calibration schedule, `seeds` times with sundae.calibrate's draws: the judge's distance of its samples
+    against the criteria that sundae.py can compute without a judge (on the prior's own held-out grids), and what
+    sundae.calibrate would store on each seed."""
+    criteria = {"hidden": sundae.hidden_features, "embedding": embedding_features}
+    refs = {k: f(model, latents) for k, f in criteria.items()}
+    rows, kept, tables = [], [], [[] for _ in range(seeds)]
+    for schedule in sundae.CALIBRATION_SCHEDULES:
+        per_seed = []
+        for seed in range(seeds):
+            grids, steps = sundae.sample(model, n, temperature=schedule, generator=torch.Generator().manual_seed(seed))
+            feats = {k: f(model, grids) for k, f in criteria.items()}
+            per_seed.append([judge.summary(to_images(vq.decode(grids)), ref)[0]]
+                            + [sundae.frechet_distance(feats[k], refs[k]) for k in criteria])
+            halves = [sundae.frechet_distance(h, refs["hidden"]) for h in (feats["hidden"][:n // 2],
+                                                                            feats["hidden"][n // 2:])]
+            tables[seed].append((schedule, per_seed[-1][1], abs(halves[0] - halves[1]), 0.0))
+            kept.append(grids.numpy())
+        rows.append((schedule, np.array(per_seed)))  # (seeds, 1 + criteria)
+    np.savez(os.path.join(work, "calibration_study.npz"), grids=np.stack(kept), judge=np.array([d[:, 0] for _, d in rows]))
+    names = ["judge"] + list(criteria)
+    print(f"  calibration study: {n} samples per schedule, {seeds} seeds (mean +- sd over seeds)")
+    print(f"  {'schedule':12s} " + " ".join(f"{k:>16s}" for k in names))
+    for schedule, d in rows:
+        print(f"  {schedule[0]:.2f} -> {schedule[1]:.2f}  "
+              + " ".join(f"{m:9.3f} +-{sd:5.3f}" for m, sd in zip(d.mean(0), d.std(0, ddof=1))))
+    means = np.array([d.mean(0) for _, d in rows])
+    noise = np.array([d.std(0, ddof=1) for _, d in rows]).mean(0)
+    best_judge = means[:, 0].min()
+    for j, k in enumerate(names):
+        pick = means[:, j].argmin()
+        print(f"  {k:10s} spread {np.ptp(means[:, j]):8.3f}  seed noise {noise[j]:7.3f}  rank corr with the judge "
+              f"{spearman(means[:, j], means[:, 0]):5.2f}  its pick {sundae.CALIBRATION_SCHEDULES[pick]} is "
+              f"{means[pick, 0] / best_judge - 1:+.0%} from the judge's best")
+    judged = dict(zip(sundae.CALIBRATION_SCHEDULES, means[:, 0]))
+    for seed, table in enumerate(tables):
+        best = min(table, key=lambda row: row[1])[0]
+        choice = best if sundae.resolves(table) else sundae.PAPER_TEMPERATURE  # as sundae.calibrate
+        print(f"  seed {seed}: sundae.calibrate stores {choice} ({'resolved' if sundae.resolves(table) else 'fallback'}"
+              f"), {judged[choice] / best_judge - 1:+.0%} from the judge's best")
+
+@torch.no_grad()
+def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_steps, n, seed=0, vq_flags=(),
+            sundae_flags=(), reuse=False, studies=()):
     """The table of one source. Half of the held-out images train the judge, the other half are the reference
     that every row is compared with (seen by neither the judge nor the pipeline)."""
     half = len(val) // 2
     judge = Judge(val[half:], val_cls[half:], seed)
     val, val_cls = val[:half], val_cls[:half]
-    vq, model, minutes = train_pipeline(train, work, flip, vq_steps, sundae_steps, calibrate)
+    vq, model, vq_min, prior_min = train_pipeline(train, work, flip, vq_steps, sundae_steps, vq_flags, sundae_flags,
+                                                  reuse)
     gen = torch.Generator().manual_seed(seed)
     ref = val[:n]
     recon = to_images(vq.decode(vq.encode(to_tensor(ref))))
     random_tokens = torch.randint(vq.codebook_size, (n, model.height, model.width), generator=gen)
+    t = time.time()
     tokens, steps = sundae.sample(model, n, generator=gen)
+    sample_s = time.time() - t
     rows = [("held-out real images", val[n:2 * n]), ("train images", train[:n]), ("reconstructions", recon),
             ("decoded random tokens", to_images(vq.decode(random_tokens))), ("samples", to_images(vq.decode(tokens)))]
     print(f"\n{name}: {len(train)} train / {len(val)} held-out images, flips {'on' if flip else 'off'}, VQ-GAN "
-          f"{vq_steps} + SUNDAE {sundae_steps} steps ({minutes:.1f} minutes on {torch.get_num_threads()} threads), "
-          f"judge accuracy on the reference images {judge.net.score(judge.inputs(val), val_cls):.2f}; {n} per row")
+          f"{vq_steps} steps {' '.join(vq_flags)} ({vq_min:.1f} min) + SUNDAE {sundae_steps} steps "
+          f"{' '.join(sundae_flags)} ({prior_min:.1f} min) on {torch.get_num_threads()} threads; temperature "
+          f"{model.default_temperature}; judge accuracy on the reference images "
+          f"{judge.net.score(judge.inputs(val), val_cls):.2f}; {n} per row")
     print(f"  {'set':24s} {'Frechet':>8s} {'confidence':>11s} {'class entropy':>14s}")
     for label, images in rows:
         fd, conf, ent = judge.summary(images, ref)
         print(f"  {label:24s} {fd:8.3f} {conf:11.3f} {ent:14.3f}")
-    print(f"  samples took {steps.float().mean():.1f} steps on average")
+    print(f"  samples took {steps.float().mean():.1f} steps on average, {sample_s / n:.2f} s per sample")
     # inpainting: does the filled image keep the class of the image whose part is visible?
-    x, truth = to_tensor(ref), val_cls[:n]
-    known_tokens = {}
+    truth = val_cls[:n]
     other = val[(np.arange(n) + 1 + np.random.default_rng(seed).integers(0, n - 1, n)) % n]
-    print(f"  {'inpainting: class kept':24s} " + " ".join(f"{h:>12s}" for h in holes(n)))
-    results = {"one sample": [], "nearest training image": [], "a random other image": [], "reconstruction": []}
     flat_train = train.reshape(len(train), -1).astype(np.float32)
-    for hole_name, hole in holes(n).items():
-        known_px = torch.from_numpy(~hole)
-        known_tokens[hole_name] = inpaint.pixel_to_token_mask(known_px, vq.downsample_factor)
-        filled = inpaint.inpaint(model, vq.encode(x), known_tokens[hole_name], generator=gen)
-        paste = lambda fill: np.where(hole[..., None], fill, ref)  # the visible part always the original's
+    candidates = (1, 4, 16) if "inpainting" in studies else (1,)
+    results = {**{f"best of {k}" if k > 1 else "one sample": [] for k in candidates},
+               "nearest training image": [], "a random other image": [], "reconstruction": []}
+    seconds = {k: 0.0 for k in candidates}
+    for hole in holes(n).values():
         vis = (~hole).reshape(n, -1, 1).repeat(3, 2).reshape(n, -1)
         dist = np.stack([((flat_train - r.reshape(-1).astype(np.float32)) ** 2 * v).sum(1)
                          for r, v in zip(ref, vis)])  # (n, n_train) over the visible pixels
-        candidates = {"one sample": to_images(vq.decode(filled)), "nearest training image": train[dist.argmin(1)],
-                      "a random other image": other, "reconstruction": recon}
-        for k, fill in candidates.items():
-            results[k].append(float((judge.classes(paste(fill)) == truth).mean()))
+        paste = lambda fill: np.where(hole[..., None], fill, ref)  # the visible part always the original's
+        filled = {}
+        for k in candidates:
+            t = time.time()
+            filled[f"best of {k}" if k > 1 else "one sample"] = fills(model, vq, ref, hole, gen, k)
+            seconds[k] += time.time() - t
+        filled.update({"nearest training image": paste(train[dist.argmin(1)]), "a random other image": paste(other),
+                       "reconstruction": paste(recon)})
+        for k, images in filled.items():
+            results[k].append(float((judge.classes(images) == truth).mean()))
+    print(f"  {'inpainting: class kept':24s} " + " ".join(f"{h:>12s}" for h in holes(n)))
     for k, shares in results.items():
         print(f"  {k:24s} " + " ".join(f"{s:12.0%}" for s in shares))
+    print("  seconds per filled image: " + ", ".join(f"K = {k}: {s / (3 * n):.2f}" for k, s in seconds.items()))
+    if "calibration" in studies:
+        lat = torch.from_numpy(np.load(os.path.join(work, "latents.npy")).astype(np.int64))
+        held = lat[vqgan.split_indices(len(lat), 0.05)[1]]  # the grids sundae.py held out and calibrated on
+        calibration_study(model, vq, judge, ref, held, work)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="End-to-end benchmark on real images (digits, photograph crops).")
@@ -188,19 +273,25 @@ def main(argv=None):
     p.add_argument("--workdir", default="benchmark_runs", help="folder for the images, checkpoints and latents")
     p.add_argument("--vq_steps", type=int, default=2400, help="VQ-GAN training steps (the quick start's)")
     p.add_argument("--sundae_steps", type=int, default=1800, help="SUNDAE training steps (the quick start's)")
+    p.add_argument("--vq_flags", default="", help="more flags for vqgan.py, e.g. '--l2_weight 1'")
+    p.add_argument("--sundae_flags", default="", help="more flags for sundae.py, e.g. '--box_share 0.5'")
+    p.add_argument("--reuse", action="store_true", help="keep the tokenizer and latents already in --workdir")
+    p.add_argument("--study", default="", help="comma-separated extras: calibration (each schedule over seeds, "
+                                               "judge against criteria), inpainting (best_fit of 4 and 16)")
     p.add_argument("--n", type=int, default=200, help="images per row of the table")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything, to check that it runs")
     args = p.parse_args(argv)
+    kw = dict(vq_flags=args.vq_flags.split(), sundae_flags=args.sundae_flags.split(), reuse=args.reuse,
+              studies=args.study.split(","))
     if args.smoke:
         args.vq_steps, args.sundae_steps, args.n = 3, 3, 16
+        kw["sundae_flags"] = kw["sundae_flags"] + ["--no-calibrate"]
     if args.source in ("all", "digits"):
-        train, val, val_cls, train_cls = digits()
-        measure("digits", train, val, val_cls, train_cls, os.path.join(args.workdir, "digits"), False, args.vq_steps,
-                args.sundae_steps, args.n, calibrate=not args.smoke)
+        measure("digits", *digits(), os.path.join(args.workdir, "digits"), False, args.vq_steps, args.sundae_steps,
+                args.n, **kw)
     if args.source in ("all", "photos"):
-        train, val, val_cls, train_cls = photographs(*((64, 64) if args.smoke else ()))
-        measure("photographs", train, val, val_cls, train_cls, os.path.join(args.workdir, "photos"), True,
-                args.vq_steps, args.sundae_steps, args.n, calibrate=not args.smoke)
+        measure("photographs", *photographs(*((64, 64) if args.smoke else ())), os.path.join(args.workdir, "photos"),
+                True, args.vq_steps, args.sundae_steps, args.n, **kw)
 
 if __name__ == "__main__":
     main()
