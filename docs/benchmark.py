@@ -125,8 +125,9 @@ def train_pipeline(train, work, flip, vq_steps, sundae_steps, vq_flags=(), sunda
             "--overwrite", "--val_n", str(min(256, len(train) // 4)), *vq_flags)
         run("vqgan.py", "--encode", "--ckpt", vq, "--data", folder, "--out", lat, flag, "--overwrite")
     t_vq = time.time()
-    run("sundae.py", "--data", lat, "--vqgan", vq, "--max_steps", str(sundae_steps), "--out", sd, "--overwrite",
-        *sundae_flags)
+    if reuse != "all" or not os.path.exists(sd):
+        run("sundae.py", "--data", lat, "--vqgan", vq, "--max_steps", str(sundae_steps), "--out", sd,
+            "--overwrite", *sundae_flags)
     return vqgan.load_vqgan(vq), sundae.load_sundae(sd), (t_vq - t) / 60, (time.time() - t_vq) / 60
 
 def to_images(x):  # (n, 3, H, W) in [-1, 1] -> uint8 (n, H, W, 3)
@@ -275,7 +276,8 @@ def main(argv=None):
     p.add_argument("--sundae_steps", type=int, default=1800, help="SUNDAE training steps (the quick start's)")
     p.add_argument("--vq_flags", default="", help="more flags for vqgan.py, e.g. '--l2_weight 1'")
     p.add_argument("--sundae_flags", default="", help="more flags for sundae.py, e.g. '--box_share 0.5'")
-    p.add_argument("--reuse", action="store_true", help="keep the tokenizer and latents already in --workdir")
+    p.add_argument("--reuse", default="", choices=("", "tokenizer", "all"),
+                   help="keep the tokenizer and latents (and with 'all' the prior) already in --workdir")
     p.add_argument("--study", default="", help="comma-separated extras: calibration (each schedule over seeds, "
                                                "judge against criteria), inpainting (best_fit of 4 and 16)")
     p.add_argument("--n", type=int, default=200, help="images per row of the table")
