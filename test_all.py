@@ -3582,10 +3582,11 @@ def test_slow_real_image_benchmark_runs_end_to_end(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("skimage")
     res = subprocess.run([sys.executable, os.path.join(HERE, "docs", "benchmark.py"), "--smoke", "--workdir",
-                          str(tmp_path)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          str(tmp_path), "--study", "calibration,inpainting"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     for line in ("digits:", "photographs:", "train images", "decoded random tokens", "samples",
-                 "nearest training image"):
+                 "nearest training image", "best of 4", "calibration study", "sundae.calibrate stores"):
         assert line in res.stdout, res.stdout
 
 @slow
