@@ -2218,7 +2218,12 @@ def test_calibration_features_pool_each_quarter_of_the_grid():
     assert f.shape == (16, 4), "one D-vector per quarter of the grid"
     assert torch.allclose(f[:, 0], e[1], atol=1e-6) and all(torch.allclose(f[:, q], e[2], atol=1e-6)
                                                              for q in (1, 2, 3))
+
+def test_calibration_features_are_the_networks_last_hidden_states():
     # the hidden states, not the input embeddings: a real network's features are its body's output
+    needs("rope", "resampling", "hourglass_level")
+    grid = torch.full((1, 4, 6), 2)
+    grid[0, :2, :3] = 1
     h = hourglass.HourglassTransformer(5, 4, 6, 8, 2, depth=(1,)).eval()
     with torch.no_grad():
         want = h.features(grid).reshape(1, 4, 6, 8)[0, :2, :3].mean((0, 1))
