@@ -3591,7 +3591,8 @@ def test_slow_real_image_benchmark_runs_end_to_end(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     for line in ("digits:", "photographs:", "train images", "decoded random tokens", "samples",
-                 "nearest training image", "best of 4", "calibration study", "sundae.calibrate stores"):
+                 "nearest training image", "best of 4", "calibration study", "sundae.calibrate stores",
+                 "reconstruction PSNR", "sd over draws"):
         assert line in res.stdout, res.stdout
 
 @slow
