@@ -2310,8 +2310,13 @@ def test_a_signal_during_a_write_waits_for_the_file_to_be_whole(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)
         f.write(b"second half")
 
-    with pytest.raises(KeyboardInterrupt):  # delivered once the file is whole and in place
-        vqgan.write_atomic(out, write)
+    # Python's own Ctrl-C handler, also where pytest was started with SIGINT ignored (a shell's background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # delivered once the file is whole and in place
+            vqgan.write_atomic(out, write)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert open(out, "rb").read() == b"first half second half" and os.listdir(tmp_path) == ["f.bin"]
 
 # --------------------------------------------------------------------------------------------------
