@@ -13,7 +13,8 @@ inpainting agrees with the visible part of its image.
     python docs/benchmark.py --smoke               # a few steps of everything (the slow test tier runs it)
 
 The pipeline runs as a user runs it (vqgan.py --data FOLDER, --encode, sundae.py --data), in --workdir. Digits are
-trained without flips (a mirrored digit is not a digit); photographs with them. Nothing imports this file.
+trained without flips (a mirrored digit is not a digit); photographs with them (--flip changes that). Nothing
+imports this file.
 """
 import argparse
 import os
@@ -291,6 +292,8 @@ def main(argv=None):
                    help="keep the tokenizer and latents (and with 'all' the prior) already in --workdir")
     p.add_argument("--study", default="", help="comma-separated extras: calibration (each schedule over seeds, "
                                                "judge against criteria), inpainting (best_fit of 4 and 16)")
+    p.add_argument("--flip", default="by source", choices=("by source", "on", "off"),
+                   help="mirror images in training and encoding: by source = off for digits, on for photographs")
     p.add_argument("--n", type=int, default=200, help="images per row of the table")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything, to check that it runs")
     args = p.parse_args(argv)
@@ -300,11 +303,11 @@ def main(argv=None):
         args.vq_steps, args.sundae_steps, args.n = 3, 3, 16
         kw["sundae_flags"] = kw["sundae_flags"] + ["--no-calibrate"]
     if args.source in ("all", "digits"):
-        measure("digits", *digits(), os.path.join(args.workdir, "digits"), False, args.vq_steps, args.sundae_steps,
-                args.n, **kw)
+        measure("digits", *digits(), os.path.join(args.workdir, "digits"), args.flip == "on", args.vq_steps,
+                args.sundae_steps, args.n, **kw)
     if args.source in ("all", "photos"):
         measure("photographs", *photographs(*((64, 64) if args.smoke else ())), os.path.join(args.workdir, "photos"),
-                True, args.vq_steps, args.sundae_steps, args.n, **kw)
+                args.flip != "off", args.vq_steps, args.sundae_steps, args.n, **kw)
 
 if __name__ == "__main__":
     main()
