@@ -3599,6 +3599,8 @@ def test_slow_real_image_benchmark_runs_end_to_end(tmp_path):
                  "nearest training image", "best of 4", "calibration study", "sundae.calibrate stores",
                  "reconstruction PSNR", "sd over draws"):
         assert line in res.stdout, res.stdout
+    # by source: a mirrored digit is not a digit, a mirrored scene is a scene
+    assert re.search(r"digits: .*flips off", res.stdout) and re.search(r"photographs: .*flips on", res.stdout)
 
 @slow
 def test_slow_answers_right_ones_pass_the_whole_suite_and_wrong_ones_fail_their_section_by_name(tmp_path):
