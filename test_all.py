@@ -1375,6 +1375,39 @@ def test_sampler_keeps_known_tokens_for_any_mask_with_freezing():
     assert torch.equal(out[masks[:4]],
                        tokens[:4][masks[:4]]), "known tokens must stay, with a real network too"
 
+def test_nearest_starts_are_the_reference_grids_closest_in_code_space_at_the_known_positions():
+    torch.manual_seed(0)
+    V, N, h, w = 7, 30, 3, 4
+    codes, reference = torch.randn(V, 3), torch.randint(V, (N, h, w))
+    tokens, known = torch.randint(V, (2, h, w)), torch.rand(2, h, w) < 0.5
+    for c in (codes, None):
+        k = 5
+        starts = inpaint.nearest_starts(c, tokens, known, reference, k)
+        assert starts.shape == (2 * k, h, w)
+        for b in range(2):
+            # written out: per reference grid, the sum over the known positions of the two codes' squared distance
+            d = [sum(float(((c[tokens[b, i, j]] - c[g[i, j]]) ** 2).sum()) if c is not None
+                     else float(tokens[b, i, j] != g[i, j]) for i in range(h) for j in range(w) if known[b, i, j])
+                 for g in reference]
+            got = [next(n for n in range(N) if torch.equal(reference[n], s)) for s in starts[b * k:(b + 1) * k]]
+            assert np.allclose(sorted(d)[:k], [d[n] for n in got], atol=1e-4), \
+                "the k closest grids, closest first, by the known positions only"
+    # the unknown positions play no part; more rows than the reference holds cycle through it
+    other = torch.where(known[:1], reference, torch.randint(V, (N, h, w)))
+    a, b = (inpaint.nearest_starts(codes, tokens[:1], known[:1], r, 3) for r in (reference, other))
+    assert torch.equal(a[:, known[0]], b[:, known[0]])
+    two = inpaint.nearest_starts(codes, tokens[:1], known[:1], reference[:2], 2)
+    assert torch.equal(inpaint.nearest_starts(codes, tokens[:1], known[:1], reference[:2], 5), torch.cat([two, two, two[:1]]))
+
+def test_inpainting_starts_the_unknown_positions_from_the_given_start():
+    V, h, w = 9, 3, 3
+    tokens, start = torch.randint(V, (2, h, w)), torch.randint(V, (2, h, w))
+    known = torch.rand(2, h, w) < 0.5
+    steps = []
+    out = inpaint.inpaint(Peaked(start, V), tokens, known, start, steps=3, min_steps=1, trajectory=steps)
+    assert torch.equal(steps[0], torch.where(known, tokens, start)), "the chain starts at the start, known kept"
+    assert torch.equal(out, torch.where(known, tokens, start))
+
 def test_sampler_computes_the_head_only_at_the_positions_it_updates():
     needs("draw", "rope", "resampling", "hourglass_level")
     torch.manual_seed(0)
@@ -3130,6 +3163,10 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
              str(t / "lab3.npy"), "--max_steps", "100000"], "unconditional model"),
         "labels too large to be classes": (["sundae.py", "--data", p["latents"], "--labels",
                                             str(t / "hugelab.npy")], "hold classes in"),
+        "inpainting from latents that are not there": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"],
+                                                         "--reference", str(t / "none.npy")], "--start random"),
+        "inpainting from another VQ-GAN's latents": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"],
+                                                      "--reference", str(t / "other_lat.npy")], "another VQ-GAN"),
         "too many fills per image": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"],
                                       "--candidates", "100000"], "at most 1024"),
         "benchmark an unknown preset": (["sample.py", "--benchmark", "--preset", "nope"], "is not a preset"),
@@ -3596,8 +3633,8 @@ def test_slow_real_image_benchmark_runs_end_to_end(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     for line in ("digits:", "photographs:", "train images", "decoded random tokens", "samples",
-                 "nearest training image", "best of 4", "calibration study", "sundae.calibrate stores",
-                 "reconstruction PSNR", "sd over draws"):
+                 "nearest training image", "best of 4", "one sample, random start", "calibration study",
+                 "sundae.calibrate stores", "reconstruction PSNR", "sd over draws"):
         assert line in res.stdout, res.stdout
     # by source: a mirrored digit is not a digit, a mirrored scene is a scene
     assert re.search(r"digits: .*flips off", res.stdout) and re.search(r"photographs: .*flips on", res.stdout)

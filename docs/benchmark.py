@@ -147,13 +147,16 @@ def holes(n):
     out["centre box"][:, 8:24, 8:24] = True
     return out
 
-def fills(model, vq, ref, hole, gen, candidates=1):
-    """Inpaint the images ref (n, 32, 32, 3) where `hole` (n, 32, 32) is set, best_fit of `candidates` fillings each;
-    the visible part pasted back -> uint8 (n, 32, 32, 3)."""
+def fills(model, vq, ref, hole, gen, candidates=1, reference=None):
+    """Inpaint the images ref (n, 32, 32, 3) where `hole` (n, 32, 32) is set, best_fit of `candidates` fillings each,
+    started from the nearest grids of `reference` (None: uniform random, the paper's); the visible part pasted back
+    -> uint8 (n, 32, 32, 3)."""
     x, known_px = to_tensor(ref), torch.from_numpy(~hole)
-    known = inpaint.pixel_to_token_mask(known_px, vq.downsample_factor)
+    known, tokens = inpaint.pixel_to_token_mask(known_px, vq.downsample_factor), vq.encode(x)
     rep = lambda t: t.repeat_interleave(candidates, 0)
-    filled = inpaint.inpaint(model, rep(vq.encode(x)), rep(known), generator=gen)
+    start = None if reference is None else inpaint.nearest_starts(vq.quantize.codes(), tokens, known, reference,
+                                                                  candidates)
+    filled = inpaint.inpaint(model, rep(tokens), rep(known), start, generator=gen)
     if candidates > 1:
         filled = inpaint.best_fit(vq, x, known_px, filled)
     return np.where(hole[..., None], to_images(vq.decode(filled)), ref)
@@ -254,7 +257,11 @@ def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_s
     other = val[(np.arange(n) + 1 + np.random.default_rng(seed).integers(0, n - 1, n)) % n]
     flat_train = train.reshape(len(train), -1).astype(np.float32)
     candidates = ((1, 4, 16) if n > 16 else (1, 4)) if "inpainting" in studies else (1,)  # n = 16: --smoke
-    results = {**{f"best of {k}" if k > 1 else "one sample": [] for k in candidates},
+    # fills start from the nearest of the latents the prior trained on, as inpaint.py's default; the paper's random
+    # start beside them
+    reference = torch.from_numpy(np.load(os.path.join(work, "latents.npy")).astype(np.int64))
+    name = lambda k: f"best of {k}" if k > 1 else "one sample"
+    results = {**{name(k): [] for k in candidates}, "one sample, random start": [],
                "nearest training image": [], "a random other image": [], "reconstruction": []}
     seconds = {k: 0.0 for k in candidates}
     for hole in holes(n).values():
@@ -265,8 +272,9 @@ def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_s
         filled = {}
         for k in candidates:
             t = time.time()
-            filled[f"best of {k}" if k > 1 else "one sample"] = fills(model, vq, ref, hole, gen, k)
+            filled[name(k)] = fills(model, vq, ref, hole, gen, k, reference)
             seconds[k] += time.time() - t
+        filled["one sample, random start"] = fills(model, vq, ref, hole, gen)
         filled.update({"nearest training image": paste(train[dist.argmin(1)]), "a random other image": paste(other),
                        "reconstruction": paste(recon)})
         for k, images in filled.items():
