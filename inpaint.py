@@ -208,7 +208,7 @@ def load_reference(args, model, vq=None):
     checkpoint trained on), checked against the model and the VQ-GAN; None for --start random."""
     if args.start == "random":
         return None
-    path = args.reference or vqgan.load_checkpoint(args.sundae, "sundae").get("train_config", {}).get("data", "")
+    path = args.reference or model.trained_on
     if not os.path.exists(path):
         raise BadInput(f"--start nearest starts each fill from the closest grid of the latents {path!r}, which are "
                        "not there; pass --reference LATENTS.npy, or --start random")

@@ -265,6 +265,7 @@ def load_sundae(path, device="cpu"):
     ckpt = vqgan.load_checkpoint(path, "sundae")
     model = HourglassTransformer(**vqgan.tuples(ckpt["model_config"]))
     model.vqgan_id = ckpt.get("vqgan_id")  # the VQ-GAN whose latents trained it, if known
+    model.trained_on = ckpt.get("train_config", {}).get("data", "")  # those latents' path, as training was given it
     model.class_names = ckpt.get("class_names") or [str(c) for c in range(model.num_classes)]
     # the sampling temperature its training stored; checkpoints from before the field existed get
     # the paper's

@@ -2427,7 +2427,7 @@ def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
     inpaint.main(["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--steps", "5", "--samples",
                   "1", "--image",
                   str(tmp_path / "face.png"), "--mask", str(tmp_path / "mask4.png"), "--out",
-                  str(tmp_path / "m4.png")])
+                  str(tmp_path / "m4.png"), "--start", "random"])  # the paper's uniform start
 
 # --------------------------------------------------------------------------------------------------
 # bring your own tokenizer and latents: taming-transformers checkpoints in, token grids out
