@@ -356,6 +356,7 @@ def main(argv=None):
     vqgan.check_outputs({"--out": args.out}, [args.sundae, args.vqgan, args.image, args.mask],
                         args.overwrite)
     model, vq = load_pair(args.sundae, args.vqgan, device)
+    reference = load_reference(args, model, vq)
     size, f = vq.config.size, vq.downsample_factor
 
     if args.image:
@@ -408,7 +409,6 @@ def main(argv=None):
     # independently
     repeat = lambda t, k=args.samples: t.repeat_interleave(k, 0)
     K, gen = args.samples * args.candidates, torch.Generator(device).manual_seed(args.seed)
-    reference = load_reference(args, model, vq)
     start = None if reference is None else nearest_starts(vq.quantize.codes(), tokens, known, reference.to(device),
                                                           K)
     fills = inpaint(model, repeat(tokens, K), repeat(known, K), start, steps=args.steps,

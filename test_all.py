@@ -1400,6 +1400,7 @@ def test_nearest_starts_are_the_reference_grids_closest_in_code_space_at_the_kno
     assert torch.equal(inpaint.nearest_starts(codes, tokens[:1], known[:1], reference[:2], 5), torch.cat([two, two, two[:1]]))
 
 def test_inpainting_starts_the_unknown_positions_from_the_given_start():
+    needs("draw", "sampler")
     V, h, w = 9, 3, 3
     tokens, start = torch.randint(V, (2, h, w)), torch.randint(V, (2, h, w))
     known = torch.rand(2, h, w) < 0.5
