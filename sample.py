@@ -287,7 +287,7 @@ def calibrate_checkpoint(args, device, bf16):
     lock = vqgan.hold_lock(args.sundae)
     try:
         ckpt = vqgan.load_checkpoint(args.sundae, "sundae")
-        model = sundae.load_sundae(args.sundae, device)
+        model, vq = load_pair(args.sundae, args.vqgan, device)  # vq decodes the samples the criterion compares
         array, _ = sundae.load_latents(args.data, model.vocab_size)
         latents_id = sundae.latents_meta(args.data).get("vqgan_id")
         if latents_id and model.vqgan_id and latents_id != model.vqgan_id:
@@ -301,8 +301,9 @@ def calibrate_checkpoint(args, device, bf16):
             raise BadInput(f"--data {args.data!r} has {len(val_idx)} held-out grids; calibration needs at least 32")
         t = time.time()
         heldout = torch.from_numpy(np.asarray(array[val_idx], dtype=np.int64))
-        best, table = sundae.calibrate(model, heldout, bf16=bf16)
-        sundae.print_calibration(table, best, f"{len(val_idx)} held-out grids, {time.time() - t:.0f} s")
+        best, table = sundae.calibrate(model, heldout, vq, bf16=bf16)
+        sundae.print_calibration(table, best, f"{len(val_idx)} held-out grids, "
+                                 f"{'decoded pixels' if vq else 'hidden states'}, {time.time() - t:.0f} s")
         ckpt["train_config"]["temperature"] = best  # what load_sundae gives sample.py and inpaint.py
         vqgan.save_checkpoint(ckpt, args.sundae)
     finally:
@@ -338,7 +339,7 @@ def main(argv=None):
     p.add_argument("--calibrate", action="store_true",
                    help="choose the temperature schedule on --data's held-out "
                         "split (as training does at its end); "
-                        "store it in --sundae")
+                        "store it in --sundae; in images decoded by --vqgan ('' = none: the network's hidden states)")
     p.add_argument("--data", default="", help="--calibrate: the latents --sundae was trained on")
     p.add_argument("--benchmark", action="store_true",
                    help="time sampling and decoding at random weights")

@@ -2214,7 +2214,7 @@ class Tempered(nn.Module):
         return self.logits.expand(*x.shape, -1)
 
 def test_calibration_picks_the_temperature_at_which_the_model_is_the_data():
-    needs("sampler", "frechet")
+    needs("sampler")
     torch.manual_seed(0)
     p = torch.softmax(2 * torch.randn(12), 0)
     model = Tempered(p, 4, 4)
@@ -2228,6 +2228,46 @@ def test_calibration_picks_the_temperature_at_which_the_model_is_the_data():
     assert distance[0] > distance[1] > distance[2] < distance[3] < distance[4]
     # the full grid: these two end at 0.7
     assert sundae.calibrate(model, heldout, n=256)[0] in ((0.7, 0.7), (1.0, 0.7))
+
+class Paint(nn.Module):
+    """A stand-in VQ-GAN: each token a random colour, painted over a 4x4 block of pixels."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.colours = nn.Parameter(torch.randn(vocab_size, 3, generator=torch.Generator().manual_seed(2)))
+
+    def decode(self, tokens):  # (B, h, w) -> (B, 3, 4h, 4w)
+        return F.interpolate(self.colours[tokens].permute(0, 3, 1, 2), scale_factor=4)
+
+def test_calibration_with_a_vqgan_compares_the_decoded_images():
+    needs("sampler")
+    torch.manual_seed(0)
+    p = torch.softmax(2 * torch.randn(12), 0)
+    model, paint = Tempered(p, 4, 4), Paint(12)
+    heldout = torch.multinomial(p, 512 * 16, replacement=True,
+                                generator=torch.Generator().manual_seed(1)).reshape(512, 4, 4)
+    constant = ((1.0, 1.0), (0.85, 0.85), (0.7, 0.7), (0.6, 0.6), (0.5, 0.5))
+    best, table = sundae.calibrate(model, heldout, paint, n=256, schedules=constant)
+    distance = [row[1] for row in table]
+    assert best == (0.7, 0.7) and distance[0] > distance[1] > distance[2] < distance[3] < distance[4]
+    # the features: the 16x16 images averaged over 8x8 blocks of 2x2 pixels, each inside one token's 4x4 block
+    grid = heldout[:2]
+    want = F.interpolate(paint.colours[grid].permute(0, 3, 1, 2), scale_factor=2).flatten(1)
+    assert np.allclose(sundae.pixel_features(paint, grid), want.detach().numpy(), atol=1e-6)
+
+def test_kernel_distance_is_the_unbiased_squared_mmd():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 3)), rng.normal(size=(7, 3)) + 0.5
+    k = lambda x, y: (x @ y / 3 + 1) ** 3
+    written_out = (sum(k(a[i], a[j]) for i in range(5) for j in range(5) if i != j) / 20
+                   + sum(k(b[i], b[j]) for i in range(7) for j in range(7) if i != j) / 42
+                   - 2 * sum(k(x, y) for x in a for y in b) / 35)
+    assert np.isclose(sundae.kernel_distance(a, b), written_out) and np.isclose(sundae.kernel_distance(b, a),
+                                                                                 written_out)
+    # unbiased: two small sets of one distribution average 0 (with the i == j terms kept they would average > 0)
+    same = [sundae.kernel_distance(rng.normal(size=(8, 3)), rng.normal(size=(8, 3))) for _ in range(2000)]
+    shifted = [sundae.kernel_distance(rng.normal(size=(8, 3)), rng.normal(size=(8, 3)) + 0.5) for _ in range(200)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same)) < np.mean(shifted)
 
 def test_calibration_gives_every_schedule_the_same_noise():
     # two copies of one schedule must score the same: each schedule starts from the same seed, so the table
@@ -2266,7 +2306,7 @@ def test_calibration_features_are_the_networks_last_hidden_states():
 def test_calibration_that_cannot_tell_the_schedules_apart_stores_the_fallback(capsys):
     # uniform logits: every temperature draws the same distribution, so the distances differ by noise alone;
     # the criterion must say so and store the paper's schedule, not the luck of the draw
-    needs("sampler", "frechet")
+    needs("sampler")
     model = Tempered(torch.full((12,), 1 / 12), 4, 4)
     heldout = torch.randint(12, (256, 4, 4), generator=torch.Generator().manual_seed(1))
     choice, table = sundae.calibrate(model, heldout, n=128)
@@ -2303,7 +2343,7 @@ def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, c
     # sample.py --calibrate on that checkpoint (the same weights): the same table as training printed, number for
     # number (the same held-out rows and noise), so the same choice
     sample.main(["--calibrate", "--data", str(tmp_path / "lat.npy"), "--sundae",
-                 str(tmp_path / "t.pt")])
+                 str(tmp_path / "t.pt"), "--vqgan", ""])
     table = lambda text: re.findall(r"temperature .*?: +([\d.]+) \+-", text)
     assert table(capsys.readouterr().out) == table(out) and len(table(out)) == len(sundae.CALIBRATION_SCHEDULES)
     assert sundae.load_sundae(str(tmp_path / "t.pt")).default_temperature == stored
@@ -3151,8 +3191,8 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
             ["sundae.py", "--resume", "--out", str(t / "resume_sd.pt"), "--data", str(t / "other_lat.npy"),
              "--max_steps", "100000"], "another VQ-GAN"),
         "calibrate on another tokenizer's latents": (
-            ["sample.py", "--calibrate", "--data", str(t / "other_lat.npy"), "--sundae", str(t / "trained_sd.pt")],
-            "another VQ-GAN"),
+            ["sample.py", "--calibrate", "--data", str(t / "other_lat.npy"), "--sundae", str(t / "trained_sd.pt"),
+             "--vqgan", ""], "another VQ-GAN"),
         "calibrate with flags it ignores": (
             ["sample.py", "--calibrate", "--data", p["latents"], "--sundae", str(t / "trained_sd.pt"),
              "--temperature", "0.5,0.5", "--out", str(t / "cal.png")], "--temperature, --out do(es) not apply"),

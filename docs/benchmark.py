@@ -166,53 +166,49 @@ def spearman(a, b):
     return float(np.corrcoef(rank(np.asarray(a)), rank(np.asarray(b)))[0, 1])
 
 @torch.no_grad()
-def embedding_features(model, grids):
-    """Token grids (n, h, w) -> (n, 4 D): the tokens' input embeddings averaged over each quarter of the grid (the
-    calibration criterion before sundae.hidden_features), for comparison."""
-    e = model.embed(grids).permute(0, 3, 1, 2)  # (n, D, h, w)
-    return torch.nn.functional.adaptive_avg_pool2d(e, 2).flatten(1).numpy()
-
-@torch.no_grad()
-def calibration_study(model, vq, judge, ref, latents, work, seeds=3, n=128):
-    """Each calibration schedule, `seeds` times with sundae.calibrate's draws: the judge's distance of its samples
-    against the criteria that sundae.py can compute without a judge (on the prior's own held-out grids), and what
-    sundae.calibrate would store on each seed."""
-    criteria = {"hidden": sundae.hidden_features, "embedding": embedding_features}
-    refs = {k: f(model, latents) for k, f in criteria.items()}
-    rows, kept, tables = [], [], [[] for _ in range(seeds)]
+def calibration_study(model, vq, judge, ref, heldout, seeds=3, n=256):
+    """Each calibration schedule, `seeds` times with sundae.calibrate's draws (n samples, seed 0, 1, ...): the judge's
+    distance of its samples against sundae.calibrate's criterion with the VQ-GAN (decoded pixels) and without it
+    (hidden states), on the prior's own held-out grids, and what sundae.calibrate stores on each seed."""
+    criteria = {"pixels": lambda g: sundae.pixel_features(vq, g), "hidden": lambda g: sundae.hidden_features(model, g)}
+    scale = {}
+    for k, f in criteria.items():  # as sundae.calibrate: each feature scaled by the held-out grids' spread
+        r = f(heldout)
+        scale[k] = (r.mean(0), r.std(0) + 1e-6, (r - r.mean(0)) / (r.std(0) + 1e-6))
+    rows, tables = [], {k: [[] for _ in range(seeds)] for k in criteria}
     for schedule in sundae.CALIBRATION_SCHEDULES:
         per_seed = []
         for seed in range(seeds):
             grids, steps = sundae.sample(model, n, temperature=schedule, generator=torch.Generator().manual_seed(seed))
-            feats = {k: f(model, grids) for k, f in criteria.items()}
-            per_seed.append([judge.summary(to_images(vq.decode(grids)), ref)[0]]
-                            + [sundae.frechet_distance(feats[k], refs[k]) for k in criteria])
-            halves = [sundae.frechet_distance(h, refs["hidden"]) for h in (feats["hidden"][:n // 2],
-                                                                            feats["hidden"][n // 2:])]
-            tables[seed].append((schedule, per_seed[-1][1], abs(halves[0] - halves[1]), 0.0))
-            kept.append(grids.numpy())
+            row = [judge.summary(to_images(vq.decode(grids)), ref)[0]]
+            for k, f in criteria.items():
+                mean, std, reference = scale[k]
+                x = (f(grids) - mean) / std
+                halves = [sundae.kernel_distance(h, reference) for h in (x[:n // 2], x[n // 2:])]
+                row.append(sundae.kernel_distance(x, reference))
+                tables[k][seed].append((schedule, row[-1], abs(halves[0] - halves[1]), 0.0))
+            per_seed.append(row)
         rows.append((schedule, np.array(per_seed)))  # (seeds, 1 + criteria)
-    np.savez(os.path.join(work, "calibration_study.npz"), grids=np.stack(kept), judge=np.array([d[:, 0] for _, d in rows]))
     names = ["judge"] + list(criteria)
     print(f"  calibration study: {n} samples per schedule, {seeds} seeds (mean +- sd over seeds)")
-    print(f"  {'schedule':12s} " + " ".join(f"{k:>16s}" for k in names))
+    print(f"  {'schedule':12s} " + " ".join(f"{k:>18s}" for k in names))
     for schedule, d in rows:
         print(f"  {schedule[0]:.2f} -> {schedule[1]:.2f}  "
-              + " ".join(f"{m:9.3f} +-{sd:5.3f}" for m, sd in zip(d.mean(0), d.std(0, ddof=1))))
-    means = np.array([d.mean(0) for _, d in rows])
-    noise = np.array([d.std(0, ddof=1) for _, d in rows]).mean(0)
-    best_judge = means[:, 0].min()
+              + " ".join(f"{m:10.4f} +-{sd:6.4f}" for m, sd in zip(d.mean(0), d.std(0, ddof=1))))
+    judge_mean = np.array([d[:, 0].mean() for _, d in rows])
+    best_judge = judge_mean.min()
     for j, k in enumerate(names):
-        pick = means[:, j].argmin()
-        print(f"  {k:10s} spread {np.ptp(means[:, j]):8.3f}  seed noise {noise[j]:7.3f}  rank corr with the judge "
-              f"{spearman(means[:, j], means[:, 0]):5.2f}  its pick {sundae.CALIBRATION_SCHEDULES[pick]} is "
-              f"{means[pick, 0] / best_judge - 1:+.0%} from the judge's best")
-    judged = dict(zip(sundae.CALIBRATION_SCHEDULES, means[:, 0]))
-    for seed, table in enumerate(tables):
-        best = min(table, key=lambda row: row[1])[0]
-        choice = best if sundae.resolves(table) else sundae.PAPER_TEMPERATURE  # as sundae.calibrate
-        print(f"  seed {seed}: sundae.calibrate stores {choice} ({'resolved' if sundae.resolves(table) else 'fallback'}"
-              f"), {judged[choice] / best_judge - 1:+.0%} from the judge's best")
+        per = np.array([d[:, j] for _, d in rows])  # (schedules, seeds)
+        corr = [spearman(per[:, s], judge_mean) for s in range(seeds)] if j else []
+        print(f"  {k:8s} spread {np.ptp(per.mean(1)):8.4f}  seed noise {per.std(1, ddof=1).mean():8.4f}"
+              + (f"  rank corr of each seed's with the judge's mean {' '.join(f'{c:5.2f}' for c in corr)}" if j else ""))
+    for k in criteria:
+        for seed, table in enumerate(tables[k]):
+            best = min(table, key=lambda row: row[1])[0]
+            choice = best if sundae.resolves(table) else sundae.PAPER_TEMPERATURE  # as sundae.calibrate
+            print(f"  {k}, seed {seed}: sundae.calibrate stores {choice} "
+                  f"({'resolved' if sundae.resolves(table) else 'fallback'}), "
+                  f"{judge_mean[sundae.CALIBRATION_SCHEDULES.index(choice)] / best_judge - 1:+.0%} from the judge's best")
 
 @torch.no_grad()
 def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_steps, n, seed=0, vq_flags=(),
@@ -286,7 +282,7 @@ def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_s
     if "calibration" in studies:
         lat = torch.from_numpy(np.load(os.path.join(work, "latents.npy")).astype(np.int64))
         held = lat[vqgan.split_indices(len(lat), 0.05)[1]]  # the grids sundae.py held out and calibrated on
-        calibration_study(model, vq, judge, ref, held, work, seeds=3 if n > 16 else 2, n=min(128, n))
+        calibration_study(model, vq, judge, ref, held, seeds=3 if n > 16 else 2, n=256 if n > 16 else 16)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="End-to-end benchmark on real images (digits, photograph crops).")
