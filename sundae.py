@@ -503,7 +503,7 @@ def kernel_distance(a, b):
     return float((k_aa.sum() - np.trace(k_aa)) / (m * (m - 1)) + (k_bb.sum() - np.trace(k_bb)) / (n * (n - 1))
                  - 2 * k(a, b).mean())
 
-def calibrate(model, heldout, decoder=None, n=256, schedules=CALIBRATION_SCHEDULES, seed=0,
+def calibrate(model, heldout, decoder=None, n=128, schedules=CALIBRATION_SCHEDULES, seed=0,
               fallback=PAPER_TEMPERATURE, **sample_kwargs):
     """The temperature schedule whose samples lie closest to held-out grids (n, h, w): kernel_distance between n
     samples per schedule and the held-out grids, in pixel_features of `decoder` (a VQ-GAN) or, with none, in
@@ -536,7 +536,7 @@ def resolves(table, fallback=PAPER_TEMPERATURE):
     return against - min(distances) > np.mean([row[2] for row in table])
 
 def print_calibration(table, choice, what):
-    print(f"calibration ({what}): kernel distance of 256 samples per schedule to the held-out grids (+- noise)")
+    print(f"calibration ({what}): kernel distance of 128 samples per schedule to the held-out grids (+- noise)")
     for schedule, distance, noise, steps in table:
         print(f"  temperature {schedule[0]:.2f} -> {schedule[1]:.2f}: {distance:8.4f} +- {noise:7.4f} | "
               f"{steps:5.1f} steps"

@@ -2255,6 +2255,20 @@ def test_calibration_with_a_vqgan_compares_the_decoded_images():
     want = F.interpolate(paint.colours[grid].permute(0, 3, 1, 2), scale_factor=2).flatten(1)
     assert np.allclose(sundae.pixel_features(paint, grid), want.detach().numpy(), atol=1e-6)
 
+def test_training_with_a_vqgan_calibrates_in_decoded_images_as_sample_py_does(pipeline, tmp_path, capsys):
+    needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw", "sampler")
+    out = str(tmp_path / "sd.pt")
+    sundae.main(["--data", pipeline["latents"], "--vqgan", pipeline["vqgan"], "--val_fraction", "0.3",
+                 "--max_steps", "2", "--out", out, "--overwrite"] + TINY_SUNDAE)
+    trained = capsys.readouterr().out
+    assert re.search(r"calibration \(\d+ held-out grids, decoded pixels", trained), trained
+    stored = tuple(torch.load(out, weights_only=True)["train_config"]["temperature"])
+    sample.main(["--calibrate", "--data", pipeline["latents"], "--sundae", out, "--vqgan", pipeline["vqgan"]])
+    table = lambda text: re.findall(r"temperature .*?: +([\d.]+) \+-", text)
+    again = capsys.readouterr().out
+    assert "decoded pixels" in again and table(again) == table(trained) and len(table(trained)) == 7
+    assert sundae.load_sundae(out).default_temperature == stored
+
 def test_kernel_distance_is_the_unbiased_squared_mmd():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 3)), rng.normal(size=(7, 3)) + 0.5

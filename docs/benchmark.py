@@ -166,21 +166,23 @@ def spearman(a, b):
     return float(np.corrcoef(rank(np.asarray(a)), rank(np.asarray(b)))[0, 1])
 
 @torch.no_grad()
-def calibration_study(model, vq, judge, ref, heldout, seeds=3, n=256):
-    """Each calibration schedule, `seeds` times with sundae.calibrate's draws (n samples, seed 0, 1, ...): the judge's
-    distance of its samples against sundae.calibrate's criterion with the VQ-GAN (decoded pixels) and without it
-    (hidden states), on the prior's own held-out grids, and what sundae.calibrate stores on each seed."""
+def calibration_study(model, vq, judge, ref, heldout, seeds=6, n=128):
+    """Each calibration schedule, `seeds` times with sundae.calibrate's draws (n samples, seed 0, 1, ...): sundae.
+    calibrate's criterion with the VQ-GAN (decoded pixels) and without it (hidden states), on the prior's own
+    held-out grids, per seed, against the judge's distance of all the seeds' samples pooled (one draw of 128 is too
+    few for the judge to rank the schedules), and what sundae.calibrate stores on each seed."""
     criteria = {"pixels": lambda g: sundae.pixel_features(vq, g), "hidden": lambda g: sundae.hidden_features(model, g)}
     scale = {}
     for k, f in criteria.items():  # as sundae.calibrate: each feature scaled by the held-out grids' spread
         r = f(heldout)
         scale[k] = (r.mean(0), r.std(0) + 1e-6, (r - r.mean(0)) / (r.std(0) + 1e-6))
-    rows, tables = [], {k: [[] for _ in range(seeds)] for k in criteria}
+    rows, judged, tables = [], [], {k: [[] for _ in range(seeds)] for k in criteria}
     for schedule in sundae.CALIBRATION_SCHEDULES:
-        per_seed = []
+        per_seed, images = [], []
         for seed in range(seeds):
             grids, steps = sundae.sample(model, n, temperature=schedule, generator=torch.Generator().manual_seed(seed))
-            row = [judge.summary(to_images(vq.decode(grids)), ref)[0]]
+            images.append(to_images(vq.decode(grids)))
+            row = []
             for k, f in criteria.items():
                 mean, std, reference = scale[k]
                 x = (f(grids) - mean) / std
@@ -188,20 +190,20 @@ def calibration_study(model, vq, judge, ref, heldout, seeds=3, n=256):
                 row.append(sundae.kernel_distance(x, reference))
                 tables[k][seed].append((schedule, row[-1], abs(halves[0] - halves[1]), 0.0))
             per_seed.append(row)
-        rows.append((schedule, np.array(per_seed)))  # (seeds, 1 + criteria)
-    names = ["judge"] + list(criteria)
-    print(f"  calibration study: {n} samples per schedule, {seeds} seeds (mean +- sd over seeds)")
-    print(f"  {'schedule':12s} " + " ".join(f"{k:>18s}" for k in names))
-    for schedule, d in rows:
-        print(f"  {schedule[0]:.2f} -> {schedule[1]:.2f}  "
+        rows.append((schedule, np.array(per_seed)))  # (seeds, criteria)
+        judged.append(judge.summary(np.concatenate(images), ref)[0])
+    judge_mean, best_judge = np.array(judged), min(judged)
+    print(f"  calibration study: {n} samples per schedule and seed, {seeds} seeds (criteria: mean +- sd over seeds; "
+          f"the judge: all {seeds * n} samples against {len(ref)} reference images)")
+    print(f"  {'schedule':12s} {'judge':>10s} " + " ".join(f"{k:>18s}" for k in criteria))
+    for (schedule, d), j in zip(rows, judged):
+        print(f"  {schedule[0]:.2f} -> {schedule[1]:.2f}  {j:10.4f} "
               + " ".join(f"{m:10.4f} +-{sd:6.4f}" for m, sd in zip(d.mean(0), d.std(0, ddof=1))))
-    judge_mean = np.array([d[:, 0].mean() for _, d in rows])
-    best_judge = judge_mean.min()
-    for j, k in enumerate(names):
+    for j, k in enumerate(criteria):
         per = np.array([d[:, j] for _, d in rows])  # (schedules, seeds)
-        corr = [spearman(per[:, s], judge_mean) for s in range(seeds)] if j else []
-        print(f"  {k:8s} spread {np.ptp(per.mean(1)):8.4f}  seed noise {per.std(1, ddof=1).mean():8.4f}"
-              + (f"  rank corr of each seed's with the judge's mean {' '.join(f'{c:5.2f}' for c in corr)}" if j else ""))
+        corr = [spearman(per[:, s], judge_mean) for s in range(seeds)]
+        print(f"  {k:8s} spread {np.ptp(per.mean(1)):8.4f}  seed noise {per.std(1, ddof=1).mean():8.4f}  rank corr of "
+              f"each seed's with the judge: {' '.join(f'{c:5.2f}' for c in corr)} (mean {np.mean(corr):.2f})")
     for k in criteria:
         for seed, table in enumerate(tables[k]):
             best = min(table, key=lambda row: row[1])[0]
@@ -282,7 +284,7 @@ def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_s
     if "calibration" in studies:
         lat = torch.from_numpy(np.load(os.path.join(work, "latents.npy")).astype(np.int64))
         held = lat[vqgan.split_indices(len(lat), 0.05)[1]]  # the grids sundae.py held out and calibrated on
-        calibration_study(model, vq, judge, ref, held, seeds=3 if n > 16 else 2, n=256 if n > 16 else 16)
+        calibration_study(model, vq, judge, val, held, seeds=6 if n > 16 else 2, n=128 if n > 16 else 16)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="End-to-end benchmark on real images (digits, photograph crops).")
