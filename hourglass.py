@@ -25,27 +25,21 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 def flag(default, help):
-    """A config field and its command-line help (sundae.py makes one --flag per field, with
-    vqgan.add_flags)."""
+    """A config field and its command-line help (sundae.py makes one --flag per field, with vqgan.add_flags)."""
     return field(default=default, metadata={"help": help})
 
 @dataclass
 class HourglassConfig:
-    """The network's whole shape: HourglassTransformer(**asdict(config)). Checkpoints store
-    asdict(config)."""
+    """The network's whole shape: HourglassTransformer(**asdict(config)). Checkpoints store asdict(config)."""
     dim: int = flag(128, "transformer width")
     heads: int = flag(4, "attention heads")
-    head_dim: int = flag(0, "width of one head, a multiple of 4 for 2D RoPE; 0 = dim / heads (the "
-                            "heads split the width)")
-    depth: tuple = flag((1, 4, 1), "blocks per hourglass level: (pre, valley, post); (2, 2, 8, 2, "
-                                   "2) nests two levels")
+    head_dim: int = flag(0, "width of one head, a multiple of 4 for 2D RoPE; 0 = dim / heads (the heads split the width)")
+    depth: tuple = flag((1, 4, 1), "blocks per hourglass level: (pre, valley, post); (2, 2, 8, 2, 2) nests two levels")
     shorten: int = flag(2, "k: each level merges k x k patches")
-    vocab_size: int = flag(0, "V; 0 = from the latents' sidecar or --vqgan, else max id in the "
-                              "data + 1")
+    vocab_size: int = flag(0, "V; 0 = from the latents' sidecar or --vqgan, else max id in the data + 1")
     height: int = flag(0, "token grid rows; 0 = from the data")
     width: int = flag(0, "token grid columns; 0 = from the data")
-    num_classes: int = flag(0, "class-conditional with this many classes (+ a 'no class' entry); 0 "
-                               "= unconditional")
+    num_classes: int = flag(0, "class-conditional with this many classes (+ a 'no class' entry); 0 = unconditional")
 
 PRESETS = {
     "tiny": HourglassConfig(),  # CPU demo: 1.4M params on 8x8 toy-face tokens
@@ -59,38 +53,32 @@ PRESETS = {
 # 2D rotary position embeddings
 
 def rope_2d(x, h, w, stride=1, base=10000.0):
-    """Rotate queries or keys by their 2D grid position (RoFormer, Su et al.; 2D as in Biderman et al.;
-    paper §3.2).
+    """Rotate queries or keys by their 2D grid position (RoFormer, Su et al.; 2D as in Biderman et al.; paper §3.2).
 
-    x: (B, heads, h*w, head_dim) in raster order (position n is row n // w, column n % w), already
-    split into heads, so every head gets positions (the authors' code rotated before the head split,
-    so only head 0 did). Returns the same shape and dtype as x, computed in float32.
-    The conventions (the tests check each one):
-    - head_dim D divides by 4. Channels pair up as neighbours, (x[2i], x[2i+1]) for
-      i = 0 .. D/2 - 1. The first D/4 pairs (channels 0 .. D/2 - 1) are the row half, the last D/4
-      pairs the column half.
-    - Pair j of a half (j = 0 .. n_pairs - 1, n_pairs = D/4) turns by the angle
-      pos * base**(-j / n_pairs), pos being the token's row (row half) or column (column half).
+    x: (B, heads, h*w, head_dim) in raster order (position n is row n // w, column n % w), already split into heads,
+    so every head gets positions (the authors' code rotated before the head split, so only head 0 did).
+    Returns the same shape and dtype as x, computed in float32. The conventions (the tests check each one):
+    - head_dim D divides by 4. Channels pair up as neighbours, (x[2i], x[2i+1]) for i = 0 .. D/2 - 1.
+      The first D/4 pairs (channels 0 .. D/2 - 1) are the row half, the last D/4 pairs the column half.
+    - Pair j of a half (j = 0 .. n_pairs - 1, n_pairs = D/4) turns by the angle pos * base**(-j / n_pairs),
+      pos being the token's row (row half) or column (column half).
     - Counter-clockwise: (a, b) -> (a cos t - b sin t, a sin t + b cos t).
-    - stride: at a coarse level a token stands for a stride x stride patch of the finest grid; it
-      sits at the patch centre in fine-grid units, pos = (i + 0.5) * stride - 0.5 for coarse row or
-      column i, so a position means the same thing at every level (stride 1: pos = i).
+    - stride: at a coarse level a token stands for a stride x stride patch of the finest grid;
+      it sits at the patch centre in fine-grid units, pos = (i + 0.5) * stride - 0.5 for coarse row or column i,
+      so a position means the same thing at every level (stride 1: pos = i).
     Then <rope(q, p), rope(k, p')> depends on p' - p only, and norms are preserved."""
     B, H, N, D = x.shape
     assert N == h * w, f"sequence length {N} is not h*w = {h}*{w}"
     assert D % 4 == 0, f"head_dim {D} must divide by 4 (two halves of channel pairs)"
-    # patch centres
-    pos = (torch.arange(max(h, w), device=x.device, dtype=torch.float32) + 0.5) * stride - 0.5
+    pos = (torch.arange(max(h, w), device=x.device, dtype=torch.float32) + 0.5) * stride - 0.5  # patch centres
     rows = pos[:h, None].expand(h, w).reshape(N)  # (N,) row of each raster position
     cols = pos[None, :w].expand(h, w).reshape(N)  # (N,) column
     n_pairs = D // 4  # channel pairs per half
     j = torch.arange(n_pairs, device=x.device, dtype=torch.float32)  # (D/4,) pair index
     freqs = base ** (-j / n_pairs)  # (D/4,)
-    # (N, D/2): row pairs, column pairs
-    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (N, D/2): row pairs, column pairs
     cos, sin = angles.cos(), angles.sin()
-    # (B, H, N, D/2) each: the two members of a pair
-    x1, x2 = x.float().reshape(B, H, N, D // 2, 2).unbind(-1)
+    x1, x2 = x.float().reshape(B, H, N, D // 2, 2).unbind(-1)  # (B, H, N, D/2) each: the two members of a pair
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # rotate each pair
     return out.reshape(B, H, N, D).type_as(x)
 
@@ -98,8 +86,9 @@ def rope_2d(x, h, w, stride=1, base=10000.0):
 # transformer block
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the whole grid; heads x head_dim is its inner width (usually dim; the authors'
-    FFHQ-1024 model used 8 heads of 64 at dim 1024, half the width)."""
+    """Multi-head self-attention over the whole grid;
+    heads x head_dim is its inner width (usually dim; the authors' FFHQ-1024 model used 8 heads of 64 at dim 1024, half
+    the width)."""
 
     def __init__(self, dim, heads, head_dim=0):
         super().__init__()
@@ -112,10 +101,8 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, N, hd) each
-        # positions after the head split: every head
-        q, k = rope_2d(q, h, w, stride), rope_2d(k, h, w, stride)
-        # non-causal: SUNDAE sees the whole grid (paper §3.2)
-        y = F.scaled_dot_product_attention(q, k, v)
+        q, k = rope_2d(q, h, w, stride), rope_2d(k, h, w, stride)  # positions after the head split: every head
+        y = F.scaled_dot_product_attention(q, k, v)  # non-causal: SUNDAE sees the whole grid (paper §3.2)
         return self.proj(y.transpose(1, 2).reshape(B, N, -1))  # (B, N, D)
 
 class Block(nn.Module):
@@ -137,8 +124,8 @@ class Block(nn.Module):
 class Downsample2D(nn.Module):
     """Merge each k x k patch of the grid into one token: concatenate the k^2 vectors, Linear(k^2 D -> D).
 
-    The paper's fix (§3.2): a fine token influences only the coarse token of its own 2D patch. The
-    authors' attention resampling grouped k^2 consecutive raster tokens, a row strip, instead."""
+    The paper's fix (§3.2): a fine token influences only the coarse token of its own 2D patch.
+    The authors' attention resampling grouped k^2 consecutive raster tokens, a row strip, instead."""
 
     def __init__(self, dim, k):
         super().__init__()
@@ -146,16 +133,14 @@ class Downsample2D(nn.Module):
         self.proj = nn.Linear(k * k * dim, dim)
 
     def forward(self, x, h, w):
-        """x: (B, h*w, D) in raster order over the fine h x w grid (h, w divisible by k) -> (B, (h/k)*(w/k), D) in
-        raster order over the coarse grid: coarse token (i, j) is self.proj of the k*k vectors of
-        fine rows i*k .. i*k+k-1, columns j*k .. j*k+k-1, concatenated (in any fixed order: the
-        Linear learns it)."""
+        """x:
+        (B, h*w, D) in raster order over the fine h x w grid (h, w divisible by k) -> (B, (h/k)*(w/k), D) in raster
+        order over the coarse grid: coarse token (i, j) is self.proj of the k*k vectors of fine rows i*k .. i*k+k-1,
+        columns j*k .. j*k+k-1, concatenated (in any fixed order: the Linear learns it)."""
         B, N, D = x.shape
         k = self.k
-        # (B, h/k, k, w/k, k, D): split rows and columns into patches
-        x = x.reshape(B, h // k, k, w // k, k, D)
-        # (B, h/k, w/k, k, k, D): the k x k patch next to each other
-        x = x.permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(B, h // k, k, w // k, k, D)  # (B, h/k, k, w/k, k, D): split rows and columns into patches
+        x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, w/k, k, k, D): the k x k patch next to each other
         x = x.reshape(B, (h // k) * (w // k), k * k * D)  # (B, hw/k^2, k^2 D)
         return self.proj(x)  # (B, hw/k^2, D)
 
@@ -170,9 +155,10 @@ class Upsample2D(nn.Module):
         self.proj = nn.Linear(dim, k * k * dim)
 
     def forward(self, x, h, w):
-        """x: (B, (h/k)*(w/k), D) in raster order over the coarse grid; h, w are the fine grid -> (B, h*w, D) in
-        raster order: self.proj turns coarse token (i, j) into k*k vectors of D (in any fixed
-        order), which become the fine tokens of rows i*k .. i*k+k-1, columns j*k .. j*k+k-1."""
+        """x: (B, (h/k)*(w/k), D) in raster order over the coarse grid; h,
+        w are the fine grid -> (B, h*w, D) in raster order:
+        self.proj turns coarse token (i, j) into k*k vectors of D (in any fixed order),
+        which become the fine tokens of rows i*k .. i*k+k-1, columns j*k .. j*k+k-1."""
         B, M, D = x.shape
         k = self.k
         x = self.proj(x).reshape(B, h // k, w // k, k, k, D)  # (B, h/k, w/k, k, k, D)
@@ -183,8 +169,7 @@ class Upsample2D(nn.Module):
 # the hourglass
 
 class Level(nn.Module):
-    """One level of the hourglass; depth (pre, *inner, post) nests: (2, 2, 8, 2, 2) is two
-    levels."""
+    """One level of the hourglass; depth (pre, *inner, post) nests: (2, 2, 8, 2, 2) is two levels."""
 
     def __init__(self, dim, heads, depth, shorten, head_dim=0):
         super().__init__()
@@ -207,20 +192,19 @@ class Level(nn.Module):
         return x
 
     def forward(self, x, h, w, stride=1):
-        """x: (B, h*w, D) on an h x w grid whose tokens stand for stride x stride patches of the finest grid ->
-        (B, h*w, D). Run self.pre; if this level has an inner level (self.inner is not None): keep
-        the result as the skip, shorten with self.down, run self.inner on the (h/k) x (w/k) grid at
-        stride * k, lengthen with self.up, add the skip, run self.post (Nawrot et al. §3; paper
-        §3.2). Blocks run through self.run(blocks, x, h, w, stride), which passes h, w and stride on
-        to each block's rotary embeddings."""
+        """x: (B, h*w, D) on an h x w grid whose tokens stand for stride x stride patches of the finest grid -> (B, h*w,
+        D). Run self.pre; if this level has an inner level (self.inner is not None): keep the result as the skip,
+        shorten with self.down, run self.inner on the (h/k) x (w/k) grid at stride * k, lengthen with self.up,
+        add the skip, run self.post (Nawrot et al. §3; paper §3.2).
+        Blocks run through self.run(blocks, x, h, w, stride), which passes h,
+        w and stride on to each block's rotary embeddings."""
         x = self.run(self.pre, x, h, w, stride)  # (B, h*w, D)
         if self.inner is None:
             return x
         skip = x
         x = self.down(x, h, w)  # (B, (h/k)*(w/k), D)
         x = self.inner(x, h // self.k, w // self.k, stride * self.k)
-        # (B, h*w, D): residual around the shortened part (Nawrot et al. §3)
-        x = self.up(x, h, w) + skip
+        x = self.up(x, h, w) + skip  # (B, h*w, D): residual around the shortened part (Nawrot et al. §3)
         return self.run(self.post, x, h, w, stride)
 
 class HourglassTransformer(nn.Module):
@@ -237,19 +221,15 @@ class HourglassTransformer(nn.Module):
         for level in range(len(depth) // 2):
             if gh % shorten or gw % shorten:
                 raise ValueError(f"a {height}x{width} token grid is {gh}x{gw} at level {level}, "
-                                 "which does not "
-                                 f"divide by shorten={shorten}; use a grid divisible by "
-                                 f"{shorten ** (len(depth) // 2)} "
-                                 f"or fewer levels")
+                                 f"which does not divide by shorten={shorten}; "
+                                 f"use a grid divisible by {shorten ** (len(depth) // 2)} or fewer levels")
             gh, gw = gh // shorten, gw // shorten
         self.vocab_size, self.height, self.width = vocab_size, height, width
         self.config = dict(vocab_size=vocab_size, height=height, width=width, dim=dim, heads=heads,
                            depth=depth, shorten=shorten, head_dim=head_dim, num_classes=num_classes)
-        # no absolute positions: rotary embeddings carry them
-        self.embed = nn.Embedding(vocab_size, dim)
-        # class-conditional (as the authors' MNIST model): a learned class vector added to every
-        # token's embedding; entry num_classes means "no class", so one network is conditional and
-        # unconditional (Ho & Salimans 2022)
+        self.embed = nn.Embedding(vocab_size, dim)  # no absolute positions: rotary embeddings carry them
+        # class-conditional (as the authors' MNIST model): a learned class vector added to every token's embedding;
+        # entry num_classes means "no class", so one network is conditional and unconditional (Ho & Salimans 2022)
         self.num_classes = num_classes
         self.class_embed = nn.Embedding(num_classes + 1, dim) if num_classes else None
         self.body = Level(dim, heads, depth, shorten, head_dim)
@@ -265,10 +245,10 @@ class HourglassTransformer(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.02)  # GPT-2 init
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+        # residual branches end in these projections;
+        # scaling them by 1/sqrt(2 * blocks) keeps the residual stream's variance from growing with depth (GPT-2 §2.3)
         for b in self.modules():
-            # residual branches end in these; scale by 1/sqrt(2 * blocks) so the residual
             if isinstance(b, Block):
-                # stream's variance does not grow with depth (GPT-2 §2.3)
                 for proj in (b.attn.proj, b.mlp[2]):
                     nn.init.normal_(proj.weight, 0.0, 0.02 / math.sqrt(2 * self.n_blocks))
 
@@ -278,24 +258,23 @@ class HourglassTransformer(nn.Module):
                 m.grad_ckpt = on
 
     def features(self, tokens, labels=None):
-        """Tokens (B, h, w) (and class labels (B,), None = no class) -> the last hidden states (B, h*w, D), before
-        the final LayerNorm and the head."""
+        """Tokens (B, h, w) (and class labels (B,), None = no class) -> the last hidden states (B, h*w, D),
+        before the final LayerNorm and the head."""
         B, h, w = tokens.shape
         if (h, w) != (self.height, self.width):
-            raise ValueError(f"token grid {h}x{w} does not match the model's "
-                             f"{self.height}x{self.width}")
+            raise ValueError(f"token grid {h}x{w} does not match the model's {self.height}x{self.width}")
         x = self.embed(tokens.reshape(B, h * w))  # (B, h*w, D) in raster order
         if self.class_embed is not None:
             if labels is None:
                 labels = torch.full((B,), self.num_classes, device=tokens.device)  # "no class"
-            # (B, h*w, D): the class reaches every position
-            x = x + self.class_embed(labels)[:, None]
+            x = x + self.class_embed(labels)[:, None]  # (B, h*w, D): the class reaches every position
         return self.body(x, h, w)  # (B, h*w, D)
 
     def project(self, x):
-        """Hidden states (..., D) -> logits (..., V). The final LayerNorm and the head run in fp32 even under bf16
-        autocast: the softmax over V (8192 at 1024²) is where bf16's 8-bit mantissa hurts (near
-        |logit| = 27 it rounds to multiples of 0.125)."""
+        """Hidden states (..., D) -> logits (..., V).
+        The final LayerNorm and the head run in fp32 even under bf16 autocast:
+        the softmax over V (8192 at 1024²) is where bf16's 8-bit mantissa hurts (near |logit| = 27 it rounds to
+        multiples of 0.125)."""
         with torch.autocast(x.device.type, enabled=False):
             return self.head(self.ln_f(x.float()))
 
@@ -305,9 +284,10 @@ class HourglassTransformer(nn.Module):
         return self.project(self.features(tokens, labels)).reshape(B, h, w, self.vocab_size)
 
     def logits_at(self, tokens, where, labels=None):
-        """Logits (K, V) at the K positions where the bool mask `where` (B, h, w) is set, in row-major order. A
-        sampling step redraws only some positions, and the head is a D x V matmul per position (as
-        costly as a transformer block at V = 8192), so the sampler asks for those positions only."""
+        """Logits (K, V) at the K positions where the bool mask `where` (B, h, w) is set, in row-major order.
+        A sampling step redraws only some positions,
+        and the head is a D x V matmul per position (as costly as a transformer block at V = 8192),
+        so the sampler asks for those positions only."""
         x = self.features(tokens, labels)  # (B, h*w, D)
         return self.project(x[where.reshape(len(tokens), -1)])  # (K, V)
 
@@ -316,13 +296,12 @@ class HourglassTransformer(nn.Module):
 
 def count_flops(fn):
     """FLOPs of fn() (forward and, if fn calls it, backward), counted by PyTorch's FlopCounterMode: matmuls,
-    convolutions and attention. PyTorch knows the FLOPs of the GPU's fused attention kernels but not
-    of the CPU's, and counts those as 0; we give the CPU kernel the same formula, so a count does
-    not depend on the device (without it the 1024² prior's forward was undercounted by 9% on the
-    CPU)."""
+    convolutions and attention.
+    PyTorch knows the FLOPs of the GPU's fused attention kernels but not of the CPU's, and counts those as 0;
+    we give the CPU kernel the same formula,
+    so a count does not depend on the device (without it the 1024² prior's forward was undercounted by 9% on the CPU)."""
     from torch.utils import flop_counter
-    # the GPU kernels' formulas, taking shapes (FlopCounterMode wraps)
-    raw = lambda f: getattr(f, "__wrapped__", f)
+    raw = lambda f: getattr(f, "__wrapped__", f)  # the GPU kernels' formulas, taking shapes (FlopCounterMode wraps)
     aten = torch.ops.aten
     cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: raw(flop_counter.sdpa_flop),
                      aten._scaled_dot_product_flash_attention_for_cpu_backward: raw(flop_counter.sdpa_backward_flop)}
@@ -333,8 +312,7 @@ def count_flops(fn):
 def forward_time(model, tokens, reps, device):
     """Median seconds of one forward pass (no grad) after warm-up."""
     times = []
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16,
-                                         enabled=device.type == "cuda"):
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         for i in range(reps + 2):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -347,12 +325,9 @@ def forward_time(model, tokens, reps, device):
     return sorted(times)[len(times) // 2]
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Hourglass transformer: parameter counts and a "
-                                                 "speed benchmark.")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="time hourglass vs flat transformer forward passes")
-    parser.add_argument("--preset", default="ffhq1024", choices=list(PRESETS),
-                        help="model size for the benchmark")
+    parser = argparse.ArgumentParser(description="Hourglass transformer: parameter counts and a speed benchmark.")
+    parser.add_argument("--benchmark", action="store_true", help="time hourglass vs flat transformer forward passes")
+    parser.add_argument("--preset", default="ffhq1024", choices=list(PRESETS), help="model size for the benchmark")
     parser.add_argument("--height", type=int, default=32, help="token grid rows")
     parser.add_argument("--width", type=int, default=32, help="token grid columns")
     parser.add_argument("--vocab_size", type=int, default=8192, help="vocabulary size V")
@@ -363,31 +338,26 @@ def main(argv=None):
     if not args.benchmark:
         for name, p in PRESETS.items():
             p = replace(p, vocab_size=args.vocab_size, height=args.height, width=args.width)
-            print(f"{name:9s} dim {p.dim:4d} heads {p.heads:2d} depth {p.depth}: "
-                  f"{sum(q.numel() for q in HourglassTransformer(**asdict(p)).parameters()) / 1e6:.1f}M params "
+            params = sum(q.numel() for q in HourglassTransformer(**asdict(p)).parameters())
+            print(f"{name:9s} dim {p.dim:4d} heads {p.heads:2d} depth {p.depth}: {params / 1e6:.1f}M params "
                   f"(V={args.vocab_size}, {args.height}x{args.width})")
+
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    p = replace(PRESETS[args.preset], vocab_size=args.vocab_size, height=args.height,
-                width=args.width)
+    p = replace(PRESETS[args.preset], vocab_size=args.vocab_size, height=args.height, width=args.width)
     hourglass = HourglassTransformer(**asdict(p)).to(device).eval()
-    # same blocks, no levels
-    flat = HourglassTransformer(**asdict(replace(p, depth=(sum(p.depth),)))).to(device).eval()
+    flat = HourglassTransformer(**asdict(replace(p, depth=(sum(p.depth),)))).to(device).eval()  # same blocks, no levels
     tokens = torch.randint(args.vocab_size, (args.batch, args.height, args.width), device=device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device {name} ({torch.get_num_threads()} threads) | "
-          f"{'bf16' if device.type == 'cuda' else 'fp32'} | "
+    print(f"device {name} ({torch.get_num_threads()} threads) | {'bf16' if device.type == 'cuda' else 'fp32'} | "
           f"batch {args.batch} | {args.height}x{args.width} tokens | preset {args.preset}")
     res = {}
     for name, m in (("hourglass", hourglass), ("flat", flat)):
         t = forward_time(torch.compile(m) if args.compile else m, tokens, args.reps, device)
         res[name] = t
-        print(f"{name:9s} depth {str(m.config['depth']):14s} "
-              f"{sum(q.numel() for q in m.parameters()) / 1e6:7.1f}M params | forward "
-              f"{t * 1e3:8.1f} ms | "
-              f"{args.batch * args.height * args.width / t / 1e3:8.1f}k tok/s")
-    print(f"hourglass / flat time ratio: {res['hourglass'] / res['flat']:.3f} (the project's "
-          "target: <= 0.55)")
+        print(f"{name:9s} depth {str(m.config['depth']):14s} {sum(q.numel() for q in m.parameters()) / 1e6:7.1f}M params "
+              f"| forward {t * 1e3:8.1f} ms | {args.batch * args.height * args.width / t / 1e3:8.1f}k tok/s")
+    print(f"hourglass / flat time ratio: {res['hourglass'] / res['flat']:.3f} (the project's target: <= 0.55)")
 
 if __name__ == "__main__":
     main()

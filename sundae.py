@@ -36,8 +36,7 @@ import torch.nn.functional as F
 import vqgan
 import hourglass
 from hourglass import HourglassTransformer, count_flops
-# one copy of the plumbing
-from vqgan import BadInput, add_flags, flag, lr_at, overrides, pick_device, split_indices
+from vqgan import BadInput, add_flags, flag, lr_at, overrides, pick_device, split_indices  # one copy of the plumbing
 
 # --------------------------------------------------------------------------------------------------
 # config
@@ -50,28 +49,20 @@ MAX_GUIDANCE = 100.0  # classifier-free guidance weights in use are 0 to about 1
 class TrainConfig:
     data: str = flag("latents.npy", "(N, h, w) integer array of token ids")
     vqgan: str = flag("", "VQ-GAN checkpoint: sets V and decodes progress samples into images")
-    labels: str = flag("", "(N,) integer class labels beside the latents (vqgan.py --encode writes "
-                           "*_labels.npy); '' = none")
-    label_drop: float = flag(0.1, "share of labels replaced by 'no class' in training "
-                                  "(classifier-free guidance)")
-    box_share: float = flag(0.0, "share of training grids whose noise is one random box of tokens "
-                                 "(for inpainting)")
-    unroll_steps: int = flag(2, "T, denoising steps unrolled in training (paper: 3 gives more "
-                                "diverse samples)")
-    batch_size: int = flag(32, "sequences per optimizer step, summed over processes and "
-                               "micro-batches")
+    labels: str = flag("", "(N,) integer class labels beside the latents (vqgan.py --encode writes *_labels.npy); '' = none")
+    label_drop: float = flag(0.1, "share of labels replaced by 'no class' in training (classifier-free guidance)")
+    box_share: float = flag(0.0, "share of training grids whose noise is one random box of tokens (for inpainting)")
+    unroll_steps: int = flag(2, "T, denoising steps unrolled in training (paper: 3 gives more diverse samples)")
+    batch_size: int = flag(32, "sequences per optimizer step, summed over processes and micro-batches")
     grad_accum: int = flag(1, "micro-batches per optimizer step in each process")
     lr: float = flag(2e-3, "peak learning rate (AdamW)")
     min_lr: float = flag(2e-4, "cosine decay reaches this at max_steps")
     weight_decay: float = flag(0.01, "AdamW decoupled weight decay (matrices only)")
     warmup: int = flag(100, "linear warm-up steps (the authors had none)")
     grad_clip: float = flag(1.0, "clip the gradient norm; 0 = off (the authors had none)")
-    temperature: tuple = flag(PAPER_TEMPERATURE, "start,end sampling temperature stored for "
-                                                 "sample.py and inpaint.py")
-    calibrate: bool = flag(True, "end by storing the sampling schedule that fits held-out grids "
-                                 "best (--temperature wins)")
-    ema: float = flag(0.999, "decay of a moving average of the weights, used to validate, sample "
-                             "and save; 0 = off")
+    temperature: tuple = flag(PAPER_TEMPERATURE, "start,end sampling temperature stored for sample.py and inpaint.py")
+    calibrate: bool = flag(True, "end by storing the sampling schedule that fits held-out grids best (--temperature wins)")
+    ema: float = flag(0.999, "decay of a moving average of the weights, used to validate, sample and save; 0 = off")
     max_steps: int = flag(1800, "optimizer steps")
     val_fraction: float = flag(0.05, "share of the latents held out for validation")
     val_every: int = flag(200, "steps between validation passes")
@@ -81,31 +72,26 @@ class TrainConfig:
     ckpt_every: int = flag(500, "steps between checkpoints")
     out: str = flag("sundae.pt", "checkpoint path")
     resume: bool = flag(False, "continue from --out")
-    overwrite: bool = flag(False, "replace an existing --out (a checkpoint of another run) instead "
-                                  "of refusing")
+    overwrite: bool = flag(False, "replace an existing --out (a checkpoint of another run) instead of refusing")
     device: str = flag("auto", "'auto', 'cpu' or 'cuda'")
     compile: bool = flag(False, "torch.compile the model")
     grad_ckpt: bool = flag(False, "activation checkpointing per block")
-    dtype: str = flag("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32', on "
-                              "any device")
-    seed: int = flag(0, "random seed; data order and noise follow (seed, step), so runs and "
-                        "resumes repeat exactly")
+    dtype: str = flag("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32', on any device")
+    seed: int = flag(0, "random seed; data order and noise follow (seed, step), so runs and resumes repeat exactly")
 
 PRESETS = {
-    # CPU demo on 8x8 toy-face tokens: 1.4M params, minutes on 2 cores. Its temperature is the one
-    # its progress pictures use; the stored one is calibrated at the end. With labels, the
-    # unconditional half of the model learns only from the dropped ones, so a small model needs a
-    # larger share of them (docs/RESULTS.md)
+    # CPU demo on 8x8 toy-face tokens: 1.4M params, minutes on 2 cores.
+    # Its temperature is the one its progress pictures use; the stored one is calibrated at the end.
+    # With labels, the unconditional half of the model learns only from the dropped ones,
+    # so a small model needs a larger share of them (docs/RESULTS.md)
     "tiny": (hourglass.PRESETS["tiny"], TrainConfig(temperature=(0.7, 0.3), label_drop=0.3)),
-    # FFHQ-256 (16x16 tokens, V = 1024); the authors: AdamW, constant lr 3e-5, batch 64, no warm-up
-    # or clipping. A constant learning rate does no averaging of its own: the EMA's long memory
-    # (0.9999) does it
+    # FFHQ-256 (16x16 tokens, V = 1024); the authors: AdamW, constant lr 3e-5, batch 64, no warm-up or clipping.
+    # A constant learning rate does no averaging of its own: the EMA's long memory (0.9999) does it
     "ffhq256": (hourglass.PRESETS["ffhq256"],
                 TrainConfig(batch_size=64, lr=3e-5, min_lr=3e-5, warmup=2000,
                             max_steps=1_000_000, ema=0.9999,
                             val_every=5000, log_every=100, sample_every=5000, ckpt_every=5000)),
-    # FFHQ-1024 (32x32 tokens, V = 8192); the authors used batch 8-16 and lr 3e-5 (5e-6 for one
-    # config)
+    # FFHQ-1024 (32x32 tokens, V = 8192); the authors used batch 8-16 and lr 3e-5 (5e-6 for one config)
     "ffhq1024": (hourglass.PRESETS["ffhq1024"],
                  TrainConfig(batch_size=16, lr=3e-5, min_lr=3e-5, warmup=2000,
                              max_steps=1_000_000, ema=0.9999,
@@ -118,25 +104,23 @@ PRESETS = {
 def corrupt(tokens, vocab_size, generator=None):
     """SUNDAE's corruption (Savinov et al. §3; paper §2.4): uniform noise at a random rate per sequence.
 
-    tokens: int64 (B, ...) ids in [0, vocab_size), one sequence per row -> int64, the same shape and
-    device. For each sequence draw a rate alpha ~ U(0, 1); replace each of its tokens independently
-    with probability alpha by an id drawn uniformly from [0, vocab_size), which may be the token's
-    own (so the expected changed fraction is 1/2 (1 - 1/V)). Every random draw uses `generator`
-    (None: torch's global one), on tokens.device."""
+    tokens: int64 (B, ...) ids in [0, vocab_size), one sequence per row -> int64, the same shape and device.
+    For each sequence draw a rate alpha ~ U(0, 1);
+    replace each of its tokens independently with probability alpha by an id drawn uniformly from [0, vocab_size),
+    which may be the token's own (so the expected changed fraction is 1/2 (1 - 1/V)).
+    Every random draw uses `generator` (None: torch's global one), on tokens.device."""
     B = tokens.shape[0]
-    # (B, 1, 1)
-    alpha = torch.rand(B, *[1] * (tokens.dim() - 1), generator=generator, device=tokens.device)
-    # (B, h, w)
-    replace = torch.rand(tokens.shape, generator=generator, device=tokens.device) < alpha
+    alpha = torch.rand(B, *[1] * (tokens.dim() - 1), generator=generator, device=tokens.device)  # (B, 1, 1)
+    replace = torch.rand(tokens.shape, generator=generator, device=tokens.device) < alpha  # (B, h, w)
     noise = torch.randint(vocab_size, tokens.shape, generator=generator, device=tokens.device)
     return torch.where(replace, noise, tokens)
 
 def box_corrupt(tokens, vocab_size, generator=None, share=0.5):
-    """corrupt, except that a `share` of the grids (B, h, w) get their noise as one random box of tokens, all of them
-    replaced (sides uniform in 1..h and 1..w, placed uniformly where they fit), and are clean
-    outside it. Not in the paper (sundae.py --box_share): its noise is spread uniformly, so a
-    corrupted token nearly always has clean neighbours, while an inpainting hole is contiguous, its
-    middle far from any known token."""
+    """corrupt, except that a `share` of the grids (B, h, w) get their noise as one random box of tokens,
+    all of them replaced (sides uniform in 1..h and 1..w, placed uniformly where they fit), and are clean outside it.
+    Not in the paper (sundae.py --box_share): its noise is spread uniformly,
+    so a corrupted token nearly always has clean neighbours, while an inpainting hole is contiguous,
+    its middle far from any known token."""
     x = corrupt(tokens, vocab_size, generator)  # first, so that share 0 is corrupt draw for draw
     B, h, w = tokens.shape
     kw = dict(generator=generator, device=tokens.device)
@@ -155,29 +139,26 @@ def unrolled_loss(model, tokens, vocab_size, unroll_steps=2, generator=None, cor
     """SUNDAE's unrolled denoising loss (Savinov et al. §3; paper §2.4) -> (loss, accuracy).
 
     model: maps int64 (B, h, w) ids to logits (B, h, w, V), V = vocab_size. tokens: int64 (B, h, w),
-    the clean grids x_0. corrupt(tokens, vocab_size, generator) makes x_1 (the parameter defaults to
-    the function above). For t = 1..T (T = unroll_steps), call the model once on x_t:
-    logits_t = model(x_t); then draw x_{t+1} from softmax(logits_t) at temperature 1, one
-    independent draw per position. Step t > 1 thus trains the model on its own mistakes, which is what it meets when
-    sampling from noise.
-    - loss: a scalar tensor with gradient, 1/T sum_t CE(logits_t, x_0), the cross-entropy averaged
-      over all tokens of the batch. Compute it from float32 logits (.float(): under bf16 autocast
-      the softmax over V needs fp32).
+    the clean grids x_0. corrupt(tokens, vocab_size, generator) makes x_1 (the parameter defaults to the function
+    above). For t = 1..T (T = unroll_steps), call the model once on x_t: logits_t = model(x_t);
+    then draw x_{t+1} from softmax(logits_t) at temperature 1, one independent draw per position.
+    Step t > 1 thus trains the model on its own mistakes, which is what it meets when sampling from noise.
+    - loss: a scalar tensor with gradient, 1/T sum_t CE(logits_t, x_0),
+      the cross-entropy averaged over all tokens of the batch.
+      Compute it from float32 logits (.float(): under bf16 autocast the softmax over V needs fp32).
     - accuracy: a scalar tensor, 1/T sum_t mean(argmax logits_t == x_0).
-    - Every random draw (the corruption and the samples) uses `generator`, on the logits' device. A
-      sample is ids: no gradient flows through it (draw it under torch.no_grad())."""
+    - Every random draw (the corruption and the samples) uses `generator`, on the logits' device.
+      A sample is ids: no gradient flows through it (draw it under torch.no_grad())."""
     x = corrupt(tokens, vocab_size, generator)  # (B, h, w)
     losses, accuracy = [], 0.0
     for t in range(unroll_steps):
-        # (B, h, w, V), upcast: the softmax and CE in fp32 under bf16 autocast
-        logits = model(x).float()
+        logits = model(x).float()  # (B, h, w, V), upcast: the softmax and CE in fp32 under bf16 autocast
         losses.append(F.cross_entropy(logits.reshape(-1, vocab_size), tokens.reshape(-1)))
         accuracy = accuracy + (logits.argmax(-1) == tokens).float().mean() / unroll_steps
         if t < unroll_steps - 1:
             with torch.no_grad():  # the sample is a constant input to the next step
-                # Gumbel-max trick: argmax(logits + Gumbel noise) is an exact draw from
-                # softmax(logits). Unlike torch.multinomial it does not raise on NaN logits, so a
-                # diverging run reaches the NaN check (B, h, w, V)
+                # Gumbel-max trick: argmax(logits + Gumbel noise) is an exact draw from softmax(logits).
+                # Unlike torch.multinomial it does not raise on NaN logits, so a diverging run reaches the NaN check
                 u = torch.rand(logits.shape, generator=generator, device=logits.device)
                 x = (logits - torch.log(-torch.log(u))).argmax(-1)  # (B, h, w)
     return torch.stack(losses).mean(), accuracy
@@ -190,40 +171,32 @@ MAX_CLASSES = 2**16  # the most classes accepted (ImageNet-21k has about 21,000)
 MAX_VOCAB = 2**20
 
 def check_latents(array, vocab_size=0, name="latents"):
-    """Validate an (N, h, w) integer token array; returns V (given, or max id + 1); BadInput if
-    not."""
+    """Validate an (N, h, w) integer token array; returns V (given, or max id + 1); BadInput if not."""
     if array.ndim != 3:
-        raise BadInput(f"{name} must be an (N, h, w) array of token ids, got shape "
-                       f"{tuple(array.shape)}; "
-                       f"write them with vqgan.py --encode or reshape to (N, h, w)")
+        raise BadInput(f"{name} must be an (N, h, w) array of token ids, got shape {tuple(array.shape)}; "
+                       "write them with vqgan.py --encode or reshape to (N, h, w)")
     if not np.issubdtype(array.dtype, np.integer):
-        raise BadInput(f"{name} have dtype {array.dtype}, not an integer type; save token ids as "
-                       "int64/uint16")
+        raise BadInput(f"{name} have dtype {array.dtype}, not an integer type; save token ids as int64/uint16")
     if len(array) == 0:
         raise BadInput(f"{name} hold no sequences (shape {tuple(array.shape)})")
     lo, hi = int(array.min()), int(array.max())  # one pass over the (memory-mapped) file
     if lo < 0:
         raise BadInput(f"{name} contain negative ids (min {lo}); token ids must be in [0, V)")
     if hi >= MAX_VOCAB:  # an embedding table this large would not fit anywhere: not token ids
-        raise BadInput(f"{name} contain id {hi}; token ids must be below {MAX_VOCAB:,} (a "
-                       "codebook, not raw values)")
+        raise BadInput(f"{name} contain id {hi}; token ids must be below {MAX_VOCAB:,} (a codebook, not raw values)")
     if vocab_size and hi >= vocab_size:
-        raise BadInput(f"{name} contain id {hi} >= vocabulary size {vocab_size}; pass the right "
-                       "--vocab_size or "
-                       f"--vqgan")
+        raise BadInput(f"{name} contain id {hi} >= vocabulary size {vocab_size}; pass the right --vocab_size or --vqgan")
     return vocab_size or hi + 1
 
 def load_latents(path, vocab_size=0):
     """Memory-map an .npy of token ids (nothing is read until used) and validate it."""
     if not os.path.exists(path):
-        raise BadInput(f"latents file {path!r} not found; make one with python vqgan.py --encode, "
-                       "or pass --data PATH")
+        raise BadInput(f"latents file {path!r} not found; make one with python vqgan.py --encode, or pass --data PATH")
     array = vqgan.load_npy(path, "--data")
     return array, check_latents(array, vocab_size, name=f"latents in {path!r}")
 
 def latents_meta(path):
-    """What vqgan.py --encode wrote next to the latents (path + ".json"): {"vocab_size",
-    "vqgan_id"}; {} if none."""
+    """What vqgan.py --encode wrote next to the latents (path + ".json"): {"vocab_size", "vqgan_id"}; {} if none."""
     if not os.path.exists(path + ".json"):  # the user's own latents
         return {}
     try:
@@ -232,29 +205,24 @@ def latents_meta(path):
         int(meta.get("vocab_size", 0))
         return meta
     except (OSError, ValueError, TypeError, AttributeError):
-        raise BadInput(f"{path + '.json'!r}, the sidecar of the latents, is unreadable; delete it "
-                       "(and pass "
-                       f"--vocab_size) or encode the latents again")
+        raise BadInput(f"{path + '.json'!r}, the sidecar of the latents, is unreadable; "
+                       "delete it (and pass --vocab_size) or encode the latents again")
 
 def get_batch(array, idx, device, labels=None):
-    """Rows idx of a (memory-mapped) array -> int64 (B, h, w) on device, and their labels (B,) (or
-    None)."""
+    """Rows idx of a (memory-mapped) array -> int64 (B, h, w) on device, and their labels (B,) (or None)."""
     idx = np.sort(idx.numpy())  # sorted: sequential reads from disk
     tokens = torch.from_numpy(np.asarray(array[idx], dtype=np.int64)).to(device, non_blocking=True)
     return tokens, None if labels is None else torch.from_numpy(labels[idx].astype(np.int64)).to(device)
 
 def load_labels(path, n, num_classes=0):
-    """An (N,) .npy of integer class labels, one per row of the latents -> (labels, number of
-    classes)."""
+    """An (N,) .npy of integer class labels, one per row of the latents -> (labels, number of classes)."""
     labels = np.asarray(vqgan.load_npy(path, "--labels"))
     if labels.ndim != 1 or len(labels) != n or not np.issubdtype(labels.dtype, np.integer):
-        raise BadInput(f"--labels {path!r} must be an (N,) integer array with one label per latent "
-                       f"grid (N = {n}), "
+        raise BadInput(f"--labels {path!r} must be an (N,) integer array with one label per latent grid (N = {n}), "
                        f"got {labels.dtype} of shape {labels.shape}")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= (num_classes or MAX_CLASSES):  # one embedding row per class: not raw values
-        raise BadInput(f"--labels {path!r} hold classes in [{lo}, {hi}]; they must be in "
-                       f"[0, {num_classes or MAX_CLASSES:,})")
+        raise BadInput(f"--labels {path!r} hold classes in [{lo}, {hi}]; they must be in [0, {num_classes or MAX_CLASSES:,})")
     return labels, num_classes or hi + 1
 
 # --------------------------------------------------------------------------------------------------
@@ -267,57 +235,48 @@ def load_sundae(path, device="cpu"):
     model.vqgan_id = ckpt.get("vqgan_id")  # the VQ-GAN whose latents trained it, if known
     model.trained_on = ckpt.get("train_config", {}).get("data", "")  # those latents' path, as training was given it
     model.class_names = ckpt.get("class_names") or [str(c) for c in range(model.num_classes)]
-    # the sampling temperature its training stored; checkpoints from before the field existed get
-    # the paper's
+    # the sampling temperature its training stored; checkpoints from before the field existed get the paper's
     model.default_temperature = tuple(ckpt.get("train_config", {}).get("temperature", PAPER_TEMPERATURE))
-    # the averaged weights, where training kept them
-    vqgan.load_weights(model, ckpt.get("ema") or ckpt["model"], path)
+    vqgan.load_weights(model, ckpt.get("ema") or ckpt["model"], path)  # the averaged weights, where training kept them
     return model.to(device).eval()
 
 # --------------------------------------------------------------------------------------------------
-# sampling (paper §3.5): sample.py and inpaint.py call it, and training itself (progress pictures,
-# calibration)
+# sampling (paper §3.5): sample.py and inpaint.py call it, and training itself (progress pictures, calibration)
 
 def draw(logits, tau, generator=None):
     """One categorical draw per row (paper §3.5): logits float (K, V), tau >= 0 -> ids int64 (K,).
 
-    Row k's id is drawn exactly from softmax(logits[k] / tau); tau = 0 means the argmax (greedy). K
-    may be 0. A token of probability 0 (logit -inf) is never drawn. Every random draw uses
-    `generator` (None: torch's global one), on the logits' device. Here by inverting the CDF: the
-    first token whose cumulative probability exceeds u ~ U(0, total), one uniform number per row
-    rather than V (Gumbel-max), and faster on the CPU than torch.multinomial at large V."""
+    Row k's id is drawn exactly from softmax(logits[k] / tau); tau = 0 means the argmax (greedy). K may be 0.
+    A token of probability 0 (logit -inf) is never drawn.
+    Every random draw uses `generator` (None: torch's global one), on the logits' device.
+    Here by inverting the CDF: the first token whose cumulative probability exceeds u ~ U(0, total),
+    one uniform number per row rather than V (Gumbel-max), and faster on the CPU than torch.multinomial at large V."""
     if tau == 0 or len(logits) == 0:
         return logits.argmax(-1)
-    # float64: no drift over 8192 terms
-    cdf = torch.softmax(logits.float() / tau, dim=-1).double().cumsum(-1)
-    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device,
-                   dtype=torch.float64) * cdf[:, -1:]
+    cdf = torch.softmax(logits.float() / tau, dim=-1).double().cumsum(-1)  # float64: no drift over 8192 terms
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
     # right: p = 0 never
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)
 
 def default_proportion(steps):
-    """The update proportion's (start, end) when none is given. Paper §3.5: "for low step scenarios (T < 20) all
-    tokens must be able to be updated", so below 20 steps every position takes its new draw; with 20
-    or more, half of them per step, which keeps the chain from oscillating (Savinov et al. §3)."""
+    """The update proportion's (start, end) when none is given.
+    Paper §3.5: "for low step scenarios (T < 20) all tokens must be able to be updated",
+    so below 20 steps every position takes its new draw; with 20 or more, half of them per step,
+    which keeps the chain from oscillating (Savinov et al. §3)."""
     return (1.0, 1.0) if steps < 20 else (0.5, 0.5)
 
 def logits_where(model, x, where, labels=None, guidance=0.0):
-    """The model's logits (K, V) at the K positions where the bool mask `where` (B, h, w) is set. With class labels
-    and guidance w > 0, classifier-free guidance (Ho & Salimans 2022): cond + w (cond - uncond),
-    both from one forward pass of 2B grids (each with its label and with "no class"), still at those
-    positions only."""
+    """The model's logits (K, V) at the K positions where the bool mask `where` (B, h, w) is set.
+    With class labels and guidance w > 0, classifier-free guidance (Ho & Salimans 2022): cond + w (cond - uncond),
+    both from one forward pass of 2B grids (each with its label and with "no class"), still at those positions only."""
     kw = {} if labels is None else {"labels": labels}
     if labels is not None and guidance:
-        # (2B, h, w): conditional, then unconditional
-        x, where = torch.cat([x, x]), torch.cat([where, where])
+        x, where = torch.cat([x, x]), torch.cat([where, where])  # (2B, h, w): conditional, then unconditional
         kw = {"labels": torch.cat([labels, torch.full_like(labels, model.num_classes)])}
-    # our network computes its output head only where asked (any other module: all positions, then
-    # select) (K or 2K, V)
-    logits = model.logits_at(x, where, **kw) if hasattr(model,
-                                                        "logits_at") else model(x, **kw)[where]
+    # our network computes its output head only where asked (any other module: all positions, then select) (K or 2K, V)
+    logits = model.logits_at(x, where, **kw) if hasattr(model, "logits_at") else model(x, **kw)[where]
     if labels is not None and guidance:
-        # rows in raster order: the first K are the conditional grids'
-        cond, uncond = logits.chunk(2)
+        cond, uncond = logits.chunk(2)  # rows in raster order: the first K are the conditional grids'
         logits = cond + guidance * (cond - uncond)
     return logits
 
@@ -327,20 +286,18 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
            generator=None, trajectory=None, device=None, bf16=None, labels=None, guidance=0.0):
     """Draw n token grids with `model`; returns (tokens (n, h, w), steps_used (n,)). The loop itself is denoise.
 
-    model: any module with vocab_size, height, width that maps (B, h, w) ids to (B, h, w, V) logits.
-    temperature, proportion: (start, end) schedules (see denoise); temperature None = the model's
-    default_temperature (load_sundae sets the one its training stored), else the paper's (1.0, 0.7);
-    proportion None = default_proportion(steps).
-    init: starting tokens (n, h, w) (default uniform random). known: bool or 0/1 (n, h, w); those
-    positions always keep their init token (inpainting, paper §3.6). trajectory: a list that
-    receives the whole batch's tokens at the start and after every step (for the paper's Figure 2).
-    device: where to sample when no init is given (default: the generator's device, else the
-    model's, else the CPU; a parameter-free model works). bf16: run the network under bf16 autocast
-    (default: on CUDA only); the logits stay fp32. labels: a class per sample (n,) for a
-    class-conditional model (None: unconditional); guidance: the classifier-free guidance weight w
-    (0 = the conditional model as it is). Bad arguments raise BadInput."""
-    temperature = getattr(model, "default_temperature",
-                          PAPER_TEMPERATURE) if temperature is None else temperature
+    model: any module with vocab_size, height, width that maps (B, h, w) ids to (B, h, w, V) logits. temperature,
+    proportion: (start, end) schedules (see denoise);
+    temperature None = the model's default_temperature (load_sundae sets the one its training stored),
+    else the paper's (1.0, 0.7); proportion None = default_proportion(steps). init:
+    starting tokens (n, h, w) (default uniform random). known: bool or 0/1 (n, h, w);
+    those positions always keep their init token (inpainting, paper §3.6). trajectory:
+    a list that receives the whole batch's tokens at the start and after every step (for the paper's Figure 2). device:
+    where to sample when no init is given (default: the generator's device, else the model's, else the CPU; a
+    parameter-free model works). bf16: run the network under bf16 autocast (default: on CUDA only);
+    the logits stay fp32. labels: a class per sample (n,) for a class-conditional model (None: unconditional); guidance:
+    the classifier-free guidance weight w (0 = the conditional model as it is). Bad arguments raise BadInput."""
+    temperature = getattr(model, "default_temperature", PAPER_TEMPERATURE) if temperature is None else temperature
     proportion = default_proportion(steps) if proportion is None else proportion
     check_sample_inputs(model, n, steps, tuple(temperature), tuple(proportion), init, known, labels, guidance)
     if device is None:
@@ -357,11 +314,9 @@ def sample(model, n, steps=100, temperature=None, proportion=None, min_steps=10,
     # the samples still active, the positions redrawn, their rows of x
     def logits_at(xa, where, active):
         with vqgan.bf16_autocast(device, bf16):  # the head stays fp32 inside, as in training
-            return logits_where(model, xa, where,
-                                None if labels is None else labels[active], guidance)
+            return logits_where(model, xa, where, None if labels is None else labels[active], guidance)
 
-    return denoise(logits_at, x, steps, tuple(temperature), tuple(proportion), min_steps,
-                   known, generator, trajectory)
+    return denoise(logits_at, x, steps, tuple(temperature), tuple(proportion), min_steps, known, generator, trajectory)
 
 def check_sample_inputs(model, n, steps, temperature, proportion, init, known, labels, guidance):
     """sample's arguments, checked before any work: BadInput naming the problem."""
@@ -382,58 +337,49 @@ def check_sample_inputs(model, n, steps, temperature, proportion, init, known, l
     if labels is not None:
         labels = torch.as_tensor(labels).reshape(-1)
         if len(labels) != n or not 0 <= int(labels.min()) <= int(labels.max()) < classes:
-            raise BadInput(f"labels must be n = {n} classes in [0, {classes}) of a "
-                           "class-conditional model")
+            raise BadInput(f"labels must be n = {n} classes in [0, {classes}) of a class-conditional model")
 
-def denoise(logits_at, x, steps, temperature, proportion, min_steps=10, known=None, generator=None,
-            trajectory=None):
-    """SUNDAE's sampler (paper §3.5, §3.6): parallel denoising steps with annealed schedules and per-sample
-    freezing. Returns (tokens int64 (n, h, w), steps_used int64 (n,)).
+def denoise(logits_at, x, steps, temperature, proportion, min_steps=10, known=None, generator=None, trajectory=None):
+    """SUNDAE's sampler (paper §3.5, §3.6): parallel denoising steps with annealed schedules and per-sample freezing.
+    Returns (tokens int64 (n, h, w), steps_used int64 (n,)).
 
-    logits_at(xa, where, active) -> float logits (K, V): the network's logits for the grids xa (b,
-    h, w) at the K positions where the bool mask `where` (b, h, w) is set, in row-major order;
-    `active` (b,) int64 are the rows of x that xa holds. x: int64 (n, h, w), the starting tokens
-    (not modified). known: bool (n, h, w) or None.
-    For each step s = 0 .. steps-1:
+    logits_at(xa, where, active) -> float logits (K, V):
+    the network's logits for the grids xa (b, h, w) at the K positions where the bool mask `where` (b, h, w) is set,
+    in row-major order; `active` (b,) int64 are the rows of x that xa holds. x: int64 (n, h, w),
+    the starting tokens (not modified). known: bool (n, h, w) or None. For each step s = 0 .. steps-1:
     - temperature and proportion are (start, end) pairs, interpolated linearly: the start at s = 0,
       the end at s = steps - 1 (the start alone when steps == 1).
-    - Only active samples take part (at first all n). Each of their positions is redrawn with
-      probability p_s (one uniform draw per position), never a known one; the redrawn positions take
-      draw(logits_at(...), tau_s, generator), all of them from one call.
-    - A sample has settled when this step redrew at least one of its positions and none of them
-      changed, or at once if it has no unknown position. After a step with s + 1 >= min_steps,
-      settled samples are frozen: they leave the active batch, so logits_at never sees them again.
-      Stop when none is left.
-    - steps_used counts the steps each sample took part in. trajectory, if a list, receives a copy
-      of all n grids before the first step and after every step.
+    - Only active samples take part (at first all n).
+      Each of their positions is redrawn with probability p_s (one uniform draw per position), never a known one;
+      the redrawn positions take draw(logits_at(...), tau_s, generator), all of them from one call.
+    - A sample has settled when this step redrew at least one of its positions and none of them changed,
+      or at once if it has no unknown position.
+      After a step with s + 1 >= min_steps, settled samples are frozen: they leave the active batch,
+      so logits_at never sees them again. Stop when none is left.
+    - steps_used counts the steps each sample took part in. trajectory, if a list,
+      receives a copy of all n grids before the first step and after every step.
     Every random draw uses `generator` (None: torch's global one), on x's device."""
     x = x.clone()
     n, device = len(x), x.device
-    free = torch.ones(n, dtype=torch.bool,
-                      device=device) if known is None else (~known).flatten(1).any(1)
+    free = torch.ones(n, dtype=torch.bool, device=device) if known is None else (~known).flatten(1).any(1)
     if trajectory is not None:
         trajectory.append(x.clone())
     active = torch.arange(n, device=device)  # samples still being denoised
     steps_used = torch.zeros(n, dtype=torch.long, device=device)
     for s in range(steps):
         frac = s / (steps - 1) if steps > 1 else 0.0
-        # annealed temperature (paper §3.5)
-        tau = temperature[0] + (temperature[1] - temperature[0]) * frac
-        # share of positions that take their new draw
-        p = proportion[0] + (proportion[1] - proportion[0]) * frac
+        tau = temperature[0] + (temperature[1] - temperature[0]) * frac  # annealed temperature (paper §3.5)
+        p = proportion[0] + (proportion[1] - proportion[0]) * frac  # share of positions that take their new draw
         xa = x[active]  # (b, h, w)
-        # random subset (Savinov et al.)
-        update = torch.rand(xa.shape, generator=generator, device=device) < p
+        update = torch.rand(xa.shape, generator=generator, device=device) < p  # random subset (Savinov et al.)
         if known is not None:
-            # known tokens never change; the mask is indexed by `active` as the batch
+            # known tokens never change; the mask is indexed by `active` as the batch shrinks, which the authors' code forgot
             update &= ~known[active]
-            #                           shrinks, which the authors' code forgot
         new = xa.clone()
-        # one parallel draw where redrawn
-        new[update] = draw(logits_at(xa, update, active), tau, generator)
-        # settled: this step redrew at least one of its positions and none changed (a step that
-        # happened to redraw nothing proves nothing, frequent with a small inpainting hole and p <
-        # 1)
+        new[update] = draw(logits_at(xa, update, active), tau, generator)  # one parallel draw where redrawn
+        # settled:
+        # this step redrew at least one of its positions and none changed (a step that happened to redraw nothing proves
+        # nothing, frequent with a small inpainting hole and p < 1)
         redrawn, changed = update.flatten(1).any(1), (new != xa).flatten(1).any(1)  # (b,) each
         settled = (redrawn & ~changed) | ~free[active]
         x[active] = new
@@ -449,13 +395,13 @@ def denoise(logits_at, x, steps, temperature, proportion, min_steps=10, known=No
 def frechet_distance(a, b):
     """The Frechet distance between Gaussians fitted to the rows of a and b (Heusel et al. 2017, FID).
 
-    a, b: arrays (n_a, d) and (n_b, d) of feature rows (anything np.asarray takes) -> a Python
-    float, ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with mu the row means and S the
-    unbiased sample covariances (np.cov of the rows: divided by n - 1), in float64. tr((S_a
-    S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b, real and >= 0 for
-    covariance matrices (clip rounding below 0), which in general is not tr(S_a^(1/2) S_b^(1/2)).
-    Here via S_a^(1/2) S_b S_a^(1/2), which has the same eigenvalues and is symmetric PSD: eigh
-    suffices and no complex parts appear (unlike scipy.linalg.sqrtm in the FID reference code)."""
+    a, b: arrays (n_a, d) and (n_b, d) of feature rows (anything np.asarray takes) -> a Python float,
+    ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)),
+    with mu the row means and S the unbiased sample covariances (np.cov of the rows: divided by n - 1),
+    in float64. tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b,
+    real and >= 0 for covariance matrices (clip rounding below 0), which in general is not tr(S_a^(1/2) S_b^(1/2)).
+    Here via S_a^(1/2) S_b S_a^(1/2), which has the same eigenvalues and is symmetric PSD:
+    eigh suffices and no complex parts appear (unlike scipy.linalg.sqrtm in the FID reference code)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
@@ -465,17 +411,17 @@ def frechet_distance(a, b):
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
 
-# The stored temperature schedule is chosen per model, on its own held-out grids: the best one
-# depends on the data, the model size and how long it trained (the paper and the authors set 0.7 to
-# 1.0 by hand per dataset). Ordered hot to cold; the hot ones cost the most steps
-CALIBRATION_SCHEDULES = ((1.2, 1.0), (1.0, 1.0), (1.0, 0.7), (1.0, 0.3), (0.85, 0.5),
-                         (0.7, 0.7), (0.7, 0.3))
+# The stored temperature schedule is chosen per model, on its own held-out grids: the best one depends on the data,
+# the model size and how long it trained (the paper and the authors set 0.7 to 1.0 by hand per dataset).
+# Ordered hot to cold; the hot ones cost the most steps
+CALIBRATION_SCHEDULES = ((1.2, 1.0), (1.0, 1.0), (1.0, 0.7), (1.0, 0.3), (0.85, 0.5), (0.7, 0.7), (0.7, 0.3))
 
 @torch.no_grad()
 def pixel_features(decoder, grids, size=8, batch=16):
-    """Token grids (n, h, w) -> (n, 3 size^2): the decoded images averaged over a size x size grid of blocks (their
-    layout and colour, not their texture). The criterion calibrate uses when a VQ-GAN is at hand: on the real-image
-    benchmark it ranks the schedules as a judge trained on real images does (docs/RESULTS.md)."""
+    """Token grids (n, h, w) -> (n, 3 size^2):
+    the decoded images averaged over a size x size grid of blocks (their layout and colour, not their texture).
+    The criterion calibrate uses when a VQ-GAN is at hand:
+    on the real-image benchmark it ranks the schedules as a judge trained on real images does (docs/RESULTS.md)."""
     device = next(decoder.parameters()).device
     out = [F.adaptive_avg_pool2d(decoder.decode(grids[i:i + batch].to(device)).float(), size).flatten(1).cpu()
            for i in range(0, len(grids), batch)]
@@ -483,19 +429,21 @@ def pixel_features(decoder, grids, size=8, batch=16):
 
 @torch.no_grad()
 def hidden_features(model, grids):
-    """Token grids (n, h, w) -> (n, 4 D): the network's last hidden states (model.features: each token as read in
-    its context), averaged over each quarter of the grid. What calibrate uses without a VQ-GAN; they separate the
-    schedules well but rank them unlike a judge of the images (docs/RESULTS.md)."""
+    """Token grids (n, h, w) -> (n, 4 D):
+    the network's last hidden states (model.features: each token as read in its context),
+    averaged over each quarter of the grid. What calibrate uses without a VQ-GAN;
+    they separate the schedules well but rank them unlike a judge of the images (docs/RESULTS.md)."""
     f = model.features(grids.to(next(model.parameters()).device)).float()  # (n, h*w, D) in raster order
     f = f.reshape(len(grids), model.height, model.width, -1).permute(0, 3, 1, 2)  # (n, D, h, w)
     return F.adaptive_avg_pool2d(f, 2).flatten(1).cpu().numpy()
 
 def kernel_distance(a, b):
-    """The kernel distance between the rows of a (m, d) and b (n, d) (Binkowski et al. 2018, KID): the unbiased
-    estimate of the squared maximum mean discrepancy with the kernel k(x, y) = (x.y / d + 1)^3,
-    mean k(a_i, a_j) over i != j + mean k(b_i, b_j) over i != j - 2 mean k(a_i, b_j), in float64. Its expectation is
-    0 when both sets come from one distribution, at any set size; the Frechet distance's bias at a few hundred
-    samples grows with the sets' spread, as large as the differences between schedules here."""
+    """The kernel distance between the rows of a (m, d) and b (n, d) (Binkowski et al. 2018, KID):
+    the unbiased estimate of the squared maximum mean discrepancy with the kernel k(x, y) = (x.y / d + 1)^3,
+    mean k(a_i, a_j) over i != j + mean k(b_i, b_j) over i != j - 2 mean k(a_i, b_j), in float64.
+    Its expectation is 0 when both sets come from one distribution, at any set size;
+    the Frechet distance's bias at a few hundred samples grows with the sets' spread,
+    as large as the differences between schedules here."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     k = lambda x, y: (x @ y.T / a.shape[1] + 1) ** 3
     k_aa, k_bb = k(a, a), k(b, b)
@@ -505,26 +453,24 @@ def kernel_distance(a, b):
 
 def calibrate(model, heldout, decoder=None, n=128, schedules=CALIBRATION_SCHEDULES, seed=0,
               fallback=PAPER_TEMPERATURE, **sample_kwargs):
-    """The temperature schedule whose samples lie closest to held-out grids (n, h, w): kernel_distance between n
-    samples per schedule and the held-out grids, in pixel_features of `decoder` (a VQ-GAN) or, with none, in
-    hidden_features; each feature scaled by the held-out grids' spread -> (choice (start, end), [(schedule,
-    distance, noise, mean steps)]). noise: how far apart the distances of the two halves of the samples lie, a
-    measure of seed-to-seed noise. The closest schedule is chosen only when it beats `fallback` (the paper's
-    schedule) by more than the mean noise; otherwise the criterion cannot tell them apart, and the choice is the
-    fallback rather than the luck of a draw."""
+    """The temperature schedule whose samples lie closest to held-out grids (n, h, w):
+    kernel_distance between n samples per schedule and the held-out grids, in pixel_features of `decoder` (a VQ-GAN) or,
+    with none, in hidden_features;
+    each feature scaled by the held-out grids' spread -> (choice (start, end), [(schedule, distance, noise, mean
+    steps)]). noise: how far apart the distances of the two halves of the samples lie, a measure of seed-to-seed noise.
+    The closest schedule is chosen only when it beats `fallback` (the paper's schedule) by more than the mean noise;
+    otherwise the criterion cannot tell them apart, and the choice is the fallback rather than the luck of a draw."""
     features = (lambda g: pixel_features(decoder, g)) if decoder is not None else (lambda g: hidden_features(model, g))
     reference = features(heldout)
     mean, std = reference.mean(0), reference.std(0) + 1e-6
     reference = (reference - mean) / std
     table = []
     for schedule in schedules:
-        # the same noise for every schedule
-        gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+        gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)  # the same noise for every schedule
         grids, steps = sample(model, n, temperature=schedule, generator=gen, **sample_kwargs)
         f = (features(grids) - mean) / std
         halves = [kernel_distance(half, reference) for half in (f[: n // 2], f[n // 2:])]
-        table.append((schedule, kernel_distance(f, reference), abs(halves[0] - halves[1]),
-                      steps.float().mean().item()))
+        table.append((schedule, kernel_distance(f, reference), abs(halves[0] - halves[1]), steps.float().mean().item()))
     best = min(table, key=lambda row: row[1])[0]
     return (best if resolves(table, fallback) else fallback), table
 
@@ -538,8 +484,7 @@ def resolves(table, fallback=PAPER_TEMPERATURE):
 def print_calibration(table, choice, what):
     print(f"calibration ({what}): kernel distance of 128 samples per schedule to the held-out grids (+- noise)")
     for schedule, distance, noise, steps in table:
-        print(f"  temperature {schedule[0]:.2f} -> {schedule[1]:.2f}: {distance:8.4f} +- {noise:7.4f} | "
-              f"{steps:5.1f} steps"
+        print(f"  temperature {schedule[0]:.2f} -> {schedule[1]:.2f}: {distance:8.4f} +- {noise:7.4f} | {steps:5.1f} steps"
               + ("  <- stored" if schedule == choice else ""))
     if not resolves(table):
         print(f"  no schedule beats the paper's by more than the noise: stored the paper's {choice[0]} -> {choice[1]}")
@@ -559,12 +504,10 @@ def save_token_picture(tokens, vocab_size, path, ncol=8):
     vqgan.save_figure(fig, path)
 
 # --------------------------------------------------------------------------------------------------
-# command line (the generic plumbing: flags from dataclass fields, errors, devices, lr schedule,
-# lives in vqgan.py)
+# command line (the generic plumbing: flags from dataclass fields, errors, devices, lr schedule, lives in vqgan.py)
 
 def check_schedule(name, start_end, lo, hi):
-    """A (start, end) schedule with both ends finite and in [lo, hi]; BadInput naming the flag
-    otherwise."""
+    """A (start, end) schedule with both ends finite and in [lo, hi]; BadInput naming the flag otherwise."""
     if len(start_end) != 2:
         raise BadInput(f"--{name} {','.join(map(str, start_end))}: needs two numbers, start,end (e.g. 1.0,0.7)")
     if not all(math.isfinite(v) and lo <= v <= hi for v in start_end):
@@ -580,74 +523,61 @@ def check_config(mcfg, tcfg):
                              nonneg=("weight_decay", "label_drop", "box_share"),
                              fractions=("val_fraction",))
     if tcfg.label_drop >= 1 or tcfg.box_share > 1:
-        raise BadInput("--label_drop must be below 1 and --box_share at most 1 (shares of the "
-                       "training grids), got "
-                       f"{tcfg.label_drop} and {tcfg.box_share}")
-    # the sampler's own check, at training time
-    check_schedule("temperature", tcfg.temperature, 0.0, math.inf)
+        raise BadInput("--label_drop must be below 1 and --box_share at most 1 (shares of the training grids), "
+                       f"got {tcfg.label_drop} and {tcfg.box_share}")
+    check_schedule("temperature", tcfg.temperature, 0.0, math.inf)  # the sampler's own check, at training time
     if mcfg.head_dim % 4:
-        raise BadInput(f"--head_dim {mcfg.head_dim} must divide by 4 (2D RoPE rotates channel "
-                       "pairs for rows and for "
-                       f"columns)")
+        raise BadInput(f"--head_dim {mcfg.head_dim} must divide by 4 (2D RoPE rotates channel pairs for rows and for columns)")
     if not mcfg.head_dim and (mcfg.dim % mcfg.heads or (mcfg.dim // mcfg.heads) % 4):
-        raise BadInput(f"--dim {mcfg.dim} / --heads {mcfg.heads} must give a whole head size "
-                       "divisible by 4 (2D RoPE "
-                       "rotates channel pairs for rows and for columns); e.g. --dim "
-                       f"{mcfg.heads * 32}, or set --head_dim")
+        raise BadInput(f"--dim {mcfg.dim} / --heads {mcfg.heads} must give a whole head size divisible by 4 "
+                       "(2D RoPE rotates channel pairs for rows and for columns); "
+                       f"e.g. --dim {mcfg.heads * 32}, or set --head_dim")
     if len(mcfg.depth) % 2 == 0 or min(mcfg.depth) < 0 or (len(mcfg.depth) > 1 and mcfg.shorten < 2):
-        raise BadInput(f"--depth {','.join(map(str, mcfg.depth))} must have odd length (pre, ..., "
-                       "valley, ..., post) "
-                       f"with counts >= 0, and --shorten >= 2 when it has levels")
+        raise BadInput(f"--depth {','.join(map(str, mcfg.depth))} must have odd length (pre, ..., valley, ..., "
+                       "post) with counts >= 0, and --shorten >= 2 when it has levels")
 
 def make_optimizer(model, tcfg):
     """AdamW; weight decay on matrices only (not on biases, LayerNorms)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay,
-                                                                     "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.99), fused=torch.cuda.is_available())
 
 def noise_seed(seed, step, micro):
-    """Seed of the noise for one micro-batch: N processes x 1 micro-batch draw what 1 process x N
-    draws."""
+    """Seed of the noise for one micro-batch: N processes x 1 micro-batch draw what 1 process x N draws."""
     return (seed * 1_000_003 + step) * 1009 + micro
 
 # --------------------------------------------------------------------------------------------------
 # training
 
 def prepare_data(mcfg, tcfg, resume_ckpt=None):
-    """The latents (and labels), checked against everything they must agree with -> (mcfg with V, the grid and the
-    classes filled in, data): data.array (memory-mapped), data.labels (or None), data.train and
-    data.val (row indices), data.vqgan_id (the tokenizer's identity, or None) and data.class_names.
+    """The latents (and labels),
+    checked against everything they must agree with -> (mcfg with V, the grid and the classes filled in, data):
+    data.array (memory-mapped), data.labels (or None), data.train and data.val (row indices),
+    data.vqgan_id (the tokenizer's identity, or None) and data.class_names.
     """
-    # V and the VQ-GAN's id, when vqgan.py --encode wrote the latents
-    meta = latents_meta(tcfg.data)
+    meta = latents_meta(tcfg.data)  # V and the VQ-GAN's id, when vqgan.py --encode wrote the latents
     array, V = load_latents(tcfg.data, mcfg.vocab_size or meta.get("vocab_size", 0))
     N, h, w = array.shape
     vqgan_id = meta.get("vqgan_id")
     if tcfg.vqgan:
         vq_id = vqgan.fingerprint(vqgan.shipped_weights(vqgan.load_checkpoint(tcfg.vqgan, "vqgan")))
         if vqgan_id and vq_id != vqgan_id:
-            raise BadInput(f"latents {tcfg.data!r} were encoded by another VQ-GAN than --vqgan "
-                           f"{tcfg.vqgan!r}; pass the "
-                           f"VQ-GAN that wrote them")
+            raise BadInput(f"latents {tcfg.data!r} were encoded by another VQ-GAN than --vqgan {tcfg.vqgan!r}; "
+                           "pass the VQ-GAN that wrote them")
         vqgan_id = vq_id
     if resume_ckpt and vqgan_id and resume_ckpt.get("vqgan_id") not in (None, vqgan_id):
-        raise BadInput(f"--resume: {tcfg.out!r} was trained on latents of another VQ-GAN than {tcfg.data!r}; pass "
-                       f"the latents it was trained on (--data)")
+        raise BadInput(f"--resume: {tcfg.out!r} was trained on latents of another VQ-GAN than {tcfg.data!r}; "
+                       "pass the latents it was trained on (--data)")
     if resume_ckpt and tcfg.labels and not mcfg.num_classes:
-        raise BadInput(f"--resume: {tcfg.out!r} is an unconditional model (no class embedding); --labels needs a "
-                       f"new run (another --out)")
+        raise BadInput(f"--resume: {tcfg.out!r} is an unconditional model (no class embedding); --labels needs a new run (another --out)")
     if (mcfg.height or h, mcfg.width or w) != (h, w):
         asked = "--resume: the checkpoint models" if resume_ckpt else "--height/--width ask for"
         raise BadInput(f"{asked} {mcfg.height}x{mcfg.width} grids but {tcfg.data!r} holds {h}x{w}; "
-                       "pass the matching "
-                       f"latents (the grid size is read from them)")
-    # the labels are indexed by the same rows
-    train_idx, val_idx = split_indices(N, tcfg.val_fraction)
+                       "pass the matching latents (the grid size is read from them)")
+    train_idx, val_idx = split_indices(N, tcfg.val_fraction)  # the labels are indexed by the same rows
     if len(val_idx) == 0 or len(train_idx) == 0:
-        raise BadInput(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split "
-                       "needs at least 3")
+        raise BadInput(f"latents {tcfg.data!r} hold {N} sequences; the train/validation split needs at least 3")
     labels, C, names = None, mcfg.num_classes, None
     if tcfg.labels:
         labels, C = load_labels(tcfg.labels, N, mcfg.num_classes)
@@ -660,8 +590,7 @@ def prepare_data(mcfg, tcfg, resume_ckpt=None):
 
 @torch.no_grad()
 def validate(model, array, val_idx, micro, tcfg, amp, labels=None):
-    """Unrolled loss and accuracy on the held-out rows (with their labels), with the same noise
-    every time."""
+    """Unrolled loss and accuracy on the held-out rows (with their labels), with the same noise every time."""
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(1234)
@@ -670,22 +599,20 @@ def validate(model, array, val_idx, micro, tcfg, amp, labels=None):
     for i in range(0, n, micro):
         tokens, lab = get_batch(array, val_idx[i:i + micro], device, labels)
         with amp():
-            loss, acc = unrolled_loss(partial(model, labels=lab), tokens, model.vocab_size,
-                                      tcfg.unroll_steps, gen)
+            loss, acc = unrolled_loss(partial(model, labels=lab), tokens, model.vocab_size, tcfg.unroll_steps, gen)
         loss_sum, acc_sum = loss_sum + loss.item() * len(tokens), acc_sum + acc.item() * len(tokens)
     model.train()
     return loss_sum / n, acc_sum / n
 
 @torch.no_grad()
 def progress_samples(model, n, steps, generator, temperature=PAPER_TEMPERATURE):
-    """The core of sample (uniform start, 32 parallel steps, half the positions each step), enough to watch training
-    and independent of the sampler a course student may be writing."""
+    """The core of sample (uniform start, 32 parallel steps, half the positions each step),
+    enough to watch training and independent of the sampler a course student may be writing."""
     V, h, w = model.vocab_size, model.height, model.width
     device = next(model.parameters()).device
     x = torch.randint(V, (n, h, w), generator=generator, device=device)
     for s in range(steps):
-        # annealed (paper §3.5)
-        tau = temperature[0] + (temperature[1] - temperature[0]) * s / max(1, steps - 1)
+        tau = temperature[0] + (temperature[1] - temperature[0]) * s / max(1, steps - 1)  # annealed (paper §3.5)
         new = draw(model(x).reshape(-1, V), tau, generator).reshape(n, h, w)
         x = torch.where(torch.rand(n, h, w, generator=generator, device=device) < 0.5, new, x)
     return x
@@ -695,8 +622,7 @@ def save_progress_picture(model, decoder, step, path, amp, temperature):
     model.eval()
     with amp():
         gen = torch.Generator(next(model.parameters()).device).manual_seed(step)
-        # at the temperature sample.py will use
-        toks = progress_samples(model, 8, 32, gen, temperature)
+        toks = progress_samples(model, 8, 32, gen, temperature)  # at the temperature sample.py will use
         if decoder is not None:
             vqgan.save_png(decoder.decode(toks).float(), path, nrow=8)
         else:
@@ -714,45 +640,38 @@ def train(mcfg, tcfg, resume_ckpt=None):
     except ValueError as e:  # a grid the hourglass cannot shorten: the user's data or flags
         raise BadInput(str(e))
     opt = make_optimizer(raw_model, tcfg)
-    # the averaged weights
-    ema = copy.deepcopy(raw_model).requires_grad_(False) if tcfg.ema > 0 else None
-    step, history, window = 0, {"train_loss": [], "val_loss": [],
-                                "val_acc": []}, vqgan.new_window("loss", "acc")
+    ema = copy.deepcopy(raw_model).requires_grad_(False) if tcfg.ema > 0 else None  # the averaged weights
+    step, history = 0, {"train_loss": [], "val_loss": [], "val_acc": []}
+    window = vqgan.new_window("loss", "acc")  # running sums over the steps since the last log line
     # the open log window continues: a resumed run logs what an uninterrupted one does
     if resume_ckpt is not None:
-        step, history, window = vqgan.restore(resume_ckpt, window, model=raw_model,
-                                              ema=ema, opt=opt)
-    # what validation, progress samples and sampling use
-    eval_model = ema if ema is not None else raw_model
-    # checkpoints come from raw_model, never a wrapper
-    model = torch.compile(raw_model) if tcfg.compile else raw_model
+        step, history, window = vqgan.restore(resume_ckpt, window, model=raw_model, ema=ema, opt=opt)
+    eval_model = ema if ema is not None else raw_model  # what validation, progress samples and sampling use
+    model = torch.compile(raw_model) if tcfg.compile else raw_model  # checkpoints come from raw_model, never a wrapper
     if run.ddp:
-        model = nn.parallel.DistributedDataParallel(model,
-                                                    device_ids=[device.index] if device.type == "cuda" else None)
-    bf16 = vqgan.use_bf16(tcfg.dtype, device)
-    # the head, softmax and cross-entropy stay fp32 inside
-    amp = partial(vqgan.bf16_autocast, device, bf16)
-    # the paper's, by default
-    noise = partial(box_corrupt, share=tcfg.box_share) if tcfg.box_share else corrupt
-    # for progress pictures
-    decoder = vqgan.load_vqgan(tcfg.vqgan, device) if run.master and tcfg.vqgan else None
-    save = lambda: run.master and vqgan.save_checkpoint(  # everything a resume needs
-        {"kind": "sundae", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
-         "model": raw_model.state_dict(),
-         "ema": None if ema is None else ema.state_dict(), "opt": opt.state_dict(), "step": step,
-         "history": history, "rng": torch.get_rng_state(),
-         "log_window": {k: v if k == "steps" else float(v) for k, v in window.items()},
-         "vqgan_id": data.vqgan_id, "class_names": data.class_names}, tcfg.out)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    bf16 = vqgan.use_bf16(tcfg.dtype, device)  # --dtype: bf16 autocast on CUDA by default, fp32 on the CPU
+    amp = partial(vqgan.bf16_autocast, device, bf16)  # the head, softmax and cross-entropy stay fp32 inside
+    noise = partial(box_corrupt, share=tcfg.box_share) if tcfg.box_share else corrupt  # the paper's, by default
+    decoder = vqgan.load_vqgan(tcfg.vqgan, device) if run.master and tcfg.vqgan else None  # for progress pictures
+
+    def save():  # everything a resume needs; atomic, and the checkpoint it replaces stays as OUT.prev
+        if run.master:
+            vqgan.save_checkpoint({"kind": "sundae", "model_config": asdict(mcfg), "train_config": asdict(tcfg),
+                                   "model": raw_model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+                                   "opt": opt.state_dict(), "step": step, "history": history,
+                                   "rng": torch.get_rng_state(),
+                                   "log_window": {k: v if k == "steps" else float(v) for k, v in window.items()},
+                                   "vqgan_id": data.vqgan_id, "class_names": data.class_names}, tcfg.out)
+
     stop = vqgan.stop_on_signals()  # Ctrl-C or SIGTERM: finish the step, save, exit
     if run.master:
-        print(f"sundae: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params | "
-              f"{mcfg.height}x{mcfg.width} "
-              f"tokens, V={V} | {len(data.train)} train / {len(data.val)} val sequences | batch "
-              f"{tcfg.batch_size} = "
-              f"{run.world} x {tcfg.grad_accum} x {micro} | T={tcfg.unroll_steps} | "
-              f"{tokens_per_step} tokens/step on "
-              f"{device}" + (f" | {mcfg.num_classes} classes, label drop {tcfg.label_drop}" if labels is not None else ""),
-              flush=True)
+        params = sum(p.numel() for p in raw_model.parameters())
+        classes = "" if labels is None else f" | {mcfg.num_classes} classes, label drop {tcfg.label_drop}"
+        print(f"sundae: {params / 1e6:.2f}M params | {mcfg.height}x{mcfg.width} tokens, V={V} | "
+              f"{len(data.train)} train / {len(data.val)} val sequences | "
+              f"batch {tcfg.batch_size} = {run.world} x {tcfg.grad_accum} x {micro} | T={tcfg.unroll_steps} | "
+              f"{tokens_per_step} tokens/step on {device}{classes}", flush=True)
 
     # training loop
     t0 = t_log = time.time()
@@ -761,15 +680,14 @@ def train(mcfg, tcfg, resume_ckpt=None):
         lr = lr_at(step, tcfg)  # warm-up, then cosine decay
         for g in opt.param_groups:
             g["lr"] = lr
-        # the global batch and its noise are functions of (seed, step, micro-batch): the same
-        # computation whatever the number of processes, and a resumed run repeats exactly what it
-        # would have done
+        # the global batch and its noise are functions of (seed, step, micro-batch):
+        # the same computation whatever the number of processes,
+        # and a resumed run repeats exactly what it would have done
         gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step)
         idx = torch.randint(len(data.train), (tcfg.batch_size,), generator=gen)
         for m in range(tcfg.grad_accum):
             g = run.rank * tcfg.grad_accum + m  # the micro-batch's number among all processes'
-            tokens, lab = get_batch(data.array, data.train[idx[g * micro:(g + 1) * micro]],
-                                    device, labels)
+            tokens, lab = get_batch(data.array, data.train[idx[g * micro:(g + 1) * micro]], device, labels)
             gen = torch.Generator(device).manual_seed(noise_seed(tcfg.seed, step, g))
             # label dropout: one network learns p(x | class) and p(x) (classifier-free guidance)
             if lab is not None:
@@ -778,11 +696,9 @@ def train(mcfg, tcfg, resume_ckpt=None):
             # all-reduce at the end
             with model.no_sync() if run.ddp and m < tcfg.grad_accum - 1 else nullcontext():
                 with amp():  # the SUNDAE objective
-                    loss, acc = unrolled_loss(partial(model, labels=lab), tokens, V,
-                                              tcfg.unroll_steps, gen, noise)
+                    loss, acc = unrolled_loss(partial(model, labels=lab), tokens, V, tcfg.unroll_steps, gen, noise)
                 (loss / tcfg.grad_accum).backward()
-            # statistics stay on the device: reading them (.item()) would wait for the GPU every
-            # step
+            # statistics stay on the device: reading them (.item()) would wait for the GPU every step
             window["loss"] += loss.detach() / tcfg.grad_accum
             window["acc"] += acc.detach() / tcfg.grad_accum
         if tcfg.grad_clip > 0:
@@ -790,28 +706,24 @@ def train(mcfg, tcfg, resume_ckpt=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
-            # the weights we validate, sample and ship
-            vqgan.ema_update(ema, raw_model, tcfg.ema, step)
+            vqgan.ema_update(ema, raw_model, tcfg.ema, step)  # the weights we validate, sample and ship
         step += 1
         window["steps"] += 1
 
         log = step % tcfg.log_every == 0 or step == tcfg.max_steps
         # before saving
         if (log or step % tcfg.ckpt_every == 0) and not math.isfinite(float(window["loss"])):
-            raise BadInput(f"loss is {float(window['loss'])} at step {step}; stopping "
-                           f"({vqgan.checkpoints_left(tcfg.out)}); lower --lr or check the data")
-        # one line per window: the mean over its steps (fewer than log_every at the end or after a
-        # resume)
+            raise BadInput(f"loss is {float(window['loss'])} at step {step}; "
+                           f"stopping ({vqgan.checkpoints_left(tcfg.out)}); lower --lr or check the data")
+        # one line per window: the mean over its steps (fewer than log_every at the end or after a resume)
         if log:
-            means = vqgan.window_means(window, ("loss", "acc"), device, run.ddp)
+            means = vqgan.window_means(window, ("loss", "acc"), device, run.ddp)  # averaged over processes too
             history["train_loss"].append((step, means["loss"]))
             dt = (time.time() - t_log) / (step - step_log)  # timed only since this process started
             eta = (time.time() - t0) / (step - start_step) * (tcfg.max_steps - step)
             if run.master:
-                print(f"step {step}/{tcfg.max_steps} | loss {means['loss']:.3f} | acc "
-                      f"{means['acc']:.3f} | lr {lr:.1e} | "
-                      f"{dt * 1e3:.0f} ms | {tokens_per_step / dt / 1e3:.1f}k tok/s | eta "
-                      f"{eta / 60:.1f}m", flush=True)
+                print(f"step {step}/{tcfg.max_steps} | loss {means['loss']:.3f} | acc {means['acc']:.3f} | "
+                      f"lr {lr:.1e} | {dt * 1e3:.0f} ms | {tokens_per_step / dt / 1e3:.1f}k tok/s | eta {eta / 60:.1f}m", flush=True)
             t_log, step_log, window = time.time(), step, vqgan.new_window("loss", "acc")
         # the held-out loss to watch
         if run.master and (step % tcfg.val_every == 0 or step == tcfg.max_steps):
@@ -821,43 +733,39 @@ def train(mcfg, tcfg, resume_ckpt=None):
             print(f"step {step}/{tcfg.max_steps} | val loss {vl:.3f} | val acc {va:.3f}", flush=True)
         # what the samples look like
         if run.master and (step % tcfg.sample_every == 0 or step == tcfg.max_steps):
-            save_progress_picture(eval_model, decoder, step,
-                                  os.path.splitext(tcfg.out)[0] + "_samples.png", amp,
+            save_progress_picture(eval_model, decoder, step, os.path.splitext(tcfg.out)[0] + "_samples.png", amp,
                                   tcfg.temperature)
         if step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
             save()
 
     save()  # the trained weights are safe on disk before calibrating
     if run.master and not stop and tcfg.calibrate:  # the sampling schedule that fits this model and this data
-        vqgan.stop_at_once(f"the trained weights are saved in {tcfg.out!r}; python sample.py --calibrate calibrates "
-                           f"them")  # a signal now ends the run at once: nothing more is lost
+        # a signal now ends the run at once: nothing more is lost
+        vqgan.stop_at_once(f"the trained weights are saved in {tcfg.out!r}; python sample.py --calibrate calibrates them")
         if len(data.val) < 32:
-            print(f"calibration skipped: {len(data.val)} held-out grids, fewer than 32; keeping "
-                  "the temperature "
-                  f"{tcfg.temperature}", flush=True)
+            print(f"calibration skipped: {len(data.val)} held-out grids, fewer than 32; keeping the temperature {tcfg.temperature}",
+                  flush=True)
         else:
             t_cal = time.time()
             heldout = torch.from_numpy(np.asarray(data.array[data.val], dtype=np.int64))
             best, table = calibrate(eval_model, heldout, decoder, bf16=bf16)
-            print_calibration(table, best, f"{len(data.val)} held-out grids, "
-                              f"{'decoded pixels' if decoder else 'hidden states'}, {time.time() - t_cal:.0f} s")
-            # what save() stores and sample.py and inpaint.py use
-            tcfg = replace(tcfg, temperature=best)
+            space = "decoded pixels" if decoder else "hidden states"
+            print_calibration(table, best, f"{len(data.val)} held-out grids, {space}, {time.time() - t_cal:.0f} s")
+
+            tcfg = replace(tcfg, temperature=best)  # what save() stores and sample.py and inpaint.py use
             save()
     if run.master and not stop:
         vqgan.plot_curves({k: history[k] for k in ("train_loss", "val_loss")},
                           os.path.splitext(tcfg.out)[0] + "_loss.png",
                           "SUNDAE training: unrolled cross-entropy (nats)")
-        print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min | val loss "
-              f"{history['val_loss'][-1][1]:.3f} | "
+        print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min | val loss {history['val_loss'][-1][1]:.3f} | "
               f"val acc {history['val_acc'][-1][1]:.3f} | peak memory {vqgan.peak_memory(device)}", flush=True)
     vqgan.finish_processes(run, stop, tcfg.out, step)
 
 # --------------------------------------------------------------------------------------------------
 # benchmark: throughput, memory and MFU without data
 
-# dense bf16 tensor-core peaks (SXM)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks (SXM)
 
 def benchmark(mcfg, tcfg, steps=10):
     device = pick_device(tcfg.device)
@@ -866,7 +774,7 @@ def benchmark(mcfg, tcfg, steps=10):
     model = HourglassTransformer(**asdict(mcfg), grad_ckpt=tcfg.grad_ckpt).to(device)
     opt = make_optimizer(model, tcfg)
     fwd = torch.compile(model) if tcfg.compile else model
-    bf16 = vqgan.use_bf16(tcfg.dtype, device)
+    bf16 = vqgan.use_bf16(tcfg.dtype, device)  # --dtype: bf16 autocast on CUDA by default, fp32 on the CPU
     amp = partial(vqgan.bf16_autocast, device, bf16)
     tokens = torch.randint(V, (tcfg.batch_size, h, w), device=device)
 
@@ -889,23 +797,17 @@ def benchmark(mcfg, tcfg, steps=10):
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     mfu = f"{flops / dt / peak * 100:.1f}%" if peak else "n/a (no known peak for this device)"
     mem = vqgan.peak_memory(device)
-    print(f"device {name} | {'bf16' if bf16 else 'fp32'} | compile {tcfg.compile} | grad_ckpt "
-          f"{tcfg.grad_ckpt}")
-    print(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, depth "
-          f"{mcfg.depth}, {h}x{w} tokens, "
+    print(f"device {name} | {'bf16' if bf16 else 'fp32'} | compile {tcfg.compile} | grad_ckpt {tcfg.grad_ckpt}")
+    print(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, depth {mcfg.depth}, {h}x{w} tokens, "
           f"V={V}, batch {tcfg.batch_size}, T={tcfg.unroll_steps}")
-    print(f"{dt * 1e3:.1f} ms/step | {tcfg.batch_size * h * w / dt / 1e3:.1f}k tok/s | "
-          f"{flops / 1e12:.2f} TFLOP/step | "
-          f"{flops / dt / 1e12:.2f} TFLOP/s | MFU {mfu} | peak memory {mem}")
+    print(f"{dt * 1e3:.1f} ms/step | {tcfg.batch_size * h * w / dt / 1e3:.1f}k tok/s | {flops / 1e12:.2f} TFLOP/step "
+          f"| {flops / dt / 1e12:.2f} TFLOP/s | MFU {mfu} | peak memory {mem}")
 
 def main(argv=None):
     parser = vqgan.Parser(description="Train SUNDAE (hourglass transformer) on VQ token grids.")
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS),
-                        help="model and training preset")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="time training steps on random tokens, no data")
-    parser.add_argument("--bench_steps", type=int, default=10,
-                        help="--benchmark: timed steps after the warm-up")
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training preset")
+    parser.add_argument("--benchmark", action="store_true", help="time training steps on random tokens, no data")
+    parser.add_argument("--bench_steps", type=int, default=10, help="--benchmark: timed steps after the warm-up")
     add_flags(parser, ModelConfig)
     add_flags(parser, TrainConfig)
     args = parser.parse_args(argv)
@@ -914,8 +816,7 @@ def main(argv=None):
     tcfg = replace(tcfg_p, **overrides(args, TrainConfig))
     if args.benchmark:
         if args.preset == "tiny":
-            mcfg = replace(mcfg, height=mcfg.height or 8, width=mcfg.width or 8,
-                           vocab_size=mcfg.vocab_size or 256)
+            mcfg = replace(mcfg, height=mcfg.height or 8, width=mcfg.width or 8, vocab_size=mcfg.vocab_size or 256)
         if args.bench_steps < 1:
             raise BadInput(f"--bench_steps must be at least 1, got {args.bench_steps}")
         return benchmark(mcfg, tcfg, args.bench_steps)
@@ -926,11 +827,9 @@ def main(argv=None):
     if args.temperature is not None:  # a schedule the user chose wins over calibration
         tcfg = replace(tcfg, calibrate=False)
     if tcfg.vqgan and not mcfg.vocab_size:
-        mcfg = replace(mcfg, vocab_size=vqgan.load_checkpoint(tcfg.vqgan,
-                                                              "vqgan")["model_config"]["codebook_size"])
+        mcfg = replace(mcfg, vocab_size=vqgan.load_checkpoint(tcfg.vqgan, "vqgan")["model_config"]["codebook_size"])
     check_config(mcfg, tcfg)
-    # what is on disk is safe
-    vqgan.run_guarded(train, mcfg, tcfg, resume_ckpt, inputs=[tcfg.data, tcfg.vqgan])
+    vqgan.run_guarded(train, mcfg, tcfg, resume_ckpt, inputs=[tcfg.data, tcfg.vqgan])  # what is on disk is safe
 
 if __name__ == "__main__":
     vqgan.run_main(main)

@@ -38,17 +38,15 @@ import sundae
 import vqgan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# command lines run in tmp_path, never in the repository
-script = lambda name: os.path.join(HERE, name)
+script = lambda name: os.path.join(HERE, name)  # command lines run in tmp_path, never in the repository
 
 slow = pytest.mark.skipif(os.environ.get("SLOW") != "1",
                           reason="slow tier: SLOW=1 python -m pytest test_all.py -k slow")
 
 # --------------------------------------------------------------------------------------------------
-# course exercises: each is one function a student writes, and `python -m pytest test_all.py -k KEY`
-# runs its tests. A test of something else that runs through an exercise calls needs(KEY) first:
-# with that exercise blank (raise NotImplementedError) it is skipped with a message naming the
-# exercise, never failed.
+# course exercises: each is one function a student writes, and `python -m pytest test_all.py -k KEY` runs its tests.
+# A test of something else that runs through an exercise calls needs(KEY) first:
+# with that exercise blank (raise NotImplementedError) it is skipped with a message naming the exercise, never failed.
 
 EXERCISES = {  # key: (file, function, a tiny call of it)
     "vector_quantizer": ("vqgan.py", "VectorQuantizer.forward",
@@ -97,8 +95,7 @@ def body_span(source, qualname):
     import ast
     node = ast.parse(source)
     for part in qualname.split("."):
-        node = next(n for n in node.body if isinstance(n, (ast.FunctionDef,
-                                                           ast.ClassDef)) and n.name == part)
+        node = next(n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
     body = node.body[1:] if ast.get_docstring(node) else node.body
     return body[0].lineno, node.end_lineno
 
@@ -224,10 +221,10 @@ def named_failure(failures):
                                                               "assert ")) and
                                   msg.strip() != "AssertionError" for _, msg in failures)
 
-# The exercise table: for each exercise, answers a student might write. "right": bodies in other
-# styles, each of which must pass its section and the whole suite; "wrong": plausible mistakes, each
-# a few (old, new) edits of our own answer, which its section must reject with a message that names
-# the property. SLOW=1 ... -k answers runs it.
+# The exercise table: for each exercise, answers a student might write.
+# "right": bodies in other styles, each of which must pass its section and the whole suite; "wrong": plausible mistakes,
+# each a few (old, new) edits of our own answer, which its section must reject with a message that names the property.
+# SLOW=1 ... -k answers runs it.
 ANSWERS = {
     "vector_quantizer": {
         "right": ['''
@@ -683,8 +680,7 @@ return float(mean_gap @ mean_gap + np.trace(Sa) + np.trace(Sb) - 2 * cross)
 }
 
 # ==================================================================================================
-# Part 1: the maths, one section per course exercise. No fixtures: `-k KEY` runs a section in
-# seconds.
+# Part 1: the maths, one section per course exercise. No fixtures: `-k KEY` runs a section in seconds.
 # ==================================================================================================
 
 # --------------------------------------------------------------------------------------------------
@@ -696,17 +692,16 @@ def test_vector_quantizer_forward_is_the_code_and_its_gradient_is_the_identity()
     z = torch.randn(2, 4, 3, 5, requires_grad=True)
     zq, idx, _ = q(z)
     assert idx.shape == (2, 3, 5) and idx.dtype == torch.int64, "indices must be int64 (B, h, w)"
-    assert torch.allclose(zq, q.lookup(idx),
-                          atol=1e-6), "the forward value z_q must be the looked-up code"
+    assert torch.allclose(zq, q.lookup(idx), atol=1e-6), "the forward value z_q must be the looked-up code"
     upstream = torch.randn_like(zq)
     (zq * upstream).sum().backward()
     assert z.grad is not None and torch.allclose(z.grad, upstream, atol=1e-6), \
         "straight-through: dL/dz must equal dL/dz_q exactly (z_q = ze + (e - ze).detach())"
 
 def test_vector_quantizer_straight_through_gradient_passes_the_projections():
-    # with code_dim the lookup happens between proj_in and proj_out: the straight-through gradient
-    # is that of proj_out(proj_in(z)), a linear map here (no l2_norm), so dL/dz = W_in^T W_out^T
-    # dL/dz_q at every position
+    # with code_dim the lookup happens between proj_in and proj_out:
+    # the straight-through gradient is that of proj_out(proj_in(z)), a linear map here (no l2_norm),
+    # so dL/dz = W_in^T W_out^T dL/dz_q at every position
     torch.manual_seed(0)
     q = vqgan.VectorQuantizer(16, 4, code_dim=3)
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
@@ -732,8 +727,7 @@ def test_vector_quantizer_loss_puts_beta_on_the_commitment_term():
     assert z.grad is not None and torch.allclose(z.grad, expect_z, atol=1e-7), \
         "the loss's gradient on z must be the commitment term's, 2 beta (z - e) / numel (beta on the encoder term)"
     expect_cb = torch.zeros_like(q.codebook)
-    # codebook gradient: 2 (e - z) / numel, used codes
-    expect_cb.index_add_(0, idx.flatten(), 2 * (e - zf) / n)
+    expect_cb.index_add_(0, idx.flatten(), 2 * (e - zf) / n)  # codebook gradient: 2 (e - z) / numel, used codes
     assert torch.allclose(q.codebook.grad, expect_cb, atol=1e-7), \
         "the loss's gradient on the chosen codes must be the codebook term's, 2 (e - z) / numel (weight 1)"
 
@@ -746,17 +740,14 @@ def test_vector_quantizer_picks_the_float64_nearest_code_and_lookup_round_trips(
         zq, idx, _ = q(z)
         ze = q.project(z).double()
         brute = torch.cdist(ze, q.codes().double()).argmin(1)
-        assert torch.equal(idx.flatten(),
-                           brute), f"indices must be the nearest codes by L2 distance ({kw})"
-        assert torch.allclose(q.lookup(idx), zq,
-                              atol=1e-6), f"lookup(indices) must be the forward value ({kw})"
+        assert torch.equal(idx.flatten(), brute), f"indices must be the nearest codes by L2 distance ({kw})"
+        assert torch.allclose(q.lookup(idx), zq, atol=1e-6), f"lookup(indices) must be the forward value ({kw})"
     q = vqgan.VectorQuantizer(50, 8, l2_norm=True)
     z = torch.randn(3, 8, 4, 4)
     assert torch.equal(q(z)[1], q(3.7 * z)[1]), "with l2_norm the lookup must ignore the scale of z"
 
 def test_vector_quantizer_looks_up_in_float32_under_bf16_autocast():
-    # 2048 vectors among 512 close codes: bf16 distances (8-bit mantissa) pick another code for some
-    # of them
+    # 2048 vectors among 512 close codes: bf16 distances (8-bit mantissa) pick another code for some of them
     torch.manual_seed(0)
     q = vqgan.VectorQuantizer(512, 16)
     q.codebook.data.normal_()
@@ -764,8 +755,7 @@ def test_vector_quantizer_looks_up_in_float32_under_bf16_autocast():
     with torch.autocast("cpu", torch.bfloat16):
         zq, idx, loss = q(z)
     brute = torch.cdist(q.project(z).double(), q.codes().double()).argmin(1)
-    assert torch.equal(idx.flatten(),
-                       brute), "under bf16 autocast the distances must still be computed in float32"
+    assert torch.equal(idx.flatten(), brute), "under bf16 autocast the distances must still be computed in float32"
     assert zq.dtype == torch.float32 and loss.dtype == torch.float32, "z_q and the loss must be float32"
 
 # --------------------------------------------------------------------------------------------------
@@ -776,45 +766,38 @@ def test_lfq_index_code_bijection_and_straight_through():
     codes = q.codes()  # (32, 5) in {-1, +1}
     z = codes.t().reshape(1, 5, 4, 8)  # every code once, as a (1, bits, 4, 8) grid
     zq, got, _ = q(z)
-    assert torch.equal(got.flatten(),
-                       torch.arange(32)), "index must be sum_i bit_i 2**i, bit_i = 1 where z_i > 0"
-    assert torch.equal(zq, z) and torch.equal(q.lookup(got),
-                                              z), "z_q must be sign(z), +1 where z > 0, else -1"
+    assert torch.equal(got.flatten(), torch.arange(32)), "index must be sum_i bit_i 2**i, bit_i = 1 where z_i > 0"
+    assert torch.equal(zq, z) and torch.equal(q.lookup(got), z), "z_q must be sign(z), +1 where z > 0, else -1"
     z = torch.randn(2, 5, 3, 3, requires_grad=True)
     zq, _, _ = q(z)
     assert set(zq.detach().unique().tolist()) == {-1.0, 1.0}, "z_q must hold only -1 and +1"
     assert zq.requires_grad, "straight-through: z_q must carry a gradient to z (z_q = z + (q - z).detach())"
     g = torch.randn_like(zq)
     (zq * g).sum().backward()
-    assert z.grad is not None and torch.equal(z.grad,
-                                              g), "straight-through: dL/dz must equal dL/dz_q exactly"
+    assert z.grad is not None and torch.equal(z.grad, g), "straight-through: dL/dz must equal dL/dz_q exactly"
     assert (q(torch.zeros(1, 5, 1, 1))[0] == -1).all(), "sign(0) must be -1: +1 only where z > 0"
 
 def test_lfq_commitment_term_is_beta_times_the_squared_error():
     q = vqgan.LookupFreeQuantizer(3, beta=0.5, entropy_weight=0.0)
     z = torch.randn(2, 3, 2, 2)
     expect = 0.5 * (z - torch.where(z > 0, 1.0, -1.0)).pow(2).mean()
-    assert torch.isclose(q(z)[2], expect,
-                         atol=1e-6), "without entropy weight the loss is beta * mean((z - q)^2)"
+    assert torch.isclose(q(z)[2], expect, atol=1e-6), "without entropy weight the loss is beta * mean((z - q)^2)"
 
 def test_lfq_loss_has_finite_gradients_where_the_assignment_underflows():
     q = vqgan.LookupFreeQuantizer(4, entropy_weight=1.0)
-    # far from most codes: p(v | z) underflows to 0
-    z = (torch.randn(1, 4, 4, 4) * 30).requires_grad_()
+    z = (torch.randn(1, 4, 4, 4) * 30).requires_grad_()  # far from most codes: p(v | z) underflows to 0
     q(z)[2].backward()
     assert torch.isfinite(z.grad).all(), "where p underflows to 0 the entropy's gradient must stay finite (log(p + 1e-8))"
 
 def test_lfq_entropy_term_is_per_sample_entropy_minus_batch_entropy():
-    # both halves of the term, against the formula: confident assignments (|z| large) lower the
-    # loss, and so does spreading the batch over all codes; a flipped sign on either half fails
+    # both halves of the term, against the formula: confident assignments (|z| large) lower the loss,
+    # and so does spreading the batch over all codes; a flipped sign on either half fails
     q = vqgan.LookupFreeQuantizer(3, beta=0.0, entropy_weight=1.0)
     codes = q.codes().t().reshape(1, 3, 2, 4)  # each code once: batch-mean usage uniform
     assert q(codes * 3.0)[2] < q(codes * 0.1)[2], "confident assignments (large |z|) must lower the entropy term"
-    assert q(codes)[2] < q(torch.ones(1, 3, 2,
-                                      4))[2], "spreading the batch over all codes must lower the term"
+    assert q(codes)[2] < q(torch.ones(1, 3, 2, 4))[2], "spreading the batch over all codes must lower the term"
     z = torch.randn(1, 3, 4, 4)
-    p = torch.softmax(-torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 3),
-                                   q.codes()).pow(2) / q.temperature, 1)
+    p = torch.softmax(-torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 3), q.codes()).pow(2) / q.temperature, 1)
     H = lambda p: -(p * torch.log(p + 1e-8)).sum(-1)
     assert torch.isclose(q(z)[2], H(p).mean() - H(p.mean(0)), atol=1e-5), \
         "the entropy term must be the mean per-sample entropy minus the entropy of the batch-mean assignment"
@@ -824,14 +807,12 @@ def test_lfq_entropy_term_is_per_sample_entropy_minus_batch_entropy():
 
 def test_hinge_loss_values():
     f = vqgan.hinge_d_loss
-    assert f(torch.full((4,), 2.0), torch.full((4,),
-                                               -2.0)) == 0, "zero once real >= 1 and fake <= -1"
+    assert f(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0, "zero once real >= 1 and fake <= -1"
     assert f(torch.zeros(4), torch.zeros(4)) == 1.0, "at D = 0 the loss is 1/2 (1 + 1) = 1"
     assert torch.isclose(f(torch.tensor([0.5]), torch.tensor([1.0])),
                          torch.tensor(0.5 * (0.5 + 2.0))), \
         "1/2 [relu(1 - 0.5) + relu(1 + 1)] = 1.25"
-    # different sizes: each mean alone
-    real, fake = torch.tensor([0.0, 3.0]), torch.tensor([-3.0, 0.0, 0.0, 0.0])
+    real, fake = torch.tensor([0.0, 3.0]), torch.tensor([-3.0, 0.0, 0.0, 0.0])  # different sizes: each mean alone
     assert torch.isclose(f(real, fake), torch.tensor(0.5 * (0.5 + 0.75))), \
         "each of the two terms is a mean over its own logits"
 
@@ -850,10 +831,8 @@ def test_adaptive_weight_matches_the_formula():
     assert torch.isclose(lam, g_rec.norm() / (g_gan.norm() + 1e-4)), \
         "lambda must be ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4)"
     assert not lam.requires_grad, "lambda must be detached"
-    assert vqgan.adaptive_weight(100 * rec, 0 * out.sum(),
-                                 layer.weight) == 1e4, "lambda must be clamped at 1e4"
-    # both losses are still differentiable afterwards: the graphs were retained
-    (rec + lam * gan).backward()
+    assert vqgan.adaptive_weight(100 * rec, 0 * out.sum(), layer.weight) == 1e4, "lambda must be clamped at 1e4"
+    (rec + lam * gan).backward()  # both losses are still differentiable afterwards: the graphs were retained
 
 # --------------------------------------------------------------------------------------------------
 # hourglass.py: rope_2d (-k rope)
@@ -862,10 +841,8 @@ def test_rope_preserves_norms_shape_and_dtype():
     x = torch.randn(2, 3, 4 * 6, 8)
     out = hourglass.rope_2d(x, 4, 6)
     assert out.shape == x.shape, "rope_2d must return x's shape"
-    assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1),
-                          atol=1e-5), "a rotation must preserve norms"
-    assert hourglass.rope_2d(x.bfloat16(), 4,
-                             6).dtype == torch.bfloat16, "rope_2d must return x's dtype"
+    assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1), atol=1e-5), "a rotation must preserve norms"
+    assert hourglass.rope_2d(x.bfloat16(), 4, 6).dtype == torch.bfloat16, "rope_2d must return x's dtype"
 
 def rope_logits(h, w, stride=1, D=16):
     """<rope(q, p), rope(k, p')> for one fixed q and k placed at every position: (h*w, h*w)."""
@@ -881,13 +858,11 @@ def test_rope_depends_only_on_relative_offset():
     L = L.reshape(h, w, h, w)
     for dr, dc in [(1, 0), (0, 2), (2, 3), (-1, 1)]:  # a common 2D shift of query and key
         for r, c, r2, c2 in [(1, 1, 2, 3), (2, 2, 0, 1), (1, 3, 2, 2)]:
-            if all(0 <= v < h for v in (r + dr,
-                                        r2 + dr)) and all(0 <= v < w for v in (c + dc, c2 + dc)):
+            if all(0 <= v < h for v in (r + dr, r2 + dr)) and all(0 <= v < w for v in (c + dc, c2 + dc)):
                 assert torch.isclose(L[r, c, r2, c2], L[r + dr, c + dc, r2 + dr, c2 + dc],
                                      atol=1e-5), \
                     "<rope(q, p), rope(k, p')> must depend on p' - p only"
-    assert not torch.isclose(L[0, 0, 0, 1], L[0, 0, 1,
-                                              0]), "a row offset and a column offset must differ"
+    assert not torch.isclose(L[0, 0, 0, 1], L[0, 0, 1, 0]), "a row offset and a column offset must differ"
 
 def test_rope_row_offset_changes_only_the_row_half():
     h, w, D = 4, 4, 16
@@ -897,15 +872,14 @@ def test_rope_row_offset_changes_only_the_row_half():
     col_half = lambda i, j: (Q[i, D // 2:] * K[j, D // 2:]).sum()
     assert torch.isclose(col_half(p, same_col), col_half(p, 0), atol=1e-6), \
         "a row offset must leave the column half (channels D/2 ..) unrotated"
-    assert not torch.isclose(row_half(p, same_col), row_half(p,
-                                                             0)), "a row offset must rotate the row half"
+    assert not torch.isclose(row_half(p, same_col), row_half(p, 0)), "a row offset must rotate the row half"
     assert torch.isclose(row_half(p, other_col), row_half(p, 0), atol=1e-6), \
         "a column offset must leave the row half (channels .. D/2) unrotated"
 
 def test_rope_places_coarse_tokens_at_absolute_patch_centres():
-    # one channel pair per half and frequency 1, so the row pair of a unit vector is rotated by
-    # exactly the row position: coarse row i at stride s sits at fine row (i + 0.5) s - 0.5 (a patch
-    # corner would be i s)
+    # one channel pair per half and frequency 1,
+    # so the row pair of a unit vector is rotated by exactly the row position:
+    # coarse row i at stride s sits at fine row (i + 0.5) s - 0.5 (a patch corner would be i s)
     x = torch.zeros(1, 1, 3 * 3, 4)
     x[..., 0] = 1.0
     for stride in (1, 2, 4):
@@ -917,14 +891,13 @@ def test_rope_places_coarse_tokens_at_absolute_patch_centres():
                 f"at stride {stride} row {i} must turn (1, 0) counter-clockwise by pos = (i + 0.5) stride - 0.5"
 
 def test_rope_frequencies_follow_the_formula():
-    # pair j of each half turns by position * base**(-j / n_pairs), n_pairs = head_dim / 4: read
-    # every pair's angle at row 1 (row half) and column 1 (column half) off a unit vector
+    # pair j of each half turns by position * base**(-j / n_pairs), n_pairs = head_dim / 4:
+    # read every pair's angle at row 1 (row half) and column 1 (column half) off a unit vector
     D, base = 16, 10000.0
     x = torch.zeros(1, 1, 2 * 2, D)
     x[..., 0::2] = 1.0  # every pair starts at angle 0
     out = hourglass.rope_2d(x, 2, 2, base=base)[0, 0]  # positions (0,0), (0,1), (1,0), (1,1)
-    # (D/2,) the angle of each pair (x[2i], x[2i+1])
-    angle = lambda v: torch.atan2(v[1::2], v[0::2])
+    angle = lambda v: torch.atan2(v[1::2], v[0::2])  # (D/2,) the angle of each pair (x[2i], x[2i+1])
     freqs = base ** (-torch.arange(D // 4) / (D // 4))
     assert torch.allclose(angle(out[2])[: D // 4], freqs, atol=1e-5), \
         "at row 1 row pair j (channels 2j, 2j+1) must turn counter-clockwise by base**(-j / n_pairs), n_pairs = D/4"
@@ -976,12 +949,10 @@ def test_resampling_is_2d_local():
         changed = (up(y2, h, w) - up(y, h, w)).abs().sum(-1)[0].reshape(h, w) > 1e-6
         expect = torch.zeros(h, w, dtype=torch.bool)
         expect[i * k:(i + 1) * k, j * k:(j + 1) * k] = True
-        assert torch.equal(changed,
-                           expect), f"coarse token ({i}, {j}) must reach exactly its k x k fine patch"
+        assert torch.equal(changed, expect), f"coarse token ({i}, {j}) must reach exactly its k x k fine patch"
 
 def test_resampling_uses_every_vector_of_the_patch():
-    # all k*k fine vectors of a patch reach the coarse token, and every fine token of a patch gets
-    # its own piece
+    # all k*k fine vectors of a patch reach the coarse token, and every fine token of a patch gets its own piece
     torch.manual_seed(0)
     h, w, k, D = 4, 4, 2, 3
     down, up = hourglass.Downsample2D(D, k), hourglass.Upsample2D(D, k)
@@ -989,8 +960,7 @@ def test_resampling_uses_every_vector_of_the_patch():
     for n in range(h * w):
         x2 = x.clone()
         x2[0, n] += 1.0
-        assert not torch.allclose(down(x2, h, w), down(x, h,
-                                                       w)), f"fine token {n} must reach the coarse grid"
+        assert not torch.allclose(down(x2, h, w), down(x, h, w)), f"fine token {n} must reach the coarse grid"
     out = up(torch.randn(1, 4, D), h, w)[0].reshape(h, w, D)
     assert len({tuple(v.tolist()) for v in out[:2, :2].reshape(4, D)}) == 4, \
         "the k*k fine tokens of a patch must get different pieces of the coarse token"
@@ -998,17 +968,15 @@ def test_resampling_uses_every_vector_of_the_patch():
 # --------------------------------------------------------------------------------------------------
 # hourglass.py: Level.forward, the hourglass itself (-k hourglass_level)
 
-@pytest.mark.parametrize("h,w,depth", [(4, 4, (2,)), (8, 8, (1, 1, 1)), (6, 10, (1, 1, 1)),
-                                       (8, 12, (1, 1, 2, 1, 1))])
+@pytest.mark.parametrize("h,w,depth", [(4, 4, (2,)), (8, 8, (1, 1, 1)), (6, 10, (1, 1, 1)), (8, 12, (1, 1, 2, 1, 1))])
 def test_hourglass_level_shapes_one_and_two_levels_square_and_not(h, w, depth):
     needs("rope", "resampling")
     m = hourglass.HourglassTransformer(11, h, w, 16, 2, depth=depth)
     assert m(torch.randint(11, (3, h, w))).shape == (3, h, w, 11), "logits must be (B, h, w, V)"
 
 def test_hourglass_level_adds_the_skip_around_the_shortened_part():
-    # with the upsampling's weight zeroed, the shortened path contributes the same constant whatever
-    # it is given: the level's output must be the pre blocks' output plus that constant (Nawrot et
-    # al. §3; no post blocks here)
+    # with the upsampling's weight zeroed, the shortened path contributes the same constant whatever it is given:
+    # the level's output must be the pre blocks' output plus that constant (Nawrot et al. §3; no post blocks here)
     needs("rope", "resampling")
     torch.manual_seed(0)
     level = hourglass.Level(16, 2, (1, 0, 0), 2)
@@ -1019,35 +987,29 @@ def test_hourglass_level_adds_the_skip_around_the_shortened_part():
         "the skip must carry the pre blocks' output and be added to the lengthened valley"
 
 def test_hourglass_level_runs_pre_valley_and_post_in_order():
-    # record which blocks see which grid, in call order: pre at h x w, the valley at (h/k) x (w/k),
-    # post at h x w
+    # record which blocks see which grid, in call order: pre at h x w, the valley at (h/k) x (w/k), post at h x w
     needs("rope", "resampling")
     level = hourglass.Level(8, 2, (1, 1, 1), 2)
     order = []
     for name, blocks in (("pre", level.pre), ("valley", level.inner.pre), ("post", level.post)):
         for b in blocks:
-            b.register_forward_hook(lambda m, a, out,
-                                    name=name: order.append((name, a[0].shape[1])))
+            b.register_forward_hook(lambda m, a, out, name=name: order.append((name, a[0].shape[1])))
     level(torch.randn(1, 16, 8), 4, 4)
     assert order == [("pre", 16), ("valley", 4), ("post", 16)], \
         f"blocks must run pre (4x4), valley (2x2), post (4x4), in that order; ran {order}"
 
 def test_hourglass_level_passes_its_stride_to_rope(monkeypatch):
     needs("rope", "resampling")
-    # two nested levels with k = 2 on an 8x8 grid: the blocks see 8x8 at stride 1, 4x4 at stride 2,
-    # 2x2 at stride 4
+    # two nested levels with k = 2 on an 8x8 grid: the blocks see 8x8 at stride 1, 4x4 at stride 2, 2x2 at stride 4
     calls, orig = set(), hourglass.rope_2d
     monkeypatch.setattr(hourglass, "rope_2d", lambda x, h, w,
                         stride=1: calls.add((h, w, stride)) or orig(x, h, w, stride))
     m = hourglass.HourglassTransformer(16, 8, 8, 16, 2, depth=(1, 1, 1, 1, 1), shorten=2)
     m(torch.randint(16, (1, 8, 8)))
-    assert calls == {(8, 8, 1), (4, 4, 2), (2, 2,
-                                            4)}, f"(h, w, stride) per level must be 8x8@1, 4x4@2, 2x2@4: {calls}"
+    assert calls == {(8, 8, 1), (4, 4, 2), (2, 2, 4)}, f"(h, w, stride) per level must be 8x8@1, 4x4@2, 2x2@4: {calls}"
     calls.clear()
-    hourglass.HourglassTransformer(16, 9, 9, 16, 2, depth=(1, 1, 1, 1, 1),
-                                   shorten=3)(torch.randint(16, (1, 9, 9)))
-    assert calls == {(9, 9, 1), (3, 3, 3), (1, 1,
-                                            9)}, f"with k = 3 the strides must be 1, 3, 9: {calls}"
+    hourglass.HourglassTransformer(16, 9, 9, 16, 2, depth=(1, 1, 1, 1, 1), shorten=3)(torch.randint(16, (1, 9, 9)))
+    assert calls == {(9, 9, 1), (3, 3, 3), (1, 1, 9)}, f"with k = 3 the strides must be 1, 3, 9: {calls}"
 
 # --------------------------------------------------------------------------------------------------
 # sundae.py: corrupt (-k corrupt)
@@ -1061,8 +1023,7 @@ def test_corrupt_statistics():
     changed = (x != tokens).float()
     assert abs(changed.mean().item() - 0.5 * (1 - 1 / V)) < 0.01, \
         "the changed fraction must be E[alpha] (1 - 1/V) = 1/2 (1 - 1/V): replacements uniform over all V ids"
-    # a replaced token is uniform over all V
-    freq = torch.bincount(x.flatten(), minlength=V).float() / x.numel()
+    freq = torch.bincount(x.flatten(), minlength=V).float() / x.numel()  # a replaced token is uniform over all V
     assert torch.allclose(freq[1:], torch.full((V - 1,), 0.5 / V), atol=0.003), \
         "each id must appear with frequency E[alpha] / V: replacements uniform over [0, V)"
     per_seq = changed.flatten(1).mean(1)  # one rate per sequence, spread over [0, 1]
@@ -1076,8 +1037,7 @@ def test_corrupt_uses_only_its_generator():
     a = sundae.corrupt(tokens, 9, torch.Generator().manual_seed(5))
     torch.manual_seed(2)
     b = sundae.corrupt(tokens, 9, torch.Generator().manual_seed(5))
-    assert torch.equal(a,
-                       b), "every random draw must use `generator`: the same seed must give the same grids"
+    assert torch.equal(a, b), "every random draw must use `generator`: the same seed must give the same grids"
 
 # --------------------------------------------------------------------------------------------------
 # sundae.py: unrolled_loss (-k unrolled_loss)
@@ -1100,24 +1060,21 @@ class Stub(nn.Module):
 
 def test_unrolled_loss_feeds_samples_forward_and_averages_the_steps():
     needs("corrupt")
-    # properties any correct implementation meets, whatever its order of random draws (a course
-    # solution that uses torch.multinomial passes too)
+    # properties any correct implementation meets,
+    # whatever its order of random draws (a course solution that uses torch.multinomial passes too)
     torch.manual_seed(0)
     V = 6
     stub, tokens = Stub(V, 3, 3), torch.randint(V, (4, 3, 3))
-    loss, acc = sundae.unrolled_loss(stub, tokens, V, unroll_steps=3,
-                                     generator=torch.Generator().manual_seed(1))
+    loss, acc = sundae.unrolled_loss(stub, tokens, V, unroll_steps=3, generator=torch.Generator().manual_seed(1))
     assert len(stub.inputs) == 3, f"the model must be called once per unrolled step (3), got {len(stub.inputs)}"
     assert not torch.equal(stub.inputs[0], tokens), "step 1 must see a corrupted grid"
     ce = lambda x: -torch.log_softmax(stub.table[x], -1).gather(-1, tokens[..., None]).mean()
     assert torch.isclose(loss, sum(ce(x) for x in stub.inputs) / 3), \
         "the loss must be the mean over the steps of each step's mean cross-entropy against the clean tokens"
     accs = [(stub.table[x].argmax(-1) == tokens).float().mean() for x in stub.inputs]
-    assert torch.isclose(acc,
-                         sum(accs) / 3), "the accuracy must be the mean over the steps of argmax == x_0"
+    assert torch.isclose(acc, sum(accs) / 3), "the accuracy must be the mean over the steps of argmax == x_0"
     assert loss.requires_grad and stub.table.grad is None, "the loss must carry a gradient (and not step by itself)"
-    # a peaked stub makes the draw deterministic: every step must see the previous step's sample, x
-    # -> x + 1
+    # a peaked stub makes the draw deterministic: every step must see the previous step's sample, x -> x + 1
     shift = Stub(V, 3, 3)
     shift.table.data = F.one_hot((torch.arange(V) + 1) % V, V).float() * 1e4
     sundae.unrolled_loss(shift, tokens, V, unroll_steps=3)
@@ -1129,11 +1086,9 @@ def test_unrolled_loss_samples_from_the_softmax():
     torch.manual_seed(0)
     V = 4
     stub = Stub(V, 1, 1)
-    # the same p for any input
-    stub.table.data = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).expand(V, V).clone()
+    stub.table.data = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).expand(V, V).clone()  # the same p for any input
     tokens = torch.zeros(20000, 1, 1, dtype=torch.long)
-    sundae.unrolled_loss(stub, tokens, V, unroll_steps=2,
-                         generator=torch.Generator().manual_seed(0))
+    sundae.unrolled_loss(stub, tokens, V, unroll_steps=2, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(stub.inputs[1].flatten(), minlength=V).float() / len(tokens)
     assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015), \
         f"step 2's input must be drawn from softmax(logits) at temperature 1 (got frequencies {freq.tolist()})"
@@ -1142,8 +1097,7 @@ def test_unrolled_loss_with_one_step_is_plain_denoising_cross_entropy():
     needs("corrupt")
     V = 5
     stub, tokens = Stub(V, 2, 2), torch.randint(V, (3, 2, 2))
-    loss, _ = sundae.unrolled_loss(stub, tokens, V, unroll_steps=1,
-                                   generator=torch.Generator().manual_seed(2))
+    loss, _ = sundae.unrolled_loss(stub, tokens, V, unroll_steps=1, generator=torch.Generator().manual_seed(2))
     x1 = stub.inputs[0]  # whatever corrupted grid the model was shown
     assert len(stub.inputs) == 1, "one unrolled step calls the model once"
     assert torch.isclose(loss, F.cross_entropy(stub.table[x1].reshape(-1, V),
@@ -1153,15 +1107,12 @@ def test_unrolled_loss_with_one_step_is_plain_denoising_cross_entropy():
 def test_unrolled_loss_uses_only_its_generator():
     needs("corrupt")
     V = 6
-    stub, tokens = Stub(V, 3, 3), torch.randint(V, (8, 3, 3),
-                                                generator=torch.Generator().manual_seed(0))
+    stub, tokens = Stub(V, 3, 3), torch.randint(V, (8, 3, 3), generator=torch.Generator().manual_seed(0))
     stub.table.data.zero_()  # uniform logits: every draw of the unrolled sample is random
     torch.manual_seed(1)
-    sundae.unrolled_loss(stub, tokens, V, unroll_steps=3,
-                         generator=torch.Generator().manual_seed(3))
+    sundae.unrolled_loss(stub, tokens, V, unroll_steps=3, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(2)
-    sundae.unrolled_loss(stub, tokens, V, unroll_steps=3,
-                         generator=torch.Generator().manual_seed(3))
+    sundae.unrolled_loss(stub, tokens, V, unroll_steps=3, generator=torch.Generator().manual_seed(3))
     assert all(torch.equal(a, b) for a, b in zip(stub.inputs[:3], stub.inputs[3:])), \
         "every random draw (the corruption and the samples) must use `generator`"
 
@@ -1188,8 +1139,7 @@ def test_draw_uses_only_its_generator():
     a = sundae.draw(logits, 1.0, torch.Generator().manual_seed(4))
     torch.manual_seed(2)
     b = sundae.draw(logits, 1.0, torch.Generator().manual_seed(4))
-    assert torch.equal(a,
-                       b), "every random draw must use `generator`: the same seed must give the same ids"
+    assert torch.equal(a, b), "every random draw must use `generator`: the same seed must give the same ids"
 
 # --------------------------------------------------------------------------------------------------
 # sundae.py: denoise, the loop of sample (-k sampler)
@@ -1261,15 +1211,14 @@ def test_sampler_reaches_a_peaked_target_in_one_step_and_freezes_at_min_steps():
         f"settled samples must freeze after min_steps = 6 steps, not before (used {used.tolist()})"
 
 def test_sampler_schedules_hit_their_endpoints():
-    # a network that always says p(token 0) = e^(1/tau) / (e^(1/tau) + 1): the share of 0s drawn at
-    # each step reads that step's temperature, whatever the sampler's code looks like (20000
-    # samples: standard error 0.0035)
+    # a network that always says p(token 0) = e^(1/tau) / (e^(1/tau) + 1):
+    # the share of 0s drawn at each step reads that step's temperature,
+    # whatever the sampler's code looks like (20000 samples: standard error 0.0035)
     needs("draw")
     m, traj, n = Peaked(torch.zeros(20000, 1, 1, dtype=torch.long), 2, height=1.0), [], 20000
     sundae.sample(m, n, steps=5, temperature=(2.0, 0.5), proportion=(1.0, 1.0), min_steps=5,
                   trajectory=traj, generator=torch.Generator().manual_seed(0))
-    # exactly the start at step 0 and the end at S-1
-    taus = np.array([2.0, 1.625, 1.25, 0.875, 0.5])
+    taus = np.array([2.0, 1.625, 1.25, 0.875, 0.5])  # exactly the start at step 0 and the end at S-1
     share = np.array([(x == 0).float().mean().item() for x in traj[1:]])
     assert np.allclose(share, 1 / (1 + np.exp(-1 / taus)), atol=0.015), \
         f"the temperature must go linearly from the start (step 0) to the end (step S-1): draws read {share}"
@@ -1285,8 +1234,7 @@ def test_sampler_follows_the_proportion_schedule_step_by_step():
     traj = []  # the default from 20 steps on: half the positions per step
     sundae.sample(m, 8, steps=25, temperature=(0.0, 0.0), min_steps=25, trajectory=traj,
                   generator=torch.Generator().manual_seed(0))
-    assert np.allclose(changed_per_step(traj), 0.5,
-                       atol=0.03), "proportion (0.5, 0.5): half the positions"
+    assert np.allclose(changed_per_step(traj), 0.5, atol=0.03), "proportion (0.5, 0.5): half the positions"
     # proportion 0 never takes a draw: the input comes back unchanged
     V = 7
     init = torch.randint(V, (3, 4, 4))
@@ -1300,16 +1248,14 @@ def test_sampler_follows_the_proportion_schedule_step_by_step():
 
 def test_sampler_updates_every_position_below_20_steps_and_half_of_them_from_20():
     needs("draw")
-    # paper §3.5: below 20 steps all tokens must be able to be updated, so a perfect denoiser is
-    # done in one step
+    # paper §3.5: below 20 steps all tokens must be able to be updated, so a perfect denoiser is done in one step
     V = 50
     target = torch.randint(V, (8, 6, 6), generator=torch.Generator().manual_seed(0))
     for steps in (1, 2, 5, 19):
         out, _ = sundae.sample(Peaked(target, V, height=50.0), 8, steps=steps,
                                temperature=(0.5, 0.5), min_steps=1,
                                generator=torch.Generator().manual_seed(steps))
-        assert torch.equal(out,
-                           target), f"below 20 steps every position must take its draw ({steps} steps)"
+        assert torch.equal(out, target), f"below 20 steps every position must take its draw ({steps} steps)"
     out, _ = sundae.sample(Peaked(target, V, height=50.0), 8, steps=1, proportion=(0.5, 0.5),
                            generator=torch.Generator().manual_seed(9))
     assert 0.3 < (out != target).float().mean() < 0.7, "a given proportion must be honoured below 20 steps too"
@@ -1323,8 +1269,7 @@ def test_sampler_updates_every_position_below_20_steps_and_half_of_them_from_20(
 
 def test_sampler_freezes_a_sample_after_a_step_that_redrew_something_and_it_leaves_the_batch():
     needs("draw")
-    # one unknown token, proportion 0.5: half the steps redraw nothing, which must not count as
-    # "settled"
+    # one unknown token, proportion 0.5: half the steps redraw nothing, which must not count as "settled"
     V, n = 16, 32
     init = torch.randint(V, (n, 4, 4), generator=torch.Generator().manual_seed(0))
     known = torch.ones(n, 4, 4, dtype=torch.bool)
@@ -1359,21 +1304,17 @@ def test_sampler_keeps_known_tokens_for_any_mask_with_freezing():
     single[3, 3] = False
     masks = torch.stack([blob, checker, single, torch.ones(h, w, dtype=torch.bool),
                          torch.zeros(h, w, dtype=torch.bool)])
-    # soft peak: samples converge at different steps
-    m = Peaked(torch.randint(V, (5, h, w)), V, height=3.0)
+    m = Peaked(torch.randint(V, (5, h, w)), V, height=3.0)  # soft peak: samples converge at different steps
     gen = torch.Generator().manual_seed(0)
-    out = inpaint.inpaint(m, tokens, masks, steps=60, min_steps=1, proportion=(0.5, 0.5),
-                          generator=gen)
+    out = inpaint.inpaint(m, tokens, masks, steps=60, min_steps=1, proportion=(0.5, 0.5), generator=gen)
     assert torch.equal(out[masks], tokens[masks]), "known tokens must stay bit-identical"
     _, used = sundae.sample(m, 5, steps=60, min_steps=1, init=torch.where(masks, tokens, 0),
                             known=masks, generator=torch.Generator().manual_seed(0))
     assert len(set(used.tolist())) > 1, "samples must freeze each at its own step"
     assert used[3] == 1, "a sample with no unknown position must settle at its first step"
-    # and with a real network, batch 4
-    real = hourglass.HourglassTransformer(V, h, w, 16, 2, depth=(1, 1, 1)).eval()
+    real = hourglass.HourglassTransformer(V, h, w, 16, 2, depth=(1, 1, 1)).eval()  # and with a real network, batch 4
     out = inpaint.inpaint(real, tokens[:4], masks[:4], steps=15, min_steps=2, generator=gen)
-    assert torch.equal(out[masks[:4]],
-                       tokens[:4][masks[:4]]), "known tokens must stay, with a real network too"
+    assert torch.equal(out[masks[:4]], tokens[:4][masks[:4]]), "known tokens must stay, with a real network too"
 
 def test_nearest_starts_are_the_reference_grids_closest_in_code_space_at_the_known_positions():
     torch.manual_seed(0)
@@ -1416,8 +1357,7 @@ def test_sampler_computes_the_head_only_at_the_positions_it_updates():
     t, where = torch.randint(50, (3, 4, 6)), torch.rand(3, 4, 6) < 0.5
     with torch.no_grad():
         assert torch.allclose(m.logits_at(t, where), m(t)[where], atol=1e-5)
-    # the same network seen through forward only: the sampler then selects after the head
-    plain = nn.Module()
+    plain = nn.Module()  # the same network seen through forward only: the sampler then selects after the head
     plain.vocab_size, plain.height, plain.width, plain.forward = 50, 4, 6, m.forward
     a, _ = sundae.sample(m, 64, steps=30, generator=torch.Generator().manual_seed(1))
     b, _ = sundae.sample(plain, 64, steps=30, generator=torch.Generator().manual_seed(1))
@@ -1429,20 +1369,17 @@ def test_sampler_supports_greedy_and_parameter_free_models_and_repeats_with_a_se
     m = Shift(V, 3, 3)  # no parameters at all, as a course stub might be
     out, _ = sundae.sample(m, 2, steps=3, temperature=(0.0, 0.0), proportion=(1.0, 1.0),
                            min_steps=3, init=torch.zeros(2, 3, 3, dtype=torch.long))
-    assert torch.equal(out, torch.full((2, 3, 3),
-                                       3)), "temperature 0 must be greedy: exactly three shifts"
+    assert torch.equal(out, torch.full((2, 3, 3), 3)), "temperature 0 must be greedy: exactly three shifts"
     out, _ = sundae.sample(m, 2, steps=2, device="cpu")
     assert out.shape == (2, 3, 3) and out.device.type == "cpu"
-    # the same seed gives the same samples whatever the global random state, another seed others (a
-    # real network)
+    # the same seed gives the same samples whatever the global random state, another seed others (a real network)
     torch.manual_seed(0)
     m = hourglass.HourglassTransformer(12, 4, 4, 16, 2, depth=(1, 1, 1)).eval()
     a = sundae.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(7))
     torch.manual_seed(1)
     b = sundae.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(7))
     c = sundae.sample(m, 3, steps=12, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1],
-                                                   b[1]), "every random draw must use `generator`"
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "every random draw must use `generator`"
     assert not torch.equal(a[0], c[0]), "another seed must give other samples"
 
 # --------------------------------------------------------------------------------------------------
@@ -1458,8 +1395,7 @@ def test_pixel_to_token_mask_is_an_and_over_each_cell():
         for i in range(3):
             for j in range(4):
                 brute[b, i, j] = bool(px[b, i * f:(i + 1) * f, j * f:(j + 1) * f].all())
-    assert tok.shape == (3, 3,
-                         4) and tok.dtype == torch.bool, "the token mask must be bool (B, H/f, W/f)"
+    assert tok.shape == (3, 3, 4) and tok.dtype == torch.bool, "the token mask must be bool (B, H/f, W/f)"
     assert torch.equal(tok,
                        brute), "a token must be known iff all f x f pixels of its cell (rows i f .., cols j f ..) are"
     assert tok.any() and not tok.all()
@@ -1469,8 +1405,7 @@ class CellDecoder(nn.Module):
     hand."""
 
     def decode(self, ids):
-        return (ids.float() / 10).repeat_interleave(2,
-                                                    1).repeat_interleave(2, 2)[:, None].expand(-1, 3, -1, -1)
+        return (ids.float() / 10).repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None].expand(-1, 3, -1, -1)
 
 def test_best_fit_keeps_the_fill_that_best_reproduces_the_known_pixels():
     truth = torch.tensor([[1, 2], [3, 4]])
@@ -1482,20 +1417,18 @@ def test_best_fit_keeps_the_fill_that_best_reproduces_the_known_pixels():
     fills = torch.stack([truth.masked_fill(torch.eye(2, dtype=torch.bool), 0),
                          # wrong in a fully known cell: 4 pixels off
                          truth.masked_fill(truth == 2, 7),
-                         # wrong only in the hole: fits every known pixel
-                         truth.masked_fill(truth == 4, 9)])
-    # the known-pixel term alone
-    fit = lambda *a: inpaint.best_fit(CellDecoder(), *a, colour_weight=0)
+                         truth.masked_fill(truth == 4, 9)])  # wrong only in the hole: fits every known pixel
+    fit = lambda *a: inpaint.best_fit(CellDecoder(), *a, colour_weight=0)  # the known-pixel term alone
     assert torch.equal(fit(image, known, fills), fills[2][None])
     assert torch.equal(fit(image, known, fills[:2]), fills[0][None])  # fewer pixels off
     two = fit(image.repeat(2, 1, 1, 1), known.repeat(2, 1, 1), fills[[0, 2, 2, 1]])
-    # per image: candidates b * K ... b * K + K - 1 belong to image b
-    assert torch.equal(two, fills[[2, 2]])
+    assert torch.equal(two, fills[[2, 2]])  # per image: candidates b * K ... b * K + K - 1 belong to image b
 
 def test_best_fit_measures_each_hole_pixel_against_its_nearest_known_colour():
-    # known: one cell of grey 0.1 and two of grey 0.5; a hole filled with 0.1 shows a known colour (distance 0 at
-    # every hole pixel), one filled with 0.3 shows none (0.04); measured the other way round, from each known
-    # pixel to its nearest hole pixel, the 0.5 cells would prefer 0.3
+    # known: one cell of grey 0.1 and two of grey 0.5;
+    # a hole filled with 0.1 shows a known colour (distance 0 at every hole pixel),
+    # one filled with 0.3 shows none (0.04); measured the other way round,
+    # from each known pixel to its nearest hole pixel, the 0.5 cells would prefer 0.3
     image = CellDecoder().decode(torch.tensor([[[1, 5], [5, 3]]]))
     known = torch.ones(1, 4, 4, dtype=torch.bool)
     known[0, 2:, 2:] = False
@@ -1504,17 +1437,15 @@ def test_best_fit_measures_each_hole_pixel_against_its_nearest_known_colour():
         "each hole pixel must be scored by its distance to the nearest colour among the known pixels"
 
 def test_best_fit_prefers_fills_painted_in_the_colours_of_the_known_pixels():
-    # one known cell of grey 0.1, the rest a hole
-    image = CellDecoder().decode(torch.tensor([[[1, 5], [5, 5]]]))
+    image = CellDecoder().decode(torch.tensor([[[1, 5], [5, 5]]]))  # one known cell of grey 0.1, the rest a hole
     known = torch.zeros(1, 4, 4, dtype=torch.bool)
     known[0, :2, :2] = True
-    # every fill reproduces the known cell exactly; they differ only in the colours they paint the
-    # hole with the known colour, and one cell (a new feature, e.g. an eye) in another
+    # every fill reproduces the known cell exactly;
+    # they differ only in the colours they paint the hole with the known colour,
+    # and one cell (a new feature, e.g. an eye) in another
     fills = torch.tensor([[[1, 9], [1, 1]],
-                          # every hole pixel a little off the known colour (another skin tone)
-                          [[1, 2], [2, 2]]])
-    # the median, not the mean
-    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills), fills[0][None])
+                          [[1, 2], [2, 2]]])  # every hole pixel a little off the known colour (another skin tone)
+    assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills), fills[0][None])  # the median, not the mean
     assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills[[1, 0]]), fills[0][None])
     fills = torch.tensor([[[1, 3], [3, 3]], [[1, 2], [2, 2]]])  # further from grey 0.1 loses
     assert torch.equal(inpaint.best_fit(CellDecoder(), image, known, fills), fills[1][None])
@@ -1526,11 +1457,10 @@ def test_frechet_distance_is_zero_symmetric_and_exact_for_diagonal_covariances()
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(500, 4)), rng.normal(2.0, 3.0, size=(400, 4))
     assert abs(sundae.frechet_distance(a, a)) < 1e-8, "the distance of a set to itself must be 0"
-    assert np.isclose(sundae.frechet_distance(a, b),
-                      sundae.frechet_distance(b, a)), "the distance must be symmetric"
+    assert np.isclose(sundae.frechet_distance(a, b), sundae.frechet_distance(b, a)), "the distance must be symmetric"
     assert isinstance(sundae.frechet_distance(a, b), float), "the distance must be a Python float"
-    # closed form for diagonal covariances: ||mu_a - mu_b||^2 + sum (s_a - s_b)^2; build sets whose
-    # sample covariance is exactly diagonal from orthogonal +-1 columns (a Hadamard matrix)
+    # closed form for diagonal covariances: ||mu_a - mu_b||^2 + sum (s_a - s_b)^2;
+    # build sets whose sample covariance is exactly diagonal from orthogonal +-1 columns (a Hadamard matrix)
     H = np.array([[1]])
     for _ in range(3):
         H = np.block([[H, H], [H, -H]])  # 8 x 8, orthogonal columns
@@ -1544,9 +1474,8 @@ def test_frechet_distance_is_zero_symmetric_and_exact_for_diagonal_covariances()
         "diagonal covariances: ||mu_a - mu_b||^2 + sum (s_a - s_b)^2, with unbiased (n - 1) covariances of the rows"
 
 def test_frechet_distance_matches_a_reference_for_full_covariances():
-    # correlated features: tr((S_a S_b)^1/2) = sum of sqrt(eigenvalues of S_a S_b) (real and >= 0
-    # for SPD pairs); tr(S_a^1/2 S_b^1/2), right only when the covariances commute, gives another
-    # number here
+    # correlated features: tr((S_a S_b)^1/2) = sum of sqrt(eigenvalues of S_a S_b) (real and >= 0 for SPD pairs);
+    # tr(S_a^1/2 S_b^1/2), right only when the covariances commute, gives another number here
     rng = np.random.default_rng(1)
     a = rng.normal(size=(600, 5)) @ rng.normal(size=(5, 5))
     b = rng.normal(size=(500, 5)) @ rng.normal(size=(5, 5)) + 0.5
@@ -1564,19 +1493,17 @@ def test_frechet_distance_matches_a_reference_for_full_covariances():
 # ==================================================================================================
 
 # --------------------------------------------------------------------------------------------------
-# sundae.py and inpaint.py: what surrounds the exercises (box noise, the sampler's and inpaint's
-# argument checks)
+# sundae.py and inpaint.py: what surrounds the exercises (box noise, the sampler's and inpaint's argument checks)
 
 def test_box_noise_confines_the_noise_to_one_uniform_rectangle():
     # share = 1: each grid's noise is one box, sides uniform in 1..n, corner uniform where it fits.
-    # So a row r is inside with probability p(r) = 1/n sum_s #{tops t: t <= r < t + s} / (n - s +
-    # 1), independently per axis, and a token is replaced with probability p(r) p(c) (V huge: a
-    # replaced token always changes)
+    # So a row r is inside with probability p(r) = 1/n sum_s #{tops t: t <= r < t + s} / (n - s + 1),
+    # independently per axis,
+    # and a token is replaced with probability p(r) p(c) (V huge: a replaced token always changes)
     needs("corrupt")
     h, w, B = 4, 6, 40000
     tokens = torch.zeros(B, h, w, dtype=torch.long)
-    changed = (sundae.box_corrupt(tokens, 2**40, torch.Generator().manual_seed(0),
-                                  share=1.0) != 0).double()
+    changed = (sundae.box_corrupt(tokens, 2**40, torch.Generator().manual_seed(0), share=1.0) != 0).double()
     p = lambda n: torch.tensor([sum((min(r, n - s) - max(0,
                                                          r - s + 1) + 1) / (n - s + 1) for s in range(1, n + 1))
                                 / n for r in range(n)], dtype=torch.float64)
@@ -1586,8 +1513,7 @@ def test_box_noise_confines_the_noise_to_one_uniform_rectangle():
     assert abs(mixed.double().mean() - 0.5 * (0.5 + p(h).mean() * p(w).mean())) < 0.006
     # share 0 is the paper's corruption, draw for draw
     g = lambda: torch.Generator().manual_seed(3)
-    assert torch.equal(sundae.corrupt(tokens[:50], 9, g()),
-                       sundae.box_corrupt(tokens[:50], 9, g(), share=0.0))
+    assert torch.equal(sundae.corrupt(tokens[:50], 9, g()), sundae.box_corrupt(tokens[:50], 9, g(), share=0.0))
 
 def test_sample_refuses_bad_arguments_before_any_work():
     m = Shift(6, 3, 3)
@@ -1617,11 +1543,9 @@ def test_toy_faces_are_deterministic_varied_and_any_size():
     a, b = vqgan.toy_faces(6, 32, seed=3), vqgan.toy_faces(6, 32, seed=3)
     assert a.dtype == np.uint8 and a.shape == (6, 32, 32, 3)
     assert np.array_equal(a, b)  # deterministic in seed
-    # image i depends only on (seed, i)
-    assert np.array_equal(vqgan.toy_faces(2, 32, seed=3), a[:2])
+    assert np.array_equal(vqgan.toy_faces(2, 32, seed=3), a[:2])  # image i depends only on (seed, i)
     assert not np.array_equal(vqgan.toy_faces(6, 32, seed=4), a)
-    # all different
-    assert min(np.abs(a[i].astype(int) - a[j]).mean() for i in range(6) for j in range(i)) > 5
+    assert min(np.abs(a[i].astype(int) - a[j]).mean() for i in range(6) for j in range(i)) > 5  # all different
     assert vqgan.toy_faces(1, 16).shape == (1, 16, 16, 3)
     assert vqgan.toy_faces(1, 1024).shape == (1, 1024, 1024, 3)
 
@@ -1635,8 +1559,7 @@ def test_image_folder_skips_unreadable_and_small_and_sorts(tmp_path, capsys):
     assert [os.path.basename(p) for p in paths] == ["a.jpg", "b.png"]  # sorted, recursive
     assert "1 unreadable" in capsys.readouterr().err and True
     img = vqgan.load_image(paths[1], 32)  # 80x50 -> short side 32 -> centre crop
-    assert img.shape == (32, 32,
-                         3) and img.dtype == np.uint8 and abs(int(img[..., 0].mean()) - 255) < 2
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and abs(int(img[..., 0].mean()) - 255) < 2
     with pytest.raises(ValueError, match="none of the"):
         vqgan.list_images(str(tmp_path), 512)
 
@@ -1661,16 +1584,14 @@ def test_dead_codes_restart_after_optimizer_steps_not_forward_calls():
     for step in range(3):
         for _ in range(4):
             _, idx, _ = q(z)
-        # not restarted before step 3 ends
-        assert (idx == 0).all() and q.codebook.data[1:].abs().min() == 100
+        assert (idx == 0).all() and q.codebook.data[1:].abs().min() == 100  # not restarted before step 3 ends
         dead = q.restart_dead_codes()
     assert sorted(dead.tolist()) == list(range(1, 32))
     assert q.codebook.data[1:].abs().max() < 10  # the 31 unused codes moved onto encoder outputs
     assert (q.unused_steps == 0).all()
 
 def test_codebook_usage_counts_over_all_batches():
-    counts = sum(torch.bincount(torch.tensor(batch),
-                                minlength=8) for batch in ([0, 1] * 10, [2, 3] * 10))
+    counts = sum(torch.bincount(torch.tensor(batch), minlength=8) for batch in ([0, 1] * 10, [2, 3] * 10))
     # two batches of two codes each: four codes used, evenly
     usage, ppl = vqgan.codebook_usage(counts)
     assert usage == 0.5 and abs(ppl - 4.0) < 1e-9
@@ -1696,11 +1617,9 @@ def test_reconstruction_loss_is_l1_plus_weighted_squared_error():
     for w in (0.0, 5.0):
         loss, stats, x_rec, _ = vqgan.generator_loss(model, None, None, x, False, 0.0, l2_weight=w)
         err = x - x_rec
-        assert math.isclose(stats["rec"], (err.abs().mean() + w * err.pow(2).mean()).item(),
-                            rel_tol=1e-5)
+        assert math.isclose(stats["rec"], (err.abs().mean() + w * err.pow(2).mean()).item(), rel_tol=1e-5)
         assert math.isclose(loss.item(), stats["rec"] + stats["q"], rel_tol=1e-5)
-    # tiny only
-    assert vqgan.TrainConfig().l2_weight == 5.0 and vqgan.PRESETS["ffhq1024"][1].l2_weight == 0.0
+    assert vqgan.TrainConfig().l2_weight == 5.0 and vqgan.PRESETS["ffhq1024"][1].l2_weight == 0.0  # tiny only
 
 def test_lpips_is_zero_for_identical_images_and_loads_named_weights(tmp_path):
     torch.manual_seed(0)
@@ -1714,10 +1633,9 @@ def test_lpips_is_zero_for_identical_images_and_loads_named_weights(tmp_path):
     assert torch.allclose(other(x, y), net(x, y))
 
 def test_lpips_matches_a_written_out_reference():
-    # Zhang et al. 2018, eq. 1, written out on random weights: inputs shifted and scaled by the
-    # published constants, VGG16 features at relu1_2 ... relu5_3, each unit-normalised over its
-    # channels, squared difference, weighted over channels by the (non-negative) linear layer,
-    # averaged over space, summed over the five layers
+    # Zhang et al. 2018, eq. 1, written out on random weights: inputs shifted and scaled by the published constants,
+    # VGG16 features at relu1_2 ... relu5_3, each unit-normalised over its channels, squared difference,
+    # weighted over channels by the (non-negative) linear layer, averaged over space, summed over the five layers
     torch.manual_seed(0)
     net = vqgan.LPIPS()
     for p in net.parameters():
@@ -1754,8 +1672,7 @@ def test_vqgan_shapes_for_f_4_8_16_32(mult, size):
     x = torch.rand(2, 3, size, size) * 2 - 1
     with torch.no_grad():
         rec, idx, loss = m(x)
-        assert m.downsample_factor == f and idx.shape == (2, size // f,
-                                                          size // f) and rec.shape == x.shape
+        assert m.downsample_factor == f and idx.shape == (2, size // f, size // f) and rec.shape == x.shape
         assert torch.equal(m.encode(x), idx) and m.decode(idx).shape == x.shape
 
 def test_vqgan_with_lookup_free_quantizer_and_grad_ckpt():
@@ -1773,15 +1690,13 @@ def test_vqgan_with_lookup_free_quantizer_and_grad_ckpt():
         rec, idx, q = m(x)
         ((rec - x).abs().mean() + q).backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
-    assert idx.shape == (2, 8,
-                         8) and idx.max() < 64 and torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert idx.shape == (2, 8, 8) and idx.max() < 64 and torch.allclose(grads[0], grads[1], atol=1e-6)
     assert torch.equal(m.encode(x), idx) and m.decode(idx).shape == x.shape
 
 def test_ffhq1024_layout_gives_32x32_tokens_at_reduced_width():
     needs("vector_quantizer")
     cfg = vqgan.PRESETS["ffhq1024"][0]
-    narrow = vqgan.ModelConfig(**{**vqgan.asdict(cfg), "ch": 4, "z_channels": 8,
-                                  "codebook_size": 64, "code_dim": 4})
+    narrow = vqgan.ModelConfig(**{**vqgan.asdict(cfg), "ch": 4, "z_channels": 8, "codebook_size": 64, "code_dim": 4})
     m = vqgan.VQGAN(narrow).eval()
     assert m.downsample_factor == 32
     with torch.no_grad():
@@ -1790,8 +1705,7 @@ def test_ffhq1024_layout_gives_32x32_tokens_at_reduced_width():
 def test_vqgan_overfits_one_tiny_batch():
     needs("vector_quantizer")
     torch.manual_seed(0)
-    cfg = vqgan.ModelConfig(size=16, ch=16, ch_mult=(1, 2), attn_resolutions=(), z_channels=16,
-                            codebook_size=32)
+    cfg = vqgan.ModelConfig(size=16, ch=16, ch_mult=(1, 2), attn_resolutions=(), z_channels=16, codebook_size=32)
     m = vqgan.VQGAN(cfg)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     x = torch.from_numpy(vqgan.toy_faces(4, 16)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -1810,8 +1724,7 @@ def test_ema_update_follows_its_formula_with_a_short_memory_at_first():
         e.data.fill_(0.0)
     expected = 0.0
     for step in range(30):
-        # 0.1 at step 0, then longer memory, capped at the decay
-        d = min(0.95, (1 + step) / (10 + step))
+        d = min(0.95, (1 + step) / (10 + step))  # 0.1 at step 0, then longer memory, capped at the decay
         expected = expected + (1 - d) * (1.0 - expected)
         vqgan.ema_update(ema, model, 0.95, step)
         assert torch.allclose(ema.weight, torch.full((2, 2), expected)), step
@@ -1841,13 +1754,11 @@ def test_model_is_bidirectional():
     t = torch.randint(10, (1, 4, 4))
     t2 = t.clone()
     t2[0, -1, -1] = (t[0, -1, -1] + 1) % 10
-    # the first position sees the last token
-    assert not torch.allclose(m(t)[0, 0, 0], m(t2)[0, 0, 0])
+    assert not torch.allclose(m(t)[0, 0, 0], m(t2)[0, 0, 0])  # the first position sees the last token
 
 def test_logits_are_fp32_under_bf16_autocast():
     needs("rope", "resampling", "hourglass_level")
-    # the final LayerNorm and the head run in fp32: the head's own output is fp32, not bf16 upcast
-    # afterwards
+    # the final LayerNorm and the head run in fp32: the head's own output is fp32, not bf16 upcast afterwards
     torch.manual_seed(0)
     m = hourglass.HourglassTransformer(64, 4, 4, 32, 2, depth=(1, 1, 1)).eval()
     seen = []
@@ -1886,10 +1797,8 @@ def test_flop_count_includes_attention_on_the_cpu():
     m = hourglass.HourglassTransformer(V, 8, 8, D, 4, depth=(1, 2, 1))
     t = torch.randint(V, (B, 8, 8))
     block = 2 * 12 * D * D  # per token: qkv 3D^2 + proj D^2 + MLP 8D^2 multiply-adds, 2 FLOPs each
-    # + down, up, head
-    linear = B * (64 * 2 * block + 16 * 2 * block + 2 * 16 * 2 * 4 * D * D + 64 * 2 * D * V)
-    # two blocks per grid; per token pair q.k and a weighted v
-    attention = B * 2 * (64 * 64 + 16 * 16) * 4 * D
+    linear = B * (64 * 2 * block + 16 * 2 * block + 2 * 16 * 2 * 4 * D * D + 64 * 2 * D * V)  # + down, up, head
+    attention = B * 2 * (64 * 64 + 16 * 16) * 4 * D  # two blocks per grid; per token pair q.k and a weighted v
     with torch.no_grad():
         assert hourglass.count_flops(lambda: m(t)) == linear + attention
     fused = hourglass.count_flops(lambda: m(t).sum().backward())
@@ -1897,8 +1806,7 @@ def test_flop_count_includes_attention_on_the_cpu():
     with sdpa_kernel(SDPBackend.MATH):
         assert hourglass.count_flops(lambda: m(t)) == linear + attention
         decomposed = hourglass.count_flops(lambda: m(t).sum().backward())
-    # the fused backward recomputes q k^T instead of storing it
-    assert fused == decomposed + attention // 2
+    assert fused == decomposed + attention // 2  # the fused backward recomputes q k^T instead of storing it
 
 # --------------------------------------------------------------------------------------------------
 # sundae.py: the objective trains a real network
@@ -1916,8 +1824,7 @@ def test_tiny_model_overfits_tiny_latent_set():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    # from log(16) = 2.77 at chance; noisy, since alpha ~ U(0, 1) per batch
-    assert np.mean(losses[-20:]) < 1.2
+    assert np.mean(losses[-20:]) < 1.2  # from log(16) = 2.77 at chance; noisy, since alpha ~ U(0, 1) per batch
 
 # ==================================================================================================
 # Part 3: a tiny trained pipeline (in-process, seconds) and what it shows
@@ -1941,13 +1848,11 @@ def pipeline(tmp_path_factory):
           "unrolled_loss", "draw")  # what training both models runs through
     d = tmp_path_factory.mktemp("pipeline")
     vq, lat, sd = str(d / "vqgan.pt"), str(d / "latents.npy"), str(d / "sundae.pt")
-    # whatever they are (nohup: ignored)
-    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]  # whatever they are (nohup: ignored)
     vqgan.main(TINY_VQ + ["--max_steps", "3", "--out", vq])
     vqgan.main(["--encode", "--ckpt", vq, "--out", lat])
     sundae.main(["--data", lat, "--vqgan", vq, "--max_steps", "4", "--out", sd] + TINY_SUNDAE)
-    # training gave them back
-    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # training gave them back
     return {"dir": d, "vqgan": vq, "latents": lat, "sundae": sd}
 
 # --------------------------------------------------------------------------------------------------
@@ -1979,11 +1884,9 @@ def test_checkpoint_round_trip_and_resume_continue_from_saved_step(pipeline, cap
 def test_vqgan_resume_after_ctrl_c_matches_an_uninterrupted_run(pipeline, monkeypatch):
     d = pipeline["dir"]
     a, b = str(d / "vq_straight.pt"), str(d / "vq_resumed.pt")
-    common = TINY_VQ + ["--max_steps", "5", "--log_every", "2", "--ckpt_every", "100",
-                        "--seed", "3"]
+    common = TINY_VQ + ["--max_steps", "5", "--log_every", "2", "--ckpt_every", "100", "--seed", "3"]
     vqgan.main(common + ["--out", a])
-    # Ctrl-C during step 3 of 5: the log window 3..4 spans the interruption
-    interrupt_at(monkeypatch, vqgan, 2)
+    interrupt_at(monkeypatch, vqgan, 2)  # Ctrl-C during step 3 of 5: the log window 3..4 spans the interruption
     with pytest.raises(SystemExit) as e:
         vqgan.main(common + ["--out", b])
     monkeypatch.undo()
@@ -1992,8 +1895,7 @@ def test_vqgan_resume_after_ctrl_c_matches_an_uninterrupted_run(pipeline, monkey
     ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert [s for s, _ in ca["history"]["rec"]] == [2, 4, 5]
     for k in ("rec", "q", "g", "d"):
-        assert np.allclose([v for _, v in ca["history"][k]], [v for _, v in cb["history"][k]],
-                           atol=1e-6), k
+        assert np.allclose([v for _, v in ca["history"][k]], [v for _, v in cb["history"][k]], atol=1e-6), k
     for k in ca["model"]:  # the trained weights and their moving average both continue exactly
         assert torch.allclose(ca["model"][k].float(), cb["model"][k].float(), atol=1e-5), k
         assert torch.allclose(ca["ema"][k].float(), cb["ema"][k].float(), atol=1e-5), k
@@ -2001,8 +1903,7 @@ def test_vqgan_resume_after_ctrl_c_matches_an_uninterrupted_run(pipeline, monkey
     assert not torch.equal(ca["ema"][w], ca["model"][w])  # an average, not a copy
     shipped = vqgan.load_vqgan(a).state_dict()  # measuring, encoding and decoding use the average
     assert all(torch.equal(shipped[k], ca["ema"][k]) for k in shipped)
-    # buffers: copied
-    assert torch.equal(ca["ema"]["quantize.unused_steps"], ca["model"]["quantize.unused_steps"])
+    assert torch.equal(ca["ema"]["quantize.unused_steps"], ca["model"]["quantize.unused_steps"])  # buffers: copied
 
 def test_train_and_encode_from_an_image_folder(tmp_path, capsys):
     needs("vector_quantizer", "hinge", "adaptive_weight")
@@ -2010,11 +1911,9 @@ def test_train_and_encode_from_an_image_folder(tmp_path, capsys):
     for i, f in enumerate(faces):  # 40x40 files, cropped to 32 on load
         Image.fromarray(f).save(tmp_path / f"{i:02d}.png")
     (tmp_path / "notes.png").write_bytes(b"not an image")  # skipped with a warning
-    # outputs (and their PNG grids) outside the image folder
-    out = tmp_path.parent / (tmp_path.name + "_out")
+    out = tmp_path.parent / (tmp_path.name + "_out")  # outputs (and their PNG grids) outside the image folder
     out.mkdir()
-    args = TINY_VQ + ["--data", str(tmp_path), "--val_n", "4", "--max_steps", "2", "--out",
-                      str(out / "f.pt")]
+    args = TINY_VQ + ["--data", str(tmp_path), "--val_n", "4", "--max_steps", "2", "--out", str(out / "f.pt")]
     vqgan.main(args)
     trained = capsys.readouterr()
     # flipping is a claim about the data: the run says it makes it, and how not to
@@ -2031,14 +1930,12 @@ def test_encode_writes_uint16_pairs_of_image_and_flip(pipeline):
     m = vqgan.load_vqgan(pipeline["vqgan"])
     x = torch.from_numpy(vqgan.toy_faces(2, 32)).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
-        assert np.array_equal(lat[0],
-                              m.encode(x)[0].numpy()) and np.array_equal(lat[1], m.encode(x.flip(3))[0].numpy())
+        assert np.array_equal(lat[0], m.encode(x)[0].numpy()) and np.array_equal(lat[1], m.encode(x.flip(3))[0].numpy())
 
 def test_latents_carry_their_vocabulary_and_vqgan_identity(pipeline, tmp_path):
     meta = json.load(open(pipeline["latents"] + ".json"))
     assert meta["vocab_size"] == 32 and meta["vqgan_id"] == vqgan.fingerprint(vqgan.load_vqgan(pipeline["vqgan"]).state_dict())
-    # the quick start's order: no --vqgan, V still the codebook's, not max id + 1
-    out = str(tmp_path / "no_flag.pt")
+    out = str(tmp_path / "no_flag.pt")  # the quick start's order: no --vqgan, V still the codebook's, not max id + 1
     sundae.main(["--data", pipeline["latents"], "--out", out, "--max_steps", "1"] + TINY_SUNDAE)
     m = sundae.load_sundae(out)
     assert m.vocab_size == 32 and m.vqgan_id == meta["vqgan_id"]
@@ -2060,13 +1957,12 @@ def interrupt_at(monkeypatch, module, at_step):
     monkeypatch.setattr(module, "lr_at", spy)
 
 def test_resume_matches_an_uninterrupted_run(pipeline, monkeypatch):
-    # split by a Ctrl-C at step 5 of 7 (not at a log boundary, not where warm-up ends) with
-    # log_every 3: the logged history and the weights equal an uninterrupted run's, so the schedule,
-    # the data order, the noise and the open log window all continue exactly
+    # split by a Ctrl-C at step 5 of 7 (not at a log boundary, not where warm-up ends) with log_every 3:
+    # the logged history and the weights equal an uninterrupted run's, so the schedule, the data order,
+    # the noise and the open log window all continue exactly
     d = pipeline["dir"]
     a, b = str(d / "straight.pt"), str(d / "resumed.pt")
-    common = ["--data", pipeline["latents"], "--seed", "5", "--max_steps", "7", "--ckpt_every",
-              "100"] + TINY_SUNDAE
+    common = ["--data", pipeline["latents"], "--seed", "5", "--max_steps", "7", "--ckpt_every", "100"] + TINY_SUNDAE
     common += ["--log_every", "3", "--ema", "0.9"]  # the moving average must resume exactly too
     sundae.main(common + ["--out", a])
     interrupt_at(monkeypatch, sundae, 4)
@@ -2077,19 +1973,16 @@ def test_resume_matches_an_uninterrupted_run(pipeline, monkeypatch):
     sundae.main(["--resume", "--out", b, "--dim", "64"])
     ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert cb["step"] == 7 and [s for s, _ in ca["history"]["train_loss"]] == [3, 6, 7]
-    # the window 4..6 spans the interruption
-    assert ca["history"]["train_loss"] == cb["history"]["train_loss"]
+    assert ca["history"]["train_loss"] == cb["history"]["train_loss"]  # the window 4..6 spans the interruption
     for k in ca["model"]:
         assert torch.allclose(ca["model"][k], cb["model"][k], atol=1e-6), k
         assert torch.allclose(ca["ema"][k], cb["ema"][k], atol=1e-6), k
-    # an average, not a copy
-    assert not torch.equal(ca["ema"]["head.weight"], ca["model"]["head.weight"])
+    assert not torch.equal(ca["ema"]["head.weight"], ca["model"]["head.weight"])  # an average, not a copy
     shipped = sundae.load_sundae(a).state_dict()  # sampling uses the averaged weights
     assert all(torch.equal(shipped[k], ca["ema"][k]) for k in shipped)
 
 def test_validation_uses_the_averaged_weights(pipeline):
-    # the logged validation loss is the moving average's, the weights that are shipped, not the
-    # trained ones
+    # the logged validation loss is the moving average's, the weights that are shipped, not the trained ones
     ckpt = torch.load(pipeline["sundae"], weights_only=True)
     tcfg = sundae.TrainConfig(**vqgan.tuples(ckpt["train_config"]))
     array = np.load(pipeline["latents"])
@@ -2098,13 +1991,11 @@ def test_validation_uses_the_averaged_weights(pipeline):
     losses = {}
     for weights in ("ema", "model"):
         model.load_state_dict(ckpt[weights])
-        losses[weights] = sundae.validate(model, array, val_idx, tcfg.batch_size, tcfg,
-                                          nullcontext)[0]
+        losses[weights] = sundae.validate(model, array, val_idx, tcfg.batch_size, tcfg, nullcontext)[0]
     assert ckpt["history"]["val_loss"][-1][1] == losses["ema"] != losses["model"]
 
 def test_logged_loss_is_the_mean_over_the_steps_in_the_window(pipeline):
-    # log_every 3 over 7 steps: windows of 3, 3 and 1 steps; each logged value is the mean of its
-    # own steps
+    # log_every 3 over 7 steps: windows of 3, 3 and 1 steps; each logged value is the mean of its own steps
     d = pipeline["dir"]
     out = str(d / "win.pt")
     common = ["--data", pipeline["latents"], "--seed", "2", "--max_steps", "7"] + TINY_SUNDAE
@@ -2113,8 +2004,7 @@ def test_logged_loss_is_the_mean_over_the_steps_in_the_window(pipeline):
     sundae.main(common + ["--out", out, "--log_every", "3", "--overwrite"])
     logged = dict(torch.load(out, weights_only=True)["history"]["train_loss"])
     for end, steps in ((3, (1, 2, 3)), (6, (4, 5, 6)), (7, (7,))):
-        assert np.isclose(logged[end], np.mean([every[s] for s in steps]),
-                          atol=1e-6), (end, logged, every)
+        assert np.isclose(logged[end], np.mean([every[s] for s in steps]), atol=1e-6), (end, logged, every)
 
 def _ddp_worker(rank, latents, out, port):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -2139,8 +2029,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(pipeline):
     c1, c2 = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     for k in c1["model"]:  # 2 ranks x 1 micro-batch == 1 process x 2 micro-batches, step for step
         assert torch.allclose(c1["model"][k], c2["model"][k], atol=1e-5), k
-    l1, l2 = [v for _, v in c1["history"]["train_loss"]], [v for _,
-                                                           v in c2["history"]["train_loss"]]
+    l1, l2 = [v for _, v in c1["history"]["train_loss"]], [v for _, v in c2["history"]["train_loss"]]
     assert np.allclose(l1, l2, atol=1e-5)  # the logged loss is all-reduced over ranks
 
 def test_load_sundae_rebuilds_the_model(pipeline):
@@ -2150,13 +2039,11 @@ def test_load_sundae_rebuilds_the_model(pipeline):
     assert ckpt["kind"] == "sundae" and ckpt["history"]["val_loss"]
 
 def test_head_dim_sets_the_attention_width_trains_and_old_checkpoints_load(pipeline, tmp_path):
-    # 2 heads of 8: inner width 16
-    m = hourglass.HourglassTransformer(11, 4, 4, 32, 2, depth=(1, 1, 1), head_dim=8)
+    m = hourglass.HourglassTransformer(11, 4, 4, 32, 2, depth=(1, 1, 1), head_dim=8)  # 2 heads of 8: inner width 16
     attn = m.body.pre[0].attn
     assert attn.qkv.weight.shape == (3 * 16, 32) and attn.proj.weight.shape == (32, 16)
     t = torch.randint(11, (2, 4, 4))
-    # 2 heads of 16: the whole width
-    full = hourglass.HourglassTransformer(11, 4, 4, 32, 2, depth=(1, 1, 1))
+    full = hourglass.HourglassTransformer(11, 4, 4, 32, 2, depth=(1, 1, 1))  # 2 heads of 16: the whole width
     assert m(t).shape == full(t).shape == (2, 4, 4, 11)
     assert full.body.pre[0].attn.qkv.weight.shape == (3 * 32, 32)
     out = str(tmp_path / "hd.pt")  # through the command line, the checkpoint, and load_sundae
@@ -2166,36 +2053,27 @@ def test_head_dim_sets_the_attention_width_trains_and_old_checkpoints_load(pipel
     loaded = sundae.load_sundae(out)
     assert loaded.config["head_dim"] == 8 and loaded.body.pre[0].attn.qkv.weight.shape == (3 * 16, 32)
     ckpt = torch.load(pipeline["sundae"], weights_only=True)
-    # a checkpoint from before the field: heads split the width
-    del ckpt["model_config"]["head_dim"]
+    del ckpt["model_config"]["head_dim"]  # a checkpoint from before the field: heads split the width
     torch.save(ckpt, tmp_path / "old.pt")
     assert sundae.load_sundae(str(tmp_path / "old.pt")).body.pre[0].attn.head_dim == 16
 
 def test_the_sampling_temperature_is_the_presets_and_travels_in_the_checkpoint(pipeline, tmp_path):
     needs("sampler")
-    # tiny: cooler
-    assert [p[1].temperature for p in sundae.PRESETS.values()] == [(0.7, 0.3),
-                                                                   (1.0, 0.7), (1.0, 0.7)]
-    # trained with the tiny preset
-    assert sundae.load_sundae(pipeline["sundae"]).default_temperature == (0.7, 0.3)
+    assert [p[1].temperature for p in sundae.PRESETS.values()] == [(0.7, 0.3), (1.0, 0.7), (1.0, 0.7)]  # tiny: cooler
+    assert sundae.load_sundae(pipeline["sundae"]).default_temperature == (0.7, 0.3)  # trained with the tiny preset
     ckpt = torch.load(pipeline["sundae"], weights_only=True)
-    # a float pair: --temperature 0.5,0.2 at training
-    ckpt["train_config"]["temperature"] = (0.5, 0.2)
+    ckpt["train_config"]["temperature"] = (0.5, 0.2)  # a float pair: --temperature 0.5,0.2 at training
     torch.save(ckpt, tmp_path / "t.pt")
     m = sundae.load_sundae(str(tmp_path / "t.pt"))
     assert m.default_temperature == (0.5, 0.2)
-    run = lambda **kw: sundae.sample(m, 6, steps=12,
-                                     generator=torch.Generator().manual_seed(3), **kw)[0]
-    assert torch.equal(run(), run(temperature=(0.5,
-                                               0.2))) and not torch.equal(run(), run(temperature=(1.0, 0.7)))
-    # a checkpoint from before the field: the paper's schedule
-    del ckpt["train_config"]["temperature"]
+    run = lambda **kw: sundae.sample(m, 6, steps=12, generator=torch.Generator().manual_seed(3), **kw)[0]
+    assert torch.equal(run(), run(temperature=(0.5, 0.2))) and not torch.equal(run(), run(temperature=(1.0, 0.7)))
+    del ckpt["train_config"]["temperature"]  # a checkpoint from before the field: the paper's schedule
     torch.save(ckpt, tmp_path / "old.pt")
     assert sundae.load_sundae(str(tmp_path / "old.pt")).default_temperature == (1.0, 0.7)
     args = argparse.ArgumentParser()
     vqgan.add_flags(args, sundae.TrainConfig)
-    # floats, not ints
-    assert args.parse_args(["--temperature", "0.9,0.25"]).temperature == (0.9, 0.25)
+    assert args.parse_args(["--temperature", "0.9,0.25"]).temperature == (0.9, 0.25)  # floats, not ints
 
 class Tempered(nn.Module):
     """Logits 0.7 log p at every position, whatever the input: sampling at temperature 0.7 draws
@@ -2226,8 +2104,7 @@ def test_calibration_picks_the_temperature_at_which_the_model_is_the_data():
     assert best == (0.7, 0.7) and [row[0] for row in table] == list(constant)
     distance = [row[1] for row in table]  # rising on both sides of the truth
     assert distance[0] > distance[1] > distance[2] < distance[3] < distance[4]
-    # the full grid: these two end at 0.7
-    assert sundae.calibrate(model, heldout, n=256)[0] in ((0.7, 0.7), (1.0, 0.7))
+    assert sundae.calibrate(model, heldout, n=256)[0] in ((0.7, 0.7), (1.0, 0.7))  # the full grid: these two end at 0.7
 
 class Paint(nn.Module):
     """A stand-in VQ-GAN: each token a random colour, painted over a 4x4 block of pixels."""
@@ -2284,8 +2161,8 @@ def test_kernel_distance_is_the_unbiased_squared_mmd():
     assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same)) < np.mean(shifted)
 
 def test_calibration_gives_every_schedule_the_same_noise():
-    # two copies of one schedule must score the same: each schedule starts from the same seed, so the table
-    # compares schedules, not random draws
+    # two copies of one schedule must score the same: each schedule starts from the same seed,
+    # so the table compares schedules, not random draws
     needs("sampler", "frechet", "rope", "resampling", "hourglass_level")
     torch.manual_seed(0)
     model = hourglass.HourglassTransformer(12, 4, 4, 16, 2, depth=(1, 1, 1)).eval()
@@ -2295,17 +2172,16 @@ def test_calibration_gives_every_schedule_the_same_noise():
     assert table[0][1] != table[2][1]
 
 def test_calibration_features_pool_each_quarter_of_the_grid():
-    # token a in the top-left quarter, b elsewhere; a model whose hidden state is the token's embedding: the
-    # features are the mean of each quarter, so the top-left block is embed(a) and the other three embed(b)
-    # (pooling the whole grid would mix them)
+    # token a in the top-left quarter, b elsewhere; a model whose hidden state is the token's embedding:
+    # the features are the mean of each quarter,
+    # so the top-left block is embed(a) and the other three embed(b) (pooling the whole grid would mix them)
     m = Tempered(torch.full((5,), 0.2), 4, 6)
     grid = torch.full((1, 4, 6), 2)
     grid[0, :2, :3] = 1
     f = torch.from_numpy(sundae.hidden_features(m, grid)).reshape(16, 4)  # (D, quarters) in raster order
     e = m.embed.weight.detach()
     assert f.shape == (16, 4), "one D-vector per quarter of the grid"
-    assert torch.allclose(f[:, 0], e[1], atol=1e-6) and all(torch.allclose(f[:, q], e[2], atol=1e-6)
-                                                             for q in (1, 2, 3))
+    assert torch.allclose(f[:, 0], e[1], atol=1e-6) and all(torch.allclose(f[:, q], e[2], atol=1e-6) for q in (1, 2, 3))
 
 def test_calibration_features_are_the_networks_last_hidden_states():
     # the hidden states, not the input embeddings: a real network's features are its body's output
@@ -2337,8 +2213,7 @@ def test_the_calibration_grid_is_what_the_documentation_says():
         f"the grid must run from 1.2 -> 1.0 to 0.7 -> 0.3, nothing colder: {sundae.CALIBRATION_SCHEDULES}"
 
 def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, capsys):
-    needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw",
-          "sampler", "frechet")
+    needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw", "sampler", "frechet")
     rng = np.random.default_rng(0)
     np.save(tmp_path / "lat.npy", np.clip(np.add.outer(np.arange(4),
                                                        np.arange(4)) + rng.integers(-1, 2, (400, 4, 4)), 0, 7))
@@ -2352,20 +2227,17 @@ def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, c
     assert stored in sundae.CALIBRATION_SCHEDULES and sundae.load_sundae(str(tmp_path / "c.pt")).default_temperature == stored
     run("--out", str(tmp_path / "t.pt"), "--temperature", "0.9,0.4")  # the user's schedule wins
     assert "calibration" not in capsys.readouterr().out
-    assert tuple(torch.load(tmp_path / "t.pt",
-                            weights_only=True)["train_config"]["temperature"]) == (0.9, 0.4)
-    # sample.py --calibrate on that checkpoint (the same weights): the same table as training printed, number for
-    # number (the same held-out rows and noise), so the same choice
-    sample.main(["--calibrate", "--data", str(tmp_path / "lat.npy"), "--sundae",
-                 str(tmp_path / "t.pt"), "--vqgan", ""])
+    assert tuple(torch.load(tmp_path / "t.pt", weights_only=True)["train_config"]["temperature"]) == (0.9, 0.4)
+    # sample.py --calibrate on that checkpoint (the same weights): the same table as training printed,
+    # number for number (the same held-out rows and noise), so the same choice
+    sample.main(["--calibrate", "--data", str(tmp_path / "lat.npy"), "--sundae", str(tmp_path / "t.pt"), "--vqgan", ""])
     table = lambda text: re.findall(r"temperature .*?: +([\d.]+) \+-", text)
     assert table(capsys.readouterr().out) == table(out) and len(table(out)) == len(sundae.CALIBRATION_SCHEDULES)
     assert sundae.load_sundae(str(tmp_path / "t.pt")).default_temperature == stored
     # exactly 32 held-out grids are enough (16 of the 200 pairs)
     run("--out", str(tmp_path / "e.pt"), "--val_fraction", "0.08")
     assert "calibration (32 held-out grids" in capsys.readouterr().out
-    # 20 held-out grids: too few to judge
-    run("--out", str(tmp_path / "f.pt"), "--val_fraction", "0.05")
+    run("--out", str(tmp_path / "f.pt"), "--val_fraction", "0.05")  # 20 held-out grids: too few to judge
     assert "calibration skipped: 20 held-out grids, fewer than 32" in capsys.readouterr().out
     def interrupted(*args, **kwargs):  # a second Ctrl-C while calibrating
         raise KeyboardInterrupt
@@ -2375,8 +2247,7 @@ def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, c
             run("--out", str(tmp_path / "k.pt"))
     finally:
         sundae.calibrate = calibrate
-    # the trained weights were saved first
-    assert torch.load(tmp_path / "k.pt", weights_only=True)["step"] == 20
+    assert torch.load(tmp_path / "k.pt", weights_only=True)["step"] == 20  # the trained weights were saved first
     def terminated(*args, **kwargs):  # one SIGTERM while calibrating ends the run then, not after calibrating
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
@@ -2416,17 +2287,14 @@ def test_eval_in_a_fixed_feature_space(pipeline, capsys, monkeypatch):
     args = ["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--eval", "8", "--steps", "3"]
     sample.main(args)
     own = capsys.readouterr().out
-    # the same VQ-GAN as the feature space: the same numbers
-    sample.main(args + ["--eval_vqgan", d["vqgan"]])
+    sample.main(args + ["--eval_vqgan", d["vqgan"]])  # the same VQ-GAN as the feature space: the same numbers
     assert capsys.readouterr().out == own and "SUNDAE samples" in own
     seen = []
     monkey = lambda vq, imgs, batch=64: seen.append(vq) or np.random.rand(len(imgs), 2)
     other = vqgan.load_vqgan(d["vqgan"])
     monkeypatch.setattr(sample, "eval_features", monkey)
-    sample.evaluate(sundae.load_sundae(d["sundae"]), vqgan.load_vqgan(d["vqgan"]), d["vqgan"], 4, 0,
-                    4, other, steps=2)
-    # real, samples, random tokens, reconstructions
-    assert len(seen) == 4 and all(v is other for v in seen)
+    sample.evaluate(sundae.load_sundae(d["sundae"]), vqgan.load_vqgan(d["vqgan"]), d["vqgan"], 4, 0, 4, other, steps=2)
+    assert len(seen) == 4 and all(v is other for v in seen)  # real, samples, random tokens, reconstructions
 
 def test_grids_of_small_images_are_enlarged_without_blurring(tmp_path):
     x = torch.rand(3, 3, 32, 32) * 2 - 1
@@ -2435,12 +2303,10 @@ def test_grids_of_small_images_are_enlarged_without_blurring(tmp_path):
     assert g.shape == (2 + 128 + 2, 3 * (128 + 2) + 2, 3)  # 4x: a 32x32 face is shown 128x128
     tile = g[2:130, 2:130].astype(int)
     ref = ((x[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()
-    # nearest neighbour
-    assert np.abs(tile[::4, ::4] - ref).max() <= 1 and (tile[1::4, 3::4] == tile[::4, ::4]).all()
+    assert np.abs(tile[::4, ::4] - ref).max() <= 1 and (tile[1::4, 3::4] == tile[::4, ::4]).all()  # nearest neighbour
     vqgan.save_png(torch.rand(1, 3, 256, 256), str(tmp_path / "big.png"), nrow=1, pad=0)
     vqgan.save_png(x[:1], str(tmp_path / "one.png"), nrow=1, pad=0, scale=1)
-    assert Image.open(tmp_path / "big.png").size == (256,
-                                                     256) and Image.open(tmp_path / "one.png").size == (32, 32)
+    assert Image.open(tmp_path / "big.png").size == (256, 256) and Image.open(tmp_path / "one.png").size == (32, 32)
 
 def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
     needs("sampler", "token_mask")
@@ -2450,9 +2316,7 @@ def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
                  "--out", out,
                  "--outdir", str(tmp_path / "each"), "--trajectory", str(tmp_path / "traj.png")])
     assert Image.open(out).size[0] > 32 and len(os.listdir(tmp_path / "each")) == 3 and os.path.isfile(tmp_path / "traj.png")
-    # no border
-    assert all(Image.open(tmp_path / "each" / f).size == (32,
-                                                          32) for f in os.listdir(tmp_path / "each"))
+    assert all(Image.open(tmp_path / "each" / f).size == (32, 32) for f in os.listdir(tmp_path / "each"))  # no border
     kept = []  # best_fit's fills per image: the default chosen on the real-image benchmark
     fit = inpaint.best_fit
     inpaint.best_fit = lambda vq, images, known, fills: kept.append(len(fills) // len(images)) or fit(vq, images,
@@ -2474,8 +2338,7 @@ def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
                   str(tmp_path / "face.png"), "--mask", str(tmp_path / "mask.png"), "--out",
                   str(tmp_path / "m.png")])
     assert Image.open(tmp_path / "m.png").size[0] > 5 * 32  # original, masked, 3 inpaintings
-    # a mask drawn on a copy enlarged 4x (as the scripts' PNG grids show a face) covers the same
-    # pixels
+    # a mask drawn on a copy enlarged 4x (as the scripts' PNG grids show a face) covers the same pixels
     Image.fromarray(mask).resize((192, 192), Image.NEAREST).save(tmp_path / "mask4.png")
     assert np.array_equal(vqgan.load_mask(str(tmp_path / "mask4.png"), 32),
                           vqgan.load_mask(str(tmp_path / "mask.png"), 32))
@@ -2517,15 +2380,12 @@ def test_taming_checkpoints_convert_exactly_in_every_quantizer_layout(tmp_path, 
         z_q, _, (_, _, raw) = t["quantize"](t["quant_conv"](t["encoder"](x)))
         ref_img = t["decoder"](t["post_quant_conv"](z_q))
     raw = raw.reshape(3, 8, 8)
-    # VectorQuantizer2 with remap: ids index the `used` list (here the codes x needs and two others,
-    # shuffled)
+    # VectorQuantizer2 with remap: ids index the `used` list (here the codes x needs and two others, shuffled)
     used = torch.tensor(sorted(set(raw.flatten().tolist()) | {0,
                                                               15}))[torch.randperm(len(set(raw.flatten().tolist()) | {0, 15}))]
     remapped = (raw[..., None] == used).long().argmax(-1)
-    # EMAVectorQuantizer keeps running sums beside the codes; a loader that took the wrong tensor
-    # would show
-    ema = {"quantize.embedding.cluster_size": torch.rand(16),
-           "quantize.embedding.embed_avg": torch.randn(16, 4)}
+    # EMAVectorQuantizer keeps running sums beside the codes; a loader that took the wrong tensor would show
+    ema = {"quantize.embedding.cluster_size": torch.rand(16), "quantize.embedding.embed_avg": torch.randn(16, 4)}
     layouts = {  # file -> (its contents, the token ids taming gives, V as taming reports it)
         "plain.ckpt": ({"state_dict": {**sd, "loss.logvar": torch.zeros(())}}, raw, 16),
         "net2net.ckpt": ({"state_dict": {**{"first_stage_model." + k: v for k, v in sd.items()},
@@ -2539,22 +2399,18 @@ def test_taming_checkpoints_convert_exactly_in_every_quantizer_layout(tmp_path, 
         out = str(tmp_path / (name + ".pt"))
         vqgan.main(["--convert", str(tmp_path / name), "--out", out, "--size", "16"])
         model = vqgan.load_vqgan(out)
-        assert (model.config.dec_res_blocks, model.config.embed_dim,
-                model.config.attn_resolutions) == (2, 4, (8,))
+        assert (model.config.dec_res_blocks, model.config.embed_dim, model.config.attn_resolutions) == (2, 4, (8,))
         assert model.codebook_size == V, name
         with torch.no_grad():
             assert torch.equal(model.encode(x), ids), name  # the same token ids as taming's modules
             assert (model.decode(ids) - ref_img).abs().max() < 1e-4, name  # and the same pixels
-    # tensors and plain types only
-    assert torch.load(tmp_path / "plain.ckpt.pt", weights_only=True)["kind"] == "vqgan"
-    # a Lightning .ckpt pickles more than tensors (here an argparse.Namespace): refused without
-    # --trust_checkpoint
+    assert torch.load(tmp_path / "plain.ckpt.pt", weights_only=True)["kind"] == "vqgan"  # tensors and plain types only
+    # a Lightning .ckpt pickles more than tensors (here an argparse.Namespace): refused without --trust_checkpoint
     lightning = str(tmp_path / "last.ckpt")
     torch.save({"state_dict": sd, "hyper_parameters": argparse.Namespace(lr=1)}, lightning)
     with pytest.raises(vqgan.BadInput, match="--trust_checkpoint"):
         vqgan.main(["--convert", lightning, "--out", str(tmp_path / "l.pt"), "--size", "16"])
-    vqgan.main(["--convert", lightning, "--out", str(tmp_path / "l.pt"), "--size", "16",
-                "--trust_checkpoint"])
+    vqgan.main(["--convert", lightning, "--out", str(tmp_path / "l.pt"), "--size", "16", "--trust_checkpoint"])
     with torch.no_grad():
         assert torch.equal(vqgan.load_vqgan(str(tmp_path / "l.pt")).encode(x), raw)
     refused = {  # layouts that cannot convert exactly are refused, by name
@@ -2569,21 +2425,18 @@ def test_taming_checkpoints_convert_exactly_in_every_quantizer_layout(tmp_path, 
         with pytest.raises(vqgan.BadInput, match=what):
             vqgan.main(["--convert", str(tmp_path / "bad.ckpt"), "--out", str(tmp_path / "bad.pt"),
                         "--size", "16", "--overwrite"])
-    # a taming file passed where a checkpoint of ours is expected: the message says how to convert
-    # it
+    # a taming file passed where a checkpoint of ours is expected: the message says how to convert it
     with pytest.raises(vqgan.BadInput, match="--convert"):
         vqgan.load_vqgan(str(tmp_path / "plain.ckpt"))
     with pytest.raises(vqgan.BadInput, match="needs no conversion"):
-        vqgan.main(["--convert", str(tmp_path / "plain.ckpt.pt"), "--out",
-                    str(tmp_path / "again.pt")])
+        vqgan.main(["--convert", str(tmp_path / "plain.ckpt.pt"), "--out", str(tmp_path / "again.pt")])
 
 def test_taming_lpips_weights_convert_to_our_layout(tmp_path):
     torch.manual_seed(0)
     ours = vqgan.LPIPS()
     for p in ours.parameters():
         p.data.normal_(0, 0.1)
-    # taming's vgg16 slices
-    slices = [range(0, 4), range(4, 9), range(9, 16), range(16, 23), range(23, 30)]
+    slices = [range(0, 4), range(4, 9), range(9, 16), range(16, 23), range(23, 30)]  # taming's vgg16 slices
     taming = {"loss.perceptual_loss.scaling_layer.shift": ours.shift,
               "loss.perceptual_loss.scaling_layer.scale": ours.scale}
     for k, v in ours.state_dict().items():
@@ -2606,12 +2459,10 @@ def foreign(tmp_path_factory):
     needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw")
     d = tmp_path_factory.mktemp("foreign")
     rng = np.random.default_rng(0)
-    lat = np.clip(np.add.outer(np.arange(8),
-                               np.arange(8))[None] + rng.integers(-2, 3, (40, 8, 8)), 0, 16)
+    lat = np.clip(np.add.outer(np.arange(8), np.arange(8))[None] + rng.integers(-2, 3, (40, 8, 8)), 0, 16)
     np.save(d / "digits.npy", lat.astype(np.int64))
     sd = str(d / "sundae.pt")
-    sundae.main(["--data", str(d / "digits.npy"), "--vocab_size", "17", "--max_steps", "3", "--out",
-                 sd] + TINY_SUNDAE)
+    sundae.main(["--data", str(d / "digits.npy"), "--vocab_size", "17", "--max_steps", "3", "--out", sd] + TINY_SUNDAE)
     return {"dir": d, "sundae": sd}
 
 def test_sample_writes_token_grids_without_a_vqgan(foreign):
@@ -2620,8 +2471,7 @@ def test_sample_writes_token_grids_without_a_vqgan(foreign):
     sample.main(["--sundae", foreign["sundae"], "--vqgan", "", "--tokens", str(d / "s.npy"), "--n",
                  "5", "--steps", "4", "--out", str(d / "s.png")])
     toks = np.load(d / "s.npy")
-    assert toks.shape == (5, 8,
-                          8) and toks.dtype == np.uint16 and toks.max() < 17 and os.path.isfile(d / "s.png")
+    assert toks.shape == (5, 8, 8) and toks.dtype == np.uint16 and toks.max() < 17 and os.path.isfile(d / "s.png")
 
 def test_vqgan_decode_writes_one_png_per_grid(pipeline, tmp_path):
     lat = np.load(pipeline["latents"])[:3]
@@ -2654,26 +2504,22 @@ def test_token_inpainting_keeps_known_tokens_for_several_samples(foreign):
     assert not (filled[:, 0] == filled[:, 1]).all()  # several different fillings
 
 # --------------------------------------------------------------------------------------------------
-# class-conditional SUNDAE and classifier-free guidance (hourglass.py class_embed,
-# sundae.py:logits_where)
+# class-conditional SUNDAE and classifier-free guidance (hourglass.py class_embed, sundae.py:logits_where)
 
 def test_the_class_embedding_reaches_every_position():
     needs("rope", "resampling", "hourglass_level")
     torch.manual_seed(0)
     m = hourglass.HourglassTransformer(10, 4, 4, 16, 2, depth=(1, 1, 1), num_classes=3)
     seen = []
-    # the embedded grid (B, h*w, D)
-    m.body.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    m.body.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))  # the embedded grid (B, h*w, D)
     t = torch.randint(10, (2, 4, 4))
     m(t, torch.tensor([0, 1]))
     m(t, torch.tensor([2, 2]))
     m(t)  # no labels: the "no class" entry
     E = m.class_embed.weight
-    assert torch.allclose(seen[0] - seen[1], (E[[0, 1]] - E[[2, 2]])[:,
-                                                                     None].expand(2, 16, 16), atol=1e-6)
+    assert torch.allclose(seen[0] - seen[1], (E[[0, 1]] - E[[2, 2]])[:, None].expand(2, 16, 16), atol=1e-6)
     assert torch.allclose(seen[2] - seen[1], (E[3] - E[2]).expand(2, 16, 16), atol=1e-6)
-    # unconditional
-    assert hourglass.HourglassTransformer(10, 4, 4, 16, 2, depth=(1, 1, 1)).class_embed is None
+    assert hourglass.HourglassTransformer(10, 4, 4, 16, 2, depth=(1, 1, 1)).class_embed is None  # unconditional
 
 def test_guidance_zero_is_the_conditional_model_no_labels_the_unconditional_one_in_one_forward():
     needs("rope", "resampling", "hourglass_level")
@@ -2684,14 +2530,11 @@ def test_guidance_zero_is_the_conditional_model_no_labels_the_unconditional_one_
     m.body.register_forward_pre_hook(lambda mod, args: batches.append(len(args[0])))
     with torch.no_grad():
         cond, uncond = m(x, lab)[where], m(x)[where]
-        # w = 0: conditional
-        assert torch.allclose(sundae.logits_where(m, x, where, lab, 0.0), cond, atol=1e-5)
-        # no labels: unconditional
-        assert torch.allclose(sundae.logits_where(m, x, where), uncond, atol=1e-5)
+        assert torch.allclose(sundae.logits_where(m, x, where, lab, 0.0), cond, atol=1e-5)  # w = 0: conditional
+        assert torch.allclose(sundae.logits_where(m, x, where), uncond, atol=1e-5)  # no labels: unconditional
         batches.clear()
         guided = sundae.logits_where(m, x, where, lab, 3.0)
-    # Ho & Salimans 2022, eq. 6
-    assert torch.allclose(guided, cond + 3.0 * (cond - uncond), atol=1e-4)
+    assert torch.allclose(guided, cond + 3.0 * (cond - uncond), atol=1e-4)  # Ho & Salimans 2022, eq. 6
     assert batches == [6]  # both halves in one forward pass of 2B grids
 
 def test_label_dropout_happens_at_the_given_rate(tmp_path, monkeypatch):
@@ -2714,8 +2557,7 @@ def test_label_dropout_happens_at_the_given_rate(tmp_path, monkeypatch):
     assert len(labels) == 768 and abs((labels == 4).float().mean().item() - 0.3) < 0.075
 
 def test_a_two_class_problem_is_learnt_and_each_class_keeps_its_statistics(tmp_path):
-    # class 0 grids hold only ids 0 and 1, class 1 grids only 2 and 3: a conditional sample must
-    # stay in its set
+    # class 0 grids hold only ids 0 and 1, class 1 grids only 2 and 3: a conditional sample must stay in its set
     needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw", "sampler")
     rng = np.random.default_rng(0)
     lab = np.arange(512) % 2
@@ -2740,8 +2582,7 @@ def test_a_two_class_problem_is_learnt_and_each_class_keeps_its_statistics(tmp_p
         assert ((toks // 2) == c).float().mean() > 0.95, c
 
 def test_a_hole_determined_by_its_context_is_filled_with_the_determined_tokens(tmp_path):
-    # each grid one colour c of 8: whatever the hole, its tokens are c, and only the context says
-    # which c
+    # each grid one colour c of 8: whatever the hole, its tokens are c, and only the context says which c
     needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw", "sampler")
     rng = np.random.default_rng(0)
     np.save(tmp_path / "lat.npy", np.broadcast_to(rng.integers(0, 8, (512, 1, 1)), (512, 4, 4)))
@@ -2753,13 +2594,12 @@ def test_a_hole_determined_by_its_context_is_filled_with_the_determined_tokens(t
     truth = torch.arange(8).repeat(4)[:, None, None].expand(32, 4, 4)  # every colour, 4 times
     known = torch.ones(32, 4, 4, dtype=torch.bool)
     known[:, 1:4, 0:3] = False  # a 3 x 3 hole: 9 of 16 tokens, only 7 known ones around it
-    filled = inpaint.inpaint(model, truth, known, steps=20,
-                             generator=torch.Generator().manual_seed(0))
+    filled = inpaint.inpaint(model, truth, known, steps=20, generator=torch.Generator().manual_seed(0))
     assert (filled == truth).float().mean() > 0.99
 
 def test_fills_are_scored_by_the_known_pixels_of_their_own_image(pipeline, monkeypatch, tmp_path):
-    # best_fit gets the known pixels (not the hole), and fills b*K .. b*K+K-1 all belong to image b (interleaved,
-    # not tiled): each keeps exactly image b's known tokens
+    # best_fit gets the known pixels (not the hole),
+    # and fills b*K .. b*K+K-1 all belong to image b (interleaved, not tiled): each keeps exactly image b's known tokens
     needs("sampler", "token_mask")
     vq, model = vqgan.load_vqgan(pipeline["vqgan"]), sundae.load_sundae(pipeline["sundae"])
     seen, real = [], inpaint.best_fit
@@ -2780,8 +2620,7 @@ def test_fills_are_scored_by_the_known_pixels_of_their_own_image(pipeline, monke
 
 def test_palette_agreement_judges_each_attribute_by_the_generators_truth(pipeline, capsys):
     images, attrs = vqgan.toy_faces(16, 32, seed=1, labels="all")
-    # the shirt is the class
-    assert np.array_equal(attrs[:, 3], vqgan.toy_faces(16, 32, seed=1, labels=True)[1])
+    assert np.array_equal(attrs[:, 3], vqgan.toy_faces(16, 32, seed=1, labels=True)[1])  # the shirt is the class
     hole = np.zeros((16, 32, 32), bool)
     hole[:, 12:28, 8:24] = True  # the default box
     perfect = inpaint.palette_agreement(images.astype(float), images, attrs, hole)
@@ -2799,30 +2638,25 @@ def test_palette_agreement_judges_each_attribute_by_the_generators_truth(pipelin
     spotted[:, 12:15, 8:24] = 0.0  # 3 of the 16 rows of the box painted black
     assert inpaint.palette_agreement(spotted, images, attrs, hole)["skin"][0] == 1.0, "the median, not the mean"
     needs("sampler", "token_mask")
-    inpaint.main(["--sundae", pipeline["sundae"], "--vqgan", pipeline["vqgan"], "--eval", "8",
-                  "--steps", "4"])
+    inpaint.main(["--sundae", pipeline["sundae"], "--vqgan", pipeline["vqgan"], "--eval", "8", "--steps", "4"])
     out = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in out[2:]] == ["default", "boxes", "boxes",
-                                                     "boxes"] and "skin" in out[1]
+    assert [line.split()[0] for line in out[2:]] == ["default", "boxes", "boxes", "boxes"] and "skin" in out[1]
     cells = [re.findall(r"(\d+)% / (\d+)%", line) for line in out[2:]]  # inpainted / a random face, per attribute
     assert all(len(row) == 4 for row in cells) and all(0 <= int(a) <= 100 for row in cells for pair in row for a in pair)
     assert all(float(line.split()[-3]) >= 0 for line in out[2:])  # the pixel error of the fills
 
 def test_encoded_class_folders_and_toy_faces_carry_labels_and_names(pipeline, tmp_path):
     needs("vector_quantizer")
-    # the toy faces: their shirt colour is the class
-    meta = json.load(open(pipeline["latents"] + ".json"))
+    meta = json.load(open(pipeline["latents"] + ".json"))  # the toy faces: their shirt colour is the class
     labels = np.load(os.path.join(os.path.dirname(pipeline["latents"]), meta["labels"]))
     assert meta["class_names"] == list(vqgan.TOY_CLASSES) and len(labels) == len(np.load(pipeline["latents"]))
     _, shirts = vqgan.toy_faces(64, 32, labels=True)
     assert np.array_equal(labels, np.repeat(shirts, 2))  # each face and its flipped copy
     for i, name in enumerate(["cat", "dog", "dog"]):  # root/class_name/*.png
         (tmp_path / "img" / name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(vqgan.toy_faces(1, 32,
-                                        seed=i)[0]).save(tmp_path / "img" / name / f"{i}.png")
+        Image.fromarray(vqgan.toy_faces(1, 32, seed=i)[0]).save(tmp_path / "img" / name / f"{i}.png")
     out = str(tmp_path / "f.npy")
-    vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--data", str(tmp_path / "img"),
-                "--out", out])
+    vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--data", str(tmp_path / "img"), "--out", out])
     assert json.load(open(out + ".json"))["class_names"] == ["cat", "dog"]
     assert np.load(str(tmp_path / "f_labels.npy")).tolist() == [0, 0, 1, 1, 1, 1]
     # encoded again over it, from a folder without classes: the old labels must not stay beside new latents
@@ -2831,12 +2665,10 @@ def test_encoded_class_folders_and_toy_faces_carry_labels_and_names(pipeline, tm
     os.makedirs(tmp_path / "flat")
     for i in range(3):
         os.replace(tmp_path / f"{i}.png", tmp_path / "flat" / f"{i}.png")
-    vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--data", str(tmp_path / "flat"), "--out", out,
-                "--overwrite"])
+    vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--data", str(tmp_path / "flat"), "--out", out, "--overwrite"])
     assert not os.path.exists(tmp_path / "f_labels.npy") and "labels" not in json.load(open(out + ".json"))
 
-def test_a_full_disk_while_encoding_leaves_the_latents_sidecar_and_labels_as_they_were(pipeline, tmp_path,
-                                                                                         monkeypatch):
+def test_a_full_disk_while_encoding_leaves_the_latents_sidecar_and_labels_as_they_were(pipeline, tmp_path, monkeypatch):
     needs("vector_quantizer")
     out = str(tmp_path / "lat.npy")
     vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--out", out, "--toy_n", "8"])
@@ -2868,8 +2700,7 @@ def test_random_hole_boxes_reach_every_row_and_column():
         "the default box covers rows 12..27 and columns 8..23 of a 32-px face"
 
 # ==================================================================================================
-# Part 4: command lines as a user meets them: bad input is one line and exit 2, nothing on disk is
-# lost
+# Part 4: command lines as a user meets them: bad input is one line and exit 2, nothing on disk is lost
 # ==================================================================================================
 
 def test_readme_figures_exist():
@@ -2880,31 +2711,28 @@ def test_readme_figures_exist():
 
 @pytest.mark.parametrize("module", [vqgan, hourglass, sundae, sample, inpaint])
 def test_every_script_has_help(module, capsys):
-    # every flag's help is a whole sentence: brackets closed, not ending on a word that needs more
-    # (the help once came from source comments, and a comment continued on the next line was cut
-    # mid-sentence)
+    # every flag's help is a whole sentence: brackets closed,
+    # not ending on a word that needs more (the help once came from source comments, and a comment continued on the next
+    # line was cut mid-sentence)
     with pytest.raises(SystemExit) as e:
         module.main(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "usage:" in out and "option_strings" not in out
     options = out.split("options:")[1]
-    # one entry per option: its flags, then its help text
-    helps = re.split(r"\n  (?=-)", options)[1:]
+    helps = re.split(r"\n  (?=-)", options)[1:]  # one entry per option: its flags, then its help text
     assert len(helps) > 3
     dangling = {"a", "an", "the", "of", "to", "by", "and", "or", "with", "for", "beat", "than", "="}
     for entry in helps:
         text = " ".join(entry.split())
         assert text.count("(") == text.count(")") and text.count("[") == text.count("]"), f"unclosed: {text}"
         last = text.split()[-1].strip(".,;:").lower()
-        assert last not in dangling and not text.rstrip().endswith((",", ";",
-                                                                    "(")), f"cut short: {text}"
+        assert last not in dangling and not text.rstrip().endswith((",", ";", "(")), f"cut short: {text}"
 
 def test_every_config_field_declares_its_help():
     configs = [vqgan.ModelConfig, vqgan.TrainConfig, hourglass.HourglassConfig, sundae.TrainConfig]
     for cls in configs:
         for f in dataclasses.fields(cls):
-            assert len(f.metadata.get("help",
-                                      "").split()) >= 2, f"{cls.__name__}.{f.name} has no help"
+            assert len(f.metadata.get("help", "").split()) >= 2, f"{cls.__name__}.{f.name} has no help"
 
     @dataclasses.dataclass
     class Forgot:
@@ -2914,12 +2742,10 @@ def test_every_config_field_declares_its_help():
         vqgan.add_flags(argparse.ArgumentParser(), Forgot)
 
 def run(args, cwd):
-    return subprocess.Popen([sys.executable] + args, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable] + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-# Runs each command line as `python script.py args` would (runpy as __main__, so its error handling
-# is the real one), capturing exit status and stderr, in two interpreters that import torch once
-# each, not once per case.
+# Runs each command line as `python script.py args` would (runpy as __main__, so its error handling is the real one),
+# capturing exit status and stderr, in two interpreters that import torch once each, not once per case.
 DRIVER = """
 import contextlib, io, json, runpy, sys, traceback
 results = {}
@@ -3108,8 +2934,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         "known mask not 0/1": (["inpaint.py", "--sundae", p["sundae"], "--tokens",
                                 str(t / "tok4.npy"), "--known",
                                 str(t / "tok4.npy"), "--out", str(t / "f.npy")], "0/1"),
-        # nothing on disk is replaced that the run did not write, and one run's outputs never
-        # collide
+        # nothing on disk is replaced that the run did not write, and one run's outputs never collide
         "sample --tokens onto the training latents": (S("--tokens", str(t / "big.npy")),
                                                       "already exists"),
         "token inpainting onto an existing file": (["inpaint.py", "--sundae", p["sundae"],
@@ -3302,14 +3127,12 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     torch.save(other, t / "other_vq.pt")
     # training runs write into tmp, never the repository's files
     for i, (args, _) in enumerate(cases.values()):
-        if args[0] in ("vqgan.py", "sundae.py") and not {"--out", "--encode", "--decode",
-                                                         "--convert"} & set(args):
+        if args[0] in ("vqgan.py", "sundae.py") and not {"--out", "--encode", "--decode", "--convert"} & set(args):
             args += ["--out", str(t / f"run{i}.pt")]
     digest = lambda: {f: hashlib.sha256(open(os.path.join(r, f), "rb").read()).hexdigest()
                       for d in (t, p["dir"]) for r, _, fs in os.walk(d) for f in fs}
     before = digest()
-    results = run_scripts({name: [script(args[0])] + args[1:] for name,
-                           (args, _) in cases.items()}, cwd=t)
+    results = run_scripts({name: [script(args[0])] + args[1:] for name, (args, _) in cases.items()}, cwd=t)
     held.close()
     held_sd.close()
     wrong = []
@@ -3332,16 +3155,14 @@ def nan_after(monkeypatch, steps):
 
     monkeypatch.setattr(sundae, "unrolled_loss", diverged)
 
-def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(pipeline, tmp_path,
-                                                                    monkeypatch):
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(pipeline, tmp_path, monkeypatch):
     needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss")
     out = str(tmp_path / "nan.pt")
     nan_after(monkeypatch, 3)
     with pytest.raises(vqgan.BadInput, match="loss is nan at step 4"):
         sundae.main(["--data", pipeline["latents"], "--out", out, "--ckpt_every", "1",
                      "--max_steps", "50", "--val_every", "1000"] + TINY_SUNDAE[:6])
-    # the last step before the blow-up, with finite weights
-    ckpt = torch.load(out, weights_only=True)
+    ckpt = torch.load(out, weights_only=True)  # the last step before the blow-up, with finite weights
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 def test_masks_keep_small_holes_and_images_load_upright_and_unclipped(tmp_path):
@@ -3350,12 +3171,9 @@ def test_masks_keep_small_holes_and_images_load_upright_and_unclipped(tmp_path):
     mask[100:106, 60:66] = 255  # a 6x6 px hole in a 256 px image, for a 32 px model
     Image.fromarray(mask).save(tmp_path / "m.png")
     unknown = vqgan.load_mask(str(tmp_path / "m.png"), 32)
-    assert unknown.sum() >= 1 and (~inpaint.pixel_to_token_mask(torch.from_numpy(~unknown)[None],
-                                                                4)).sum() >= 1
-    # 16-bit grey, 46% bright
-    Image.fromarray(np.full((40, 40), 30000, np.uint16)).save(tmp_path / "deep.png")
-    assert abs(int(vqgan.load_image(str(tmp_path / "deep.png"), 32)[0, 0,
-                                                                    0]) - round(30000 / 257)) <= 1
+    assert unknown.sum() >= 1 and (~inpaint.pixel_to_token_mask(torch.from_numpy(~unknown)[None], 4)).sum() >= 1
+    Image.fromarray(np.full((40, 40), 30000, np.uint16)).save(tmp_path / "deep.png")  # 16-bit grey, 46% bright
+    assert abs(int(vqgan.load_image(str(tmp_path / "deep.png"), 32)[0, 0, 0]) - round(30000 / 257)) <= 1
     img = np.zeros((20, 40, 3), np.uint8)
     img[:, :20, 0] = 255  # red on the left of a wide image
     exif = Image.Exif()
@@ -3370,14 +3188,12 @@ def test_a_file_that_stops_decoding_is_skipped_in_training_and_left_out_when_enc
         (tmp_path / "img" / "ab"[i // 2]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(face).save(tmp_path / "img" / "ab"[i // 2] / f"{i}.png")
     data = open(tmp_path / "img" / "a" / "1.png", "rb").read()
-    # truncated: the header still reads
-    (tmp_path / "img" / "a" / "1.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "img" / "a" / "1.png").write_bytes(data[: len(data) // 2])  # truncated: the header still reads
     images = vqgan.ImageData(str(tmp_path / "img"), 32, "all", workers=1)
     x = images.batch(list(range(len(images))))  # training: another image of the batch stands in
     assert x.shape[0] == 4 and torch.isfinite(x).all() and "does not decode" in capsys.readouterr().err
     out = str(tmp_path / "lat.npy")
-    vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--data", str(tmp_path / "img"),
-                "--out", out])
+    vqgan.main(["--encode", "--ckpt", pipeline["vqgan"], "--data", str(tmp_path / "img"), "--out", out])
     # three images and their flips: no row copies another image, and each keeps its own class
     assert np.load(out).shape[0] == 2 * 3
     assert np.load(str(tmp_path / "lat_labels.npy")).tolist() == [0, 0, 1, 1, 1, 1]
@@ -3399,18 +3215,14 @@ def test_a_sampler_that_never_freezes_says_so_once(pipeline, tmp_path, capsys):
                  "--steps", "12",
                  "--min_steps", "2", "--temperature", "1,1", "--proportion", "1,1", "--out",
                  str(tmp_path / "s.png")])
-    # an untrained 32-token model at temperature 1 redraws something every step
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err  # an untrained 32-token model at temperature 1 redraws something every step
     assert err.count("no sample froze within --steps 12") == 1
 
 def test_checkpoints_keep_the_previous_one_and_the_stop_message_is_true(pipeline, tmp_path, monkeypatch):
     needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss")
     out = str(tmp_path / "prev.pt")
-    sundae.main(["--data", pipeline["latents"], "--out", out, "--ckpt_every", "1", "--max_steps",
-                 "3"] + TINY_SUNDAE)
-    assert torch.load(out,
-                      weights_only=True)["step"] == 3 and torch.load(out + ".prev",
-                                                                     weights_only=True)["step"] == 2
+    sundae.main(["--data", pipeline["latents"], "--out", out, "--ckpt_every", "1", "--max_steps", "3"] + TINY_SUNDAE)
+    assert torch.load(out, weights_only=True)["step"] == 3 and torch.load(out + ".prev", weights_only=True)["step"] == 2
     before = [open(p, "rb").read() for p in (out, out + ".prev")]
     nan_after(monkeypatch, 0)
     with pytest.raises(vqgan.BadInput) as e:
@@ -3423,26 +3235,20 @@ def test_resume_writes_where_it_read_never_to_the_path_stored_inside(pipeline, t
     sundae.main(["--data", pipeline["latents"], "--out", orig, "--max_steps", "2"] + TINY_SUNDAE)
     copy_dir.mkdir()
     (copy_dir / "sundae.pt").write_bytes(open(orig, "rb").read())
-    before = {f: open(tmp_path / f,
-                      "rb").read() for f in os.listdir(tmp_path) if os.path.isfile(tmp_path / f)}
+    before = {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path) if os.path.isfile(tmp_path / f)}
     res = subprocess.run([sys.executable, script("sundae.py"), "--resume", "--max_steps", "3"],
                          cwd=copy_dir, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "resuming from 'sundae.pt'" in res.stdout, res.stderr
-    # the copy continued...
-    assert torch.load(copy_dir / "sundae.pt", weights_only=True)["step"] == 3
-    # ...and the original is untouched
-    assert {f: open(tmp_path / f, "rb").read() for f in before} == before
+    assert torch.load(copy_dir / "sundae.pt", weights_only=True)["step"] == 3  # the copy continued...
+    assert {f: open(tmp_path / f, "rb").read() for f in before} == before  # ...and the original is untouched
 
 def test_leftovers_of_a_killed_run_do_not_block_and_files_of_others_are_never_deleted(pipeline, tmp_path):
     out = tmp_path / "s.pt"
     (tmp_path / "s.pt.tmp").write_bytes(b"PK\x03\x04partial")  # a killed run's half-written checkpoint (a zip)
     (tmp_path / "s.pt.lock").write_bytes(b"")  # and its empty lock file: the kernel lock died with the process
-    # a user's file that merely looks temporary
-    (tmp_path / "s.pt.notes.tmp.123456").write_text("mine")
-    sundae.main(["--data", pipeline["latents"], "--out", str(out), "--max_steps",
-                 "2"] + TINY_SUNDAE)
-    assert sorted(os.listdir(tmp_path)) == ["s.pt", "s.pt.notes.tmp.123456", "s_loss.png",
-                                            "s_samples.png"]
+    (tmp_path / "s.pt.notes.tmp.123456").write_text("mine")  # a user's file that merely looks temporary
+    sundae.main(["--data", pipeline["latents"], "--out", str(out), "--max_steps", "2"] + TINY_SUNDAE)
+    assert sorted(os.listdir(tmp_path)) == ["s.pt", "s.pt.notes.tmp.123456", "s_loss.png", "s_samples.png"]
     assert torch.load(out, weights_only=True)["step"] == 2
 
 def test_one_writer_per_checkpoint(pipeline, tmp_path):
@@ -3451,8 +3257,7 @@ def test_one_writer_per_checkpoint(pipeline, tmp_path):
     with open(out + ".lock", "w") as held:  # any other holder, even a shared one, keeps a run out
         fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
         with pytest.raises(vqgan.BadInput, match="another run is writing"):
-            sundae.main(["--data", pipeline["latents"], "--out", out, "--max_steps",
-                         "1"] + TINY_SUNDAE)
+            sundae.main(["--data", pipeline["latents"], "--out", out, "--max_steps", "1"] + TINY_SUNDAE)
     assert os.listdir(tmp_path) == ["w.pt.lock"]
     first = vqgan.hold_lock(out)  # the lock is exclusive: a second holder is refused while the first lives
     with pytest.raises(vqgan.BadInput, match="another run is writing"):
@@ -3492,8 +3297,7 @@ def test_a_second_ctrl_c_stops_at_once():
             signal.signal(s, h)
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
-                                   RuntimeError("[enforce fail at inline_container.cc:672] . "
-                                                "PytorchStreamWriter failed")])
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed")])
 def test_a_full_disk_during_training_is_one_clear_error(pipeline, tmp_path, monkeypatch, error):
     def full_disk(obj, f, *args, **kwargs):
         f.write(b"part of a checkpoint")
@@ -3501,10 +3305,8 @@ def test_a_full_disk_during_training_is_one_clear_error(pipeline, tmp_path, monk
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(vqgan.BadInput, match="cannot write .*f.pt.*free space"):
-        sundae.main(["--data", pipeline["latents"], "--out", str(tmp_path / "f.pt"), "--max_steps",
-                     "1"] + TINY_SUNDAE)
-    # no partial file
-    assert [f for f in os.listdir(tmp_path) if f.endswith(".pt") or ".tmp" in f] == []
+        sundae.main(["--data", pipeline["latents"], "--out", str(tmp_path / "f.pt"), "--max_steps", "1"] + TINY_SUNDAE)
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".pt") or ".tmp" in f] == []  # no partial file
 
 def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
     path = str(tmp_path / "c.pt")
@@ -3520,8 +3322,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, m
         vqgan.save_checkpoint({"step": 2}, path)
     assert os.listdir(tmp_path) == ["c.pt"] and torch.load(path, weights_only=True)["step"] == 1
 
-# sundae.py whose second checkpoint write stops half-way (the new file half written) and waits to be
-# killed
+# sundae.py whose second checkpoint write stops half-way (the new file half written) and waits to be killed
 KILL_MID_SAVE = """
 import os, runpy, sys, time, torch
 real, calls = torch.save, []
@@ -3548,20 +3349,17 @@ def test_sigkill_while_checkpointing_keeps_the_previous_checkpoint(pipeline, tmp
     t0 = time.time()
     while proc.stdout.readline().strip() != "mid-save" and time.time() - t0 < 60:
         pass
-    # killed inside torch.save of the second checkpoint, for certain
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # killed inside torch.save of the second checkpoint, for certain
     proc.communicate()
     # the first one, whole: it loads and resumes (its weights finite and of the model's shape)
     first = torch.load(out, weights_only=True)
     assert first["step"] == 1 and all(torch.isfinite(v).all() for v in first["model"].values())
     assert sundae.load_sundae(out).state_dict().keys() == first["model"].keys()
-    # the half-written file is left beside it, under one fixed name...
-    assert "k.pt.tmp" in os.listdir(tmp_path)
+    assert "k.pt.tmp" in os.listdir(tmp_path)  # the half-written file is left beside it, under one fixed name...
     res = subprocess.run([sys.executable, script("sundae.py"), "--resume", "--out", out,
                           "--max_steps", "2"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    # ...which the next save replaces
-    assert res.returncode == 0 and "k.pt.tmp" not in os.listdir(tmp_path)
+    assert res.returncode == 0 and "k.pt.tmp" not in os.listdir(tmp_path)  # ...which the next save replaces
 
 # Ctrl-C, and a cluster scheduler's warning
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -3586,21 +3384,19 @@ def test_a_signal_writes_a_checkpoint_that_resume_continues(pipeline, tmp_path, 
                           "--max_steps", str(step + 2)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert f"at step {step}" in res.stdout and torch.load(out,
-                                                          weights_only=True)["step"] == step + 2
+    assert f"at step {step}" in res.stdout and torch.load(out, weights_only=True)["step"] == step + 2
 
 # ==================================================================================================
-# Part 5: the GPU's code paths, run on the CPU (bf16 autocast and torch.compile work there too), and
-# the slow tier: SLOW=1 python -m pytest test_all.py -k slow (each compile costs ~30 s on 2 cores;
-# the exercise table minutes)
+# Part 5: the GPU's code paths, run on the CPU (bf16 autocast and torch.compile work there too), and the slow tier:
+# SLOW=1 python -m pytest test_all.py -k slow (each compile costs ~30 s on 2 cores; the exercise table minutes)
 # ==================================================================================================
 
 def test_bf16_autocast_logits_close_to_fp32():
     needs("rope", "resampling", "hourglass_level")
-    # bf16 keeps 8 significant bits: each matmul input is rounded by up to 2^-9 relative, and a few
-    # blocks accumulate that to ~1% of the logits' scale; 5% of the largest logit leaves room
-    # without hiding a real error (a dropped layer or a wrong cast moves logits by their whole
-    # scale)
+    # bf16 keeps 8 significant bits: each matmul input is rounded by up to 2^-9 relative,
+    # and a few blocks accumulate that to ~1% of the logits' scale;
+    # 5% of the largest logit leaves room without hiding a real error (a dropped layer or a wrong cast moves logits by
+    # their whole scale)
     torch.manual_seed(0)
     m = hourglass.HourglassTransformer(64, 8, 8, 64, 4, depth=(1, 2, 1)).eval()
     t = torch.randint(64, (2, 8, 8))
@@ -3608,8 +3404,7 @@ def test_bf16_autocast_logits_close_to_fp32():
         ref = m(t)
         with torch.autocast("cpu", torch.bfloat16):
             low = m(t)
-    # autocast did run, the head stayed fp32
-    assert low.dtype == torch.float32 and not torch.equal(low, ref)
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)  # autocast did run, the head stayed fp32
     assert (low - ref).abs().max() < 0.05 * ref.abs().max()
 
 def test_bf16_training_runs_end_to_end_through_main(pipeline, tmp_path, capsys):
@@ -3654,8 +3449,7 @@ def test_slow_compile_bf16_sundae_training_through_main_loads_into_a_plain_model
     ckpt = torch.load(out, weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])  # saved from the plain module
     m = sundae.load_sundae(out)
-    assert m.vocab_size == 32 and ckpt["step"] == 3 and all(np.isfinite(v) for _,
-                                                            v in ckpt["history"]["train_loss"])
+    assert m.vocab_size == 32 and ckpt["step"] == 3 and all(np.isfinite(v) for _, v in ckpt["history"]["train_loss"])
 
 @slow
 def test_slow_compile_bf16_vqgan_training_through_main(tmp_path, capsys):
@@ -3669,14 +3463,13 @@ def test_slow_compile_bf16_vqgan_training_through_main(tmp_path, capsys):
 
 @slow
 def test_slow_blanking_one_exercise_fails_its_own_tests_and_no_other(tmp_path):
-    # what an instructor does: blank one exercise body; then `-k KEY` fails (1 to 8 tests) and the
-    # rest of the suite passes or skips naming the exercise
+    # what an instructor does: blank one exercise body;
+    # then `-k KEY` fails (1 to 8 tests) and the rest of the suite passes or skips naming the exercise
     table = exercise_table(str(tmp_path))
     print("\nexercise | tests selected | failed when blank | failed elsewhere | seconds of -k KEY")
     for key, (selected, failed, elsewhere, seconds) in table.items():
         print(f"{key} | {selected} | {failed} | {len(elsewhere)} {elsewhere or ''} | {seconds:.1f}")
-    assert all(1 <= failed <= 8 and not elsewhere for _, failed, elsewhere,
-               _ in table.values()), table
+    assert all(1 <= failed <= 8 and not elsewhere for _, failed, elsewhere, _ in table.values()), table
 
 @slow
 def test_slow_real_image_benchmark_runs_end_to_end(tmp_path):
@@ -3696,9 +3489,8 @@ def test_slow_real_image_benchmark_runs_end_to_end(tmp_path):
 
 @slow
 def test_slow_answers_right_ones_pass_the_whole_suite_and_wrong_ones_fail_their_section_by_name(tmp_path):
-    # the exercise table of the course: another style of a right answer must pass its section and
-    # the whole suite; a plausible wrong one must fail its own section, with a message naming the
-    # property
+    # the exercise table of the course: another style of a right answer must pass its section and the whole suite;
+    # a plausible wrong one must fail its own section, with a message naming the property
     if not ANSWERS:
         pytest.skip("the student version of the project has no answer table")
     rows, suites = answer_table(str(tmp_path))
@@ -3708,15 +3500,12 @@ def test_slow_answers_right_ones_pass_the_whole_suite_and_wrong_ones_fail_their_
         first = f"{failures[0][0]}: {failures[0][1]}" if failures else ""
         print(f"{key} | {kind}: {name} | {verdict} | {first}")
     for i, (status, failures) in suites.items():
-        print(f"whole suite with every exercise's right answer {i + 1}: exit status {status} "
-              f"{failures or ''}")
-    assert all(status == 0 for _, kind, _, status,
-               _ in rows if kind == "right"), "a right answer failed its section"
+        print(f"whole suite with every exercise's right answer {i + 1}: exit status {status} {failures or ''}")
+    assert all(status == 0 for _, kind, _, status, _ in rows if kind == "right"), "a right answer failed its section"
     assert all(status == 1 and named_failure(failures) for _, kind, _, status,
                failures in rows if kind == "wrong"), \
         "a wrong answer passed its section, or failed it without naming the property"
-    assert all(status == 0 for status,
-               _ in suites.values()), "a round of right answers failed the whole suite"
+    assert all(status == 0 for status, _ in suites.values()), "a round of right answers failed the whole suite"
     assert all(len(v["right"]) >= 2 and len(v["wrong"]) >= 3 for v in ANSWERS.values()) and set(ANSWERS) == set(EXERCISES)
 
 # --------------------------------------------------------------------------------------------------
@@ -3726,24 +3515,19 @@ def handout(dest, keys):
     """The student version of the project in dest: the chosen exercises' bodies replaced by `raise
     NotImplementedError` (docstrings kept), and this file without the answer table."""
     import ast
-    edits = [(EXERCISES[k][0], lambda s, k=k: functools.reduce(blank, EXERCISES[k][1].split(),
-                                                               s)) for k in keys]
+    edits = [(EXERCISES[k][0], lambda s, k=k: functools.reduce(blank, EXERCISES[k][1].split(), s)) for k in keys]
 
     def without_answers(source):
-        node = next(n for n in ast.parse(source).body if isinstance(n,
-                                                                    ast.Assign) and n.targets[0].id == "ANSWERS")
+        node = next(n for n in ast.parse(source).body if isinstance(n, ast.Assign) and n.targets[0].id == "ANSWERS")
         lines = source.splitlines()
-        lines[node.lineno - 1:node.end_lineno] = ["ANSWERS = {}  # the answer table stays with the "
-                                                  "instructor"]
+        lines[node.lineno - 1:node.end_lineno] = ["ANSWERS = {}  # the answer table stays with the instructor"]
         return "\n".join(lines) + "\n"
 
     project_copy(dest, edits + [("test_all.py", without_answers)])
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the student version of the project (the "
-                                                 "course handout).")
-    parser.add_argument("--handout", required=True, metavar="DIR",
-                        help="a new folder for the student version")
+    parser = argparse.ArgumentParser(description="Write the student version of the project (the course handout).")
+    parser.add_argument("--handout", required=True, metavar="DIR", help="a new folder for the student version")
     parser.add_argument("--exercises", default="all",
                         help=f"comma-separated keys to blank, or all: {', '.join(EXERCISES)}")
     args = parser.parse_args(argv)
@@ -3751,15 +3535,13 @@ def main(argv=None):
     unknown = [k for k in keys if k not in EXERCISES]
     if unknown or not keys:
         parser.exit(2,
-                    f"error: --exercises {args.exercises!r}: unknown "
-                    f"{', '.join(unknown) or 'empty list'}; the "
-                    f"keys are {', '.join(EXERCISES)}\n")
+                    f"error: --exercises {args.exercises!r}: unknown {', '.join(unknown) or 'empty list'}; "
+                    f"the keys are {', '.join(EXERCISES)}\n")
     if os.path.exists(args.handout):
         parser.exit(2, f"error: --handout {args.handout!r} already exists; choose a new folder\n")
     handout(args.handout, keys)
-    print(f"wrote {args.handout}: {len(keys)} exercise(s) blank ({', '.join(keys)}); a student "
-          "checks one with "
-          f"python -m pytest test_all.py -k KEY")
+    print(f"wrote {args.handout}: {len(keys)} exercise(s) blank ({', '.join(keys)}); "
+          "a student checks one with python -m pytest test_all.py -k KEY")
 
 if __name__ == "__main__":
     main()

@@ -209,8 +209,8 @@ def calibration_study(model, vq, judge, ref, heldout, seeds=6, n=128):
             best = min(table, key=lambda row: row[1])[0]
             choice = best if sundae.resolves(table) else sundae.PAPER_TEMPERATURE  # as sundae.calibrate
             print(f"  {k}, seed {seed}: sundae.calibrate stores {choice} "
-                  f"({'resolved' if sundae.resolves(table) else 'fallback'}), "
-                  f"{judge_mean[sundae.CALIBRATION_SCHEDULES.index(choice)] / best_judge - 1:+.0%} from the judge's best")
+                  f"({'resolved' if sundae.resolves(table) else 'fallback'}), {judge_mean[sundae.CALIBRATION_SCHEDULES.index(choice)] / best_judge - 1:+.0%} "
+                  "from the judge's best")
 
 @torch.no_grad()
 def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_steps, n, seed=0, vq_flags=(),
@@ -232,11 +232,11 @@ def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_s
     sample_s = (time.time() - t) / len(draws)
     rows = [("held-out real images", val[n:2 * n]), ("train images", train[:n]), ("reconstructions", recon),
             ("decoded random tokens", to_images(vq.decode(random_tokens)))]
-    print(f"\n{name}: {len(train)} train / {len(val)} held-out images, flips {'on' if flip else 'off'}, VQ-GAN "
-          f"{vq_steps} steps {' '.join(vq_flags)} ({vq_min:.1f} min) + SUNDAE {sundae_steps} steps "
-          f"{' '.join(sundae_flags)} ({prior_min:.1f} min) on {torch.get_num_threads()} threads; temperature "
-          f"{model.default_temperature}; judge accuracy on the reference images "
-          f"{judge.net.score(judge.inputs(val), val_cls):.2f}; {n} per row")
+    print(f"\n{name}: {len(train)} train / {len(val)} held-out images, flips {'on' if flip else 'off'}, "
+          f"VQ-GAN {vq_steps} steps {' '.join(vq_flags)} "
+          f"({vq_min:.1f} min) + SUNDAE {sundae_steps} steps {' '.join(sundae_flags)} "
+          f"({prior_min:.1f} min) on {torch.get_num_threads()} threads; temperature {model.default_temperature}; "
+          f"judge accuracy on the reference images {judge.net.score(judge.inputs(val), val_cls):.2f}; {n} per row")
     print(f"  {'set':24s} {'Frechet':>8s} {'confidence':>11s} {'class entropy':>14s}")
     for label, images in rows:
         fd, conf, ent = judge.summary(images, ref)
@@ -248,15 +248,15 @@ def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_s
           + "   sd over draws " + " / ".join(f"{v:.3f}" for v in sd))
     mse = ((recon.astype(np.float64) - ref) ** 2).mean()
     steps = torch.cat([used for _, used in draws]).float().mean()
-    print(f"  reconstruction PSNR {10 * np.log10(255 ** 2 / mse):.2f} dB; samples took {steps:.1f} steps on average, "
-          f"{sample_s / n:.2f} s per sample")
+    print(f"  reconstruction PSNR {10 * np.log10(255 ** 2 / mse):.2f} dB; "
+          f"samples took {steps:.1f} steps on average, {sample_s / n:.2f} s per sample")
     # inpainting: does the filled image keep the class of the image whose part is visible?
     truth = val_cls[:n]
     other = val[(np.arange(n) + 1 + np.random.default_rng(seed).integers(0, n - 1, n)) % n]
     flat_train = train.reshape(len(train), -1).astype(np.float32)
     candidates = ((1, 4, 16) if n > 16 else (1, 4)) if "inpainting" in studies else (1,)  # n = 16: --smoke
-    # fills start from the nearest of the latents the prior trained on, as inpaint.py's default; the paper's random
-    # start beside them
+    # fills start from the nearest of the latents the prior trained on, as inpaint.py's default;
+    # the paper's random start beside them
     reference = torch.from_numpy(np.load(os.path.join(work, "latents.npy")).astype(np.int64))
     name = lambda k: f"best of {k}" if k > 1 else "one sample"
     results = {**{name(k): [] for k in candidates}, "one sample, random start": [],
