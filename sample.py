@@ -293,9 +293,10 @@ def main(argv=None):
     p.add_argument("--min_steps", type=int, default=10, help="steps before a sample may freeze")
     p.add_argument("--batch", type=int, default=64, help="samples per forward pass")
     p.add_argument("--out", default="samples.png",
-                   help="grid PNG of the samples (a PNG the scripts wrote is replaced unless it is read-only; "
+                   help="grid PNG of the samples (a file the scripts wrote is replaced unless it is read-only; "
                         "any other existing file needs --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing --tokens / --out files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out or --tokens that the scripts did not write, or a read-only one")
     p.add_argument("--outdir", default="", help="also write one PNG per sample here (for FID tools)")
     p.add_argument("--trajectory", default="", help="write a figure of images decoded along one sampling run")
     p.add_argument("--eval", type=int, default=0, help="Frechet distance of N samples to N held-out images")

@@ -2276,7 +2276,7 @@ def test_a_signal_during_a_write_waits_for_the_file_to_be_whole(tmp_path):
             vqgan.write_atomic(out, write)
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert open(out, "rb").read() == b"first half second half" and os.listdir(tmp_path) == ["f.bin"]
+    assert open(out, "rb").read() == b"first half second half" and files_in(tmp_path) == ["f.bin"]
 
 # --------------------------------------------------------------------------------------------------
 # sample.py and inpaint.py: pictures, evaluation
@@ -2315,8 +2315,8 @@ def test_sample_and_inpaint_cli_write_pictures(pipeline, tmp_path):
     sample.main(["--sundae", d["sundae"], "--vqgan", d["vqgan"], "--n", "3", "--steps", "5",
                  "--out", out,
                  "--outdir", str(tmp_path / "each"), "--trajectory", str(tmp_path / "traj.png")])
-    assert Image.open(out).size[0] > 32 and len(os.listdir(tmp_path / "each")) == 3 and os.path.isfile(tmp_path / "traj.png")
-    assert all(Image.open(tmp_path / "each" / f).size == (32, 32) for f in os.listdir(tmp_path / "each"))  # no border
+    assert Image.open(out).size[0] > 32 and len(files_in(tmp_path / "each")) == 3 and os.path.isfile(tmp_path / "traj.png")
+    assert all(Image.open(tmp_path / "each" / f).size == (32, 32) for f in files_in(tmp_path / "each"))  # no border
     kept = []  # best_fit's fills per image: the default chosen on the real-image benchmark
     fit = inpaint.best_fit
     inpaint.best_fit = lambda vq, images, known, fills: kept.append(len(fills) // len(images)) or fit(vq, images,
@@ -2478,7 +2478,7 @@ def test_vqgan_decode_writes_one_png_per_grid(pipeline, tmp_path):
     np.save(tmp_path / "t.npy", lat)
     vqgan.main(["--decode", str(tmp_path / "t.npy"), "--ckpt", pipeline["vqgan"], "--outdir",
                 str(tmp_path / "png"), "--out", str(tmp_path / "grid.png")])
-    files = sorted(os.listdir(tmp_path / "png"))
+    files = files_in(tmp_path / "png")
     assert files == ["000000.png", "000001.png",
                      "000002.png"] and Image.open(tmp_path / "png" / files[0]).size == (32, 32)
     with torch.no_grad():  # the PNG is the decoder's image
@@ -3019,6 +3019,8 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
             "another run is writing"),
         "a user's file named OUT.prev": (["sundae.py", "--data", p["latents"], "--out", str(t / "mine.pt")],
                                          "this project did not write it"),
+        "a copy of a checkpoint named OUT.prev": (["sundae.py", "--data", p["latents"], "--out", str(t / "mine3.pt")],
+                                                  "this project did not write it"),
         "a user's file named OUT.lock": (["sundae.py", "--data", p["latents"], "--out", str(t / "mine2.pt")],
                                          "this project did not write it"),
         "a user's file named OUT.tmp": (S("--out", str(t / "fig.png")), "this project did not write it"),
@@ -3064,10 +3066,9 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         pickle.dump({"a": [1, 2]}, f, protocol=4)
     import shutil
     shutil.copy(p["sundae"], t / "locked_sd.pt")
-    held_sd = open(t / "locked_sd.pt.lock", "w")  # a training run of that checkpoint, alive
-    import fcntl
-    fcntl.flock(held_sd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held_sd = vqgan.hold_lock(str(t / "locked_sd.pt"))  # a training run of that checkpoint, alive
     (t / "mine.pt.prev").write_text("my notes")  # a user's files under the names written beside outputs
+    shutil.copy(p["sundae"], t / "mine3.pt.prev")  # even a copy of one of the project's own checkpoints
     (t / "mine2.pt.lock").write_text("my notes")
     (t / "fig.png.tmp").write_text("my notes")
     (t / "dir1.pt.tmp").mkdir()
@@ -3084,9 +3085,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     import shutil
     shutil.copy(p["vqgan"], t / "trained_vq.pt")
     shutil.copy(p["sundae"], t / "trained_sd.pt")
-    import fcntl
-    held = open(t / "locked.pt.lock", "w")  # what a live run holds: a kernel lock
-    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held = vqgan.hold_lock(str(t / "locked.pt"))  # what a live run holds: a kernel lock
     np.save(t / "known4.npy", np.ones((2, 4, 4), bool))
     n_lat = len(np.load(p["latents"]))
     np.save(t / "flab.npy", np.zeros(n_lat, np.float32))
@@ -3131,7 +3130,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
             args += ["--out", str(t / f"run{i}.pt")]
     digest = lambda: {f: hashlib.sha256(open(os.path.join(r, f), "rb").read()).hexdigest()
                       for d in (t, p["dir"]) for r, _, fs in os.walk(d) for f in fs}
-    before = digest()
+    before, owned = digest(), open(t / vqgan.OWNED).read()
     results = run_scripts({name: [script(args[0])] + args[1:] for name, (args, _) in cases.items()}, cwd=t)
     held.close()
     held_sd.close()
@@ -3141,7 +3140,8 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
         if code != 2 or len(lines) != 1 or "Traceback" in err or cases[name][1] not in lines[0]:
             wrong.append(f"{name}: exit {code}: {err}")
     assert not wrong, "\n".join(wrong)
-    assert digest() == before  # every file already on disk is byte-identical afterwards
+    # every file already on disk is byte-identical afterwards; the list of the files the project wrote only grew
+    assert digest() == {**before, vqgan.OWNED: digest()[vqgan.OWNED]} and open(t / vqgan.OWNED).read().startswith(owned)
 
 def nan_after(monkeypatch, steps):
     """From its `steps`-th call on, the training objective returns NaN: a diverged run, whatever
@@ -3242,23 +3242,38 @@ def test_resume_writes_where_it_read_never_to_the_path_stored_inside(pipeline, t
     assert torch.load(copy_dir / "sundae.pt", weights_only=True)["step"] == 3  # the copy continued...
     assert {f: open(tmp_path / f, "rb").read() for f in before} == before  # ...and the original is untouched
 
+def files_in(folder):
+    """The files in a folder, without the list of the files the project wrote there (vqgan.OWNED)."""
+    return sorted(f for f in os.listdir(folder) if f != vqgan.OWNED)
+
+# a run killed while it writes: OUT.tmp half written (in any format), and OUT.lock, whose kernel lock died with it
+KILLED_WRITER = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import vqgan
+lock = vqgan.hold_lock(sys.argv[2])
+vqgan.write_all({sys.argv[2]: lambda f: f.write(b"half of a checkpoint"), sys.argv[3]: lambda f: os._exit(9)})
+"""
+
 def test_leftovers_of_a_killed_run_do_not_block_and_files_of_others_are_never_deleted(pipeline, tmp_path):
     out = tmp_path / "s.pt"
-    (tmp_path / "s.pt.tmp").write_bytes(b"PK\x03\x04partial")  # a killed run's half-written checkpoint (a zip)
-    (tmp_path / "s.pt.lock").write_bytes(b"")  # and its empty lock file: the kernel lock died with the process
+    res = subprocess.run([sys.executable, "-c", KILLED_WRITER, HERE, str(out), str(tmp_path / "s.txt")], cwd=tmp_path)
+    assert res.returncode == 9 and {"s.pt.tmp", "s.pt.lock", "s.txt.tmp"} <= set(files_in(tmp_path))
+    assert vqgan.ours(str(out) + ".tmp") and vqgan.ours(str(out) + ".lock")  # any format: no magic bytes consulted
     (tmp_path / "s.pt.notes.tmp.123456").write_text("mine")  # a user's file that merely looks temporary
     sundae.main(["--data", pipeline["latents"], "--out", str(out), "--max_steps", "2"] + TINY_SUNDAE)
-    assert sorted(os.listdir(tmp_path)) == ["s.pt", "s.pt.notes.tmp.123456", "s_loss.png", "s_samples.png"]
+    assert files_in(tmp_path) == ["s.pt", "s.pt.notes.tmp.123456", "s.txt.tmp", "s_loss.png", "s_samples.png"]
     assert torch.load(out, weights_only=True)["step"] == 2
 
 def test_one_writer_per_checkpoint(pipeline, tmp_path):
     import fcntl
     out = str(tmp_path / "w.pt")
-    with open(out + ".lock", "w") as held:  # any other holder, even a shared one, keeps a run out
+    vqgan.hold_lock(out).close()  # a killed run's lock file: the project's, unlocked
+    with open(out + ".lock") as held:  # any other holder, even a shared one, keeps a run out
         fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
         with pytest.raises(vqgan.BadInput, match="another run is writing"):
             sundae.main(["--data", pipeline["latents"], "--out", out, "--max_steps", "1"] + TINY_SUNDAE)
-    assert os.listdir(tmp_path) == ["w.pt.lock"]
+    assert files_in(tmp_path) == ["w.pt.lock"]
     first = vqgan.hold_lock(out)  # the lock is exclusive: a second holder is refused while the first lives
     with pytest.raises(vqgan.BadInput, match="another run is writing"):
         vqgan.hold_lock(out)
@@ -3273,16 +3288,35 @@ def test_a_checkpoint_with_nan_or_infinite_weights_is_never_written(tmp_path):
         vqgan.save_checkpoint({"kind": "sundae", "model": {"w": torch.tensor([1.0, bad])}, "step": 2}, out)
         vqgan.save_checkpoint({"kind": "sundae", "model": {"w": torch.ones(2)}, "ema": {"w": torch.full((2,), bad)},
                                "step": 2}, out)
-    assert open(out, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["c.pt"]
+    assert open(out, "rb").read() == before and files_in(tmp_path) == ["c.pt"]
 
-def test_figures_the_scripts_wrote_are_replaced_without_asking_others_are_not(tmp_path):
-    ours, theirs = str(tmp_path / "ours.png"), str(tmp_path / "theirs.png")
-    vqgan.save_png(torch.zeros(1, 3, 8, 8), ours, nrow=1)
-    Image.new("RGB", (8, 8)).save(theirs)
-    vqgan.check_outputs({"--out": ours})  # carries the project's mark: replaced freely
-    with pytest.raises(vqgan.BadInput, match="already exists"):
-        vqgan.check_outputs({"--out": theirs})
-    vqgan.check_outputs({"--out": theirs}, overwrite=True)
+def test_files_the_scripts_wrote_are_replaced_without_asking_others_are_not(tmp_path):
+    # ownership is the file's name, inode, size and time in its folder's list: never its format or its content
+    import shutil
+    ours = {ext: str(tmp_path / f"ours{ext}") for ext in (".png", ".npy", ".csv")}
+    vqgan.save_png(torch.zeros(1, 3, 8, 8), ours[".png"], nrow=1)
+    vqgan.write_atomic(ours[".npy"], lambda f: np.save(f, np.zeros(3)))
+    vqgan.write_atomic(ours[".csv"], lambda f: f.write(b"step,loss\n"))
+    for path in ours.values():
+        vqgan.check_outputs({"--out": path})  # replaced freely, whatever the format
+        with pytest.raises(vqgan.BadInput, match="already exists; continue it with --resume|already exists; replace"):
+            vqgan.check_outputs({"--out": path}, keep=True)  # a checkpoint or latents: only with --overwrite
+    theirs = {"a user's figure": tmp_path / "theirs.png", "a copy of one of ours": tmp_path / "copy.npy",
+              "one of ours, edited": tmp_path / "ours.csv"}
+    Image.new("RGB", (8, 8)).save(theirs["a user's figure"])
+    shutil.copy(ours[".npy"], theirs["a copy of one of ours"])
+    with open(ours[".csv"], "ab") as f:
+        f.write(b"1,2.5\n")
+    os.symlink(ours[".png"], tmp_path / "link.png")  # a link to one of ours: writing there would change the target
+    theirs["a link to one of ours"] = tmp_path / "link.png"
+    for what, path in theirs.items():
+        assert not vqgan.ours(str(path)), what
+        with pytest.raises(vqgan.BadInput, match="already exists"):
+            vqgan.check_outputs({"--out": str(path)})
+        vqgan.check_outputs({"--out": str(path)}, overwrite=True)
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling.png.tmp")  # a dangling link under a name written beside
+    with pytest.raises(vqgan.BadInput, match="this project did not write it"):
+        vqgan.check_outputs({"--out": str(tmp_path / "dangling.png")})
 
 def test_a_second_ctrl_c_stops_at_once():
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -3320,7 +3354,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, m
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(vqgan.BadInput):
         vqgan.save_checkpoint({"step": 2}, path)
-    assert os.listdir(tmp_path) == ["c.pt"] and torch.load(path, weights_only=True)["step"] == 1
+    assert files_in(tmp_path) == ["c.pt"] and torch.load(path, weights_only=True)["step"] == 1
 
 # sundae.py whose second checkpoint write stops half-way (the new file half written) and waits to be killed
 KILL_MID_SAVE = """

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
+from PIL import Image, ImageDraw, ImageOps
 from torch.utils.checkpoint import checkpoint
 
 # the one exception the user sees as a line, not a traceback: defined here because the VQ-GAN's own code raises it
@@ -998,7 +998,7 @@ def encode_main(args):
         raise BadInput(f"--size {args.size}: this VQ-GAN works on {model.config.size}px images; drop --size (images are resized to it)")
     data, out, flip = args.data or tcfg.data, args.out or "latents.npy", tcfg.flip if args.flip is None else args.flip
     labels_out = os.path.splitext(out)[0] + "_labels.npy"
-    check_outputs({"--out": out, "--out .json": out + ".json", "labels": labels_out}, [args.ckpt], bool(args.overwrite))
+    check_outputs({"--out": out, "--out .json": out + ".json", "labels": labels_out}, [args.ckpt], bool(args.overwrite), keep=True)
     device = pick_device(args.device or "auto")
     images = ImageData(data, model.config.size, "all", args.toy_n or tcfg.toy_n, workers=tcfg.workers)
     ids, labels = encode_dataset(model.to(device), images, device, flip, bf16=use_bf16(args.dtype or "auto", device))
@@ -1190,7 +1190,7 @@ def taming_lpips(sd):
 def convert_taming(path, out, size=256, trust=False, overwrite=False):
     """vqgan.py --convert: a taming checkpoint -> a native vqgan.pt (weights_only-loadable, config inside),
     and its LPIPS weights, if it carries them, as lpips.pt next to it."""
-    check_outputs({"--out": out}, [path], overwrite)
+    check_outputs({"--out": out}, [path], overwrite, keep=True)
     ckpt = read_foreign(path, trust)
     if isinstance(ckpt, dict) and "kind" in ckpt:
         raise BadInput(f"{path!r} is already a {ckpt['kind']} checkpoint of this project; it needs no conversion")
@@ -1204,7 +1204,7 @@ def convert_taming(path, out, size=256, trust=False, overwrite=False):
         raise BadInput(f"{path!r}: taming weights do not map onto the inferred layout ({sorted(mismatch)[:3]} ...)")
     lp, lp_path = taming_lpips(ckpt.get("state_dict", ckpt)), os.path.join(os.path.dirname(out) or ".", "lpips.pt")
     if lp is not None:
-        check_outputs({"--out": out, "lpips.pt": lp_path}, [path], overwrite)
+        check_outputs({"--out": out, "lpips.pt": lp_path}, [path], overwrite, keep=True)
     save_checkpoint({"kind": "vqgan", "model_config": asdict(cfg),
                      "train_config": asdict(TrainConfig(out=out)),
                      "model": ours, "step": 0, "history": {},
@@ -1549,6 +1549,7 @@ def hold_lock(out):
     except BlockingIOError:
         lock.close()
         raise BadInput(f"another run is writing {out!r} (it holds {out + '.lock'!r}); wait for it to finish, or choose another path")
+    record(lock.name, identity(lock.name))  # the empty file a killed run leaves is ours (it never changes)
     return lock
 
 def release_lock(lock):
@@ -1559,7 +1560,7 @@ def run_guarded(train_fn, mcfg, tcfg, resume_ckpt, inputs):
     """train_fn(mcfg, tcfg, resume_ckpt) with what is on disk protected, before any heavy work:
     --out is checked (check_outputs; an existing checkpoint is replaced only with --resume or --overwrite),
     one writer per checkpoint (hold_lock), and the caller's signal handlers given back."""
-    check_outputs({"--out": tcfg.out}, inputs, overwrite=tcfg.resume or tcfg.overwrite)
+    check_outputs({"--out": tcfg.out}, inputs, overwrite=tcfg.resume or tcfg.overwrite, keep=True)
     lock = hold_lock(tcfg.out) if int(os.environ.get("RANK", 0)) == 0 else None  # only rank 0 writes
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1570,12 +1571,11 @@ def run_guarded(train_fn, mcfg, tcfg, resume_ckpt, inputs):
         if lock:
             release_lock(lock)
 
-MARK = "megapixel-sundae"  # written into every PNG the scripts save: such a figure may be replaced without asking
-
-def check_outputs(outputs, inputs=(), overwrite=False, outdir=""):
+def check_outputs(outputs, inputs=(), overwrite=False, outdir="", keep=False):
     """Before any heavy work, each output {flag: path}: not an input of this run nor another output,
-    a file in a writable folder, PNG where it is a picture, and not an existing file that this project did not write,
-    unless overwrite (a figure the scripts wrote carries MARK and is replaced freely). outdir: a folder, created here."""
+    a file in a writable folder, PNG where it is a picture, and not an existing file that this project did not write
+    (ours), unless overwrite. keep: an existing file is replaced only with overwrite, even one this project wrote
+    (checkpoints and latents hold minutes to days of work). outdir: a folder, created here."""
     taken = {os.path.realpath(p): "an input" for p in inputs if p}
     for flag, path in ((f, p) for f, p in outputs.items() if p):
         real, ext = os.path.realpath(path), os.path.splitext(path)[1].lower()
@@ -1588,6 +1588,8 @@ def check_outputs(outputs, inputs=(), overwrite=False, outdir=""):
             problem = "is in a folder that does not exist or is not writable"
         elif ext in Image.registered_extensions() and ext != ".png":
             problem = "names another image format, but pictures are written as PNG"
+        elif os.path.basename(path) == OWNED:
+            problem = "is the list of the files this project wrote in its folder"
         if problem:
             raise BadInput(f"{flag} {path!r} {problem}; choose another path")
         for side in (path + ".tmp", path + ".lock", path + ".prev"):  # the names the project writes beside
@@ -1595,9 +1597,9 @@ def check_outputs(outputs, inputs=(), overwrite=False, outdir=""):
                 raise BadInput(f"{flag} {path!r}: {side!r} exists and this project did not write it "
                                "(it writes that name beside its outputs); move it away, or choose another path")
         read_only = os.path.isfile(path) and not os.stat(path).st_mode & 0o200  # (root may write it anyway)
-        if os.path.exists(path) and not overwrite and not (written_by_us(path) and not read_only):
+        if os.path.lexists(path) and not overwrite and (keep or read_only or not ours(path)):
             hint = "continue it with --resume, " if path.endswith(".pt") else ""
-            what = "is read-only" if written_by_us(path) else "already exists"
+            what = "is read-only" if read_only and ours(path) else "already exists"
             raise BadInput(f"{flag} {path!r} {what}; {hint}replace it with --overwrite, or choose another path")
         taken[real] = flag
     try:
@@ -1606,23 +1608,37 @@ def check_outputs(outputs, inputs=(), overwrite=False, outdir=""):
     except OSError as e:
         raise BadInput(f"--outdir {outdir!r} cannot be a folder ({e.strerror}); choose another path")
 
-def ours(path):
-    """Whether a file beside an output (path + .tmp, .lock or .prev) can be one this project wrote: an empty lock,
-    or the start of a format the scripts write (a torch checkpoint, PNG, .npy, JSON).
-    A user's file of another kind under such a name is never replaced."""
-    if not os.path.isfile(path) or os.path.islink(path):
-        return False
-    with open(path, "rb") as f:
-        head = f.read(8)
-    return head == b"" or head.startswith((b"PK\x03\x04", b"\x89PNG", b"\x93NUMPY", b"{"))
+# Which files are the project's own is decided by something a user's file cannot have by accident: each folder the
+# scripts write to keeps the list OWNED of the files they wrote there, each with its inode, size and modification time.
+# A copy, an edit or another file under the same name differs in one of them; the format of the file plays no part.
+OWNED = ".megapixel-sundae"
 
-def written_by_us(path):
-    """Whether path is a PNG figure that one of the scripts wrote (its metadata carries MARK)."""
-    try:
-        with Image.open(path) as im:
-            return im.info.get("Software") == MARK
-    except Exception:  # not an image at all
+def identity(path, whole=True):
+    """A file's device and inode and, whole, its size and modification time (ns), as one string."""
+    st = os.lstat(path)
+    return f"{st.st_dev} {st.st_ino}" + (f" {st.st_size} {st.st_mtime_ns}" if whole else "")
+
+def record(path, ident):
+    """Add path, with identity ident ("gone" once it is renamed away), to its folder's list of the files this project
+    wrote: one appended line, so a run appending beside it loses nothing. The last line for a name is the one that
+    counts."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(path)), OWNED), "a") as f:
+        f.write(f"{os.path.basename(path)}\t{ident}\n")
+
+def ours(path):
+    """Whether path is a file this project wrote and nobody changed since: its identity is the last one its folder's
+    list gives its name (a temporary file, recorded while it was being written, by its inode alone).
+    Never a symbolic link: writing there would change the file it points to."""
+    if os.path.islink(path) or not os.path.isfile(path):
         return False
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), OWNED)) as f:
+            lines = f.read().splitlines()
+    except OSError:  # no list: nothing in this folder was written by the project
+        return False
+    name = os.path.basename(path) + "\t"
+    last = next((line[len(name):] for line in reversed(lines) if line.startswith(name)), None)
+    return last in (identity(path), identity(path, whole=False))
 
 def write_atomic(path, write):
     """write(f) into path + ".tmp" (a binary file), then rename: see write_all."""
@@ -1642,9 +1658,13 @@ def write_all(writes):
     try:
         for path, write in writes.items():
             with open(path + ".tmp", "wb") as f:
+                record(path + ".tmp", identity(path + ".tmp", whole=False))  # a killed run's leftover is ours
                 write(f)
         for path in writes:
+            record(path, identity(path + ".tmp"))  # the rename keeps inode, size and time
+        for path in writes:
             os.replace(path + ".tmp", path)
+            record(path + ".tmp", "gone")  # a user's file under that name later is not ours
     except BaseException as e:
         for path in writes:
             if os.path.isfile(path + ".tmp"):
@@ -1654,7 +1674,6 @@ def write_all(writes):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         names = ", ".join(map(repr, writes))
         raise BadInput(f"cannot write {names} ({reason}); free space or choose another path (what was there is unchanged)") from e
-
     finally:
         for s, h in handlers.items():
             signal.signal(s, signal.SIG_DFL if h is None else h)
@@ -1673,6 +1692,7 @@ def save_checkpoint(obj, path):
         torch.save(obj, f)
         f.flush()
         if os.path.exists(path):
+            record(path + ".prev", identity(path))
             os.replace(path, path + ".prev")
 
     write_atomic(path, write)
@@ -1731,14 +1751,12 @@ def save_png(images, path, nrow, pad=2, scale=0):
     for i in range(N):
         r, c = divmod(i, nrow)
         grid[:, pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = x[i]
-    info = PngImagePlugin.PngInfo()
-    info.add_text("Software", MARK)
-    write_atomic(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, "PNG", pnginfo=info))
+    write_atomic(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, "PNG"))
 
 def save_figure(fig, path):
-    """A matplotlib figure -> PNG, atomically, marked as the project's."""
+    """A matplotlib figure -> PNG, atomically."""
     import matplotlib.pyplot as plt
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100, metadata={"Software": MARK}))
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 def plot_curves(curves, path, title):
