@@ -204,13 +204,19 @@ def load_reference(args, model, vq=None):
     if not os.path.exists(path):
         raise BadInput(f"--start nearest starts each fill from the closest grid of the latents {path!r}, "
                        "which are not there; pass --reference LATENTS.npy, or --start random")
-    grids, _ = sundae.load_latents(path, model.vocab_size)
+    grids, _ = sundae.load_latents(path, model.vocab_size, "--reference", fix="pass the latents the model trained on")
     made_by = sundae.latents_meta(path).get("vqgan_id")
-    if vq is not None and made_by and made_by != vqgan.fingerprint(vq.state_dict()):
-        raise BadInput(f"--reference {path!r} holds tokens of another VQ-GAN than --vqgan {args.vqgan!r}")
+    # a start from another tokenizer's ids is noise that looks like a start: the model's tokenizer, or --vqgan's
+    for what, expected in (("the model was trained on", model.vqgan_id),
+                           (f"--vqgan {args.vqgan!r}", vq and vqgan.fingerprint(vq.state_dict()))):
+        if expected and made_by != expected and (made_by or os.path.realpath(path) != os.path.realpath(model.trained_on)):
+            raise BadInput(f"--reference {path!r} holds tokens of another VQ-GAN than {what} "
+                           f"({'no .json sidecar names its VQ-GAN' if not made_by else 'its .json sidecar names another'}); "
+                           "pass the latents the model trained on, or --start random")
     if grids.shape[1:] != (model.height, model.width):
         raise BadInput(f"--reference {path!r} holds {grids.shape[1]}x{grids.shape[2]} grids; "
                        f"the model makes {model.height}x{model.width}")
+    print(f"fills start from the nearest of the {len(grids)} grids in {os.path.abspath(path)!r}")
     return torch.from_numpy(np.array(grids, np.int64))
 
 def class_kwargs(args, model, n):
@@ -311,7 +317,7 @@ def main(argv=None):
         raise BadInput(f"--samples and --candidates must be at least 1, got {args.samples} and {args.candidates}")
     if args.samples * (args.candidates or CANDIDATES) > MAX_FILLS:  # one batch holds them all
         raise BadInput(f"--samples x --candidates is {args.samples * (args.candidates or CANDIDATES)}; "
-                       f"at most {MAX_FILLS} fills per image are sampled in one batch (e.g. --candidates 32)")
+                       f"at most {MAX_FILLS} fills per image are sampled in one batch: lower --samples or --candidates")
     if args.tokens or args.known:
         return inpaint_tokens(args, device)
     args.candidates = CANDIDATES if args.candidates is None else args.candidates

@@ -263,8 +263,10 @@ def calibrate_checkpoint(args, device, bf16):
         model, vq = load_pair(args.sundae, args.vqgan, device)  # vq decodes the samples the criterion compares
         array, _ = sundae.load_latents(args.data, model.vocab_size)
         latents_id = sundae.latents_meta(args.data).get("vqgan_id")
-        if latents_id and model.vqgan_id and latents_id != model.vqgan_id:
-            raise BadInput(f"--data {args.data!r} was encoded by another VQ-GAN than the one whose latents trained {args.sundae!r}; "
+        own = os.path.realpath(args.data) == os.path.realpath(model.trained_on)  # a sidecar may be missing there
+        if model.vqgan_id and latents_id != model.vqgan_id and (latents_id or not own):
+            what = "was encoded by another VQ-GAN than" if latents_id else "has no .json sidecar to show it comes from"
+            raise BadInput(f"--data {args.data!r} {what} the VQ-GAN whose latents trained {args.sundae!r}; "
                            "pass the latents it was trained on")
         if array.shape[1:] != (model.height, model.width):
             raise BadInput(f"--data {args.data!r} holds {array.shape[1]}x{array.shape[2]} grids, "
@@ -274,7 +276,7 @@ def calibrate_checkpoint(args, device, bf16):
             raise BadInput(f"--data {args.data!r} has {len(val_idx)} held-out grids; calibration needs at least 32")
         t = time.time()
         heldout = torch.from_numpy(np.asarray(array[val_idx], dtype=np.int64))
-        best, table = sundae.calibrate(model, heldout, vq, bf16=bf16)
+        best, table = sundae.calibrate(model, heldout, vq, progress=True, bf16=bf16)
         space = "decoded pixels" if vq else "hidden states"
         sundae.print_calibration(table, best, f"{len(val_idx)} held-out grids, {space}, {time.time() - t:.0f} s")
         ckpt["train_config"]["temperature"] = best  # what load_sundae gives sample.py and inpaint.py

@@ -170,8 +170,9 @@ def unrolled_loss(model, tokens, vocab_size, unroll_steps=2, generator=None, cor
 MAX_CLASSES = 2**16  # the most classes accepted (ImageNet-21k has about 21,000)
 MAX_VOCAB = 2**20
 
-def check_latents(array, vocab_size=0, name="latents"):
-    """Validate an (N, h, w) integer token array; returns V (given, or max id + 1); BadInput if not."""
+def check_latents(array, vocab_size=0, name="latents", fix="pass the right --vocab_size or --vqgan"):
+    """Validate an (N, h, w) integer token array; returns V (given, or max id + 1); BadInput if not. fix: what a user
+    does about ids the vocabulary does not hold."""
     if array.ndim != 3:
         raise BadInput(f"{name} must be an (N, h, w) array of token ids, got shape {tuple(array.shape)}; "
                        "write them with vqgan.py --encode or reshape to (N, h, w)")
@@ -185,15 +186,15 @@ def check_latents(array, vocab_size=0, name="latents"):
     if hi >= MAX_VOCAB:  # an embedding table this large would not fit anywhere: not token ids
         raise BadInput(f"{name} contain id {hi}; token ids must be below {MAX_VOCAB:,} (a codebook, not raw values)")
     if vocab_size and hi >= vocab_size:
-        raise BadInput(f"{name} contain id {hi} >= vocabulary size {vocab_size}; pass the right --vocab_size or --vqgan")
+        raise BadInput(f"{name} contain id {hi} >= vocabulary size {vocab_size}; {fix}")
     return vocab_size or hi + 1
 
-def load_latents(path, vocab_size=0):
-    """Memory-map an .npy of token ids (nothing is read until used) and validate it."""
+def load_latents(path, vocab_size=0, flag="--data", fix="pass the right --vocab_size or --vqgan"):
+    """Memory-map an .npy of token ids (nothing is read until used) and validate it; messages name `flag`."""
     if not os.path.exists(path):
-        raise BadInput(f"latents file {path!r} not found; make one with python vqgan.py --encode, or pass --data PATH")
-    array = vqgan.load_npy(path, "--data")
-    return array, check_latents(array, vocab_size, name=f"latents in {path!r}")
+        raise BadInput(f"latents file {path!r} not found; make one with python vqgan.py --encode, or pass {flag} PATH")
+    array = vqgan.load_npy(path, flag)
+    return array, check_latents(array, vocab_size, name=f"latents in {path!r}", fix=fix)
 
 def latents_meta(path):
     """What vqgan.py --encode wrote next to the latents (path + ".json"): {"vocab_size", "vqgan_id"}; {} if none."""
@@ -233,7 +234,9 @@ def load_sundae(path, device="cpu"):
     ckpt = vqgan.load_checkpoint(path, "sundae")
     model = HourglassTransformer(**vqgan.tuples(ckpt["model_config"]))
     model.vqgan_id = ckpt.get("vqgan_id")  # the VQ-GAN whose latents trained it, if known
-    model.trained_on = ckpt.get("train_config", {}).get("data", "")  # those latents' path, as training was given it
+    # those latents' absolute path (older checkpoints: as training was given it, from the checkpoint's folder)
+    model.trained_on = ckpt.get("data_path") or os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                             ckpt.get("train_config", {}).get("data", ""))
     model.class_names = ckpt.get("class_names") or [str(c) for c in range(model.num_classes)]
     # the sampling temperature its training stored; checkpoints from before the field existed get the paper's
     model.default_temperature = tuple(ckpt.get("train_config", {}).get("temperature", PAPER_TEMPERATURE))
@@ -452,14 +455,15 @@ def kernel_distance(a, b):
                  - 2 * k(a, b).mean())
 
 def calibrate(model, heldout, decoder=None, n=128, schedules=CALIBRATION_SCHEDULES, seed=0,
-              fallback=PAPER_TEMPERATURE, **sample_kwargs):
+              fallback=PAPER_TEMPERATURE, progress=False, **sample_kwargs):
     """The temperature schedule whose samples lie closest to held-out grids (n, h, w):
     kernel_distance between n samples per schedule and the held-out grids, in pixel_features of `decoder` (a VQ-GAN) or,
     with none, in hidden_features;
     each feature scaled by the held-out grids' spread -> (choice (start, end), [(schedule, distance, noise, mean
     steps)]). noise: how far apart the distances of the two halves of the samples lie, a measure of seed-to-seed noise.
     The closest schedule is chosen only when it beats `fallback` (the paper's schedule) by more than the mean noise;
-    otherwise the criterion cannot tell them apart, and the choice is the fallback rather than the luck of a draw."""
+    otherwise the criterion cannot tell them apart, and the choice is the fallback rather than the luck of a draw.
+    progress: a line per schedule as it is done (minutes on a CPU)."""
     features = (lambda g: pixel_features(decoder, g)) if decoder is not None else (lambda g: hidden_features(model, g))
     reference = features(heldout)
     mean, std = reference.mean(0), reference.std(0) + 1e-6
@@ -471,6 +475,8 @@ def calibrate(model, heldout, decoder=None, n=128, schedules=CALIBRATION_SCHEDUL
         f = (features(grids) - mean) / std
         halves = [kernel_distance(half, reference) for half in (f[: n // 2], f[n // 2:])]
         table.append((schedule, kernel_distance(f, reference), abs(halves[0] - halves[1]), steps.float().mean().item()))
+        if progress:
+            print(f"calibration: schedule {len(table)}/{len(schedules)} ({schedule[0]} -> {schedule[1]}) done", flush=True)
     best = min(table, key=lambda row: row[1])[0]
     return (best if resolves(table, fallback) else fallback), table
 
@@ -549,6 +555,28 @@ def noise_seed(seed, step, micro):
 
 # --------------------------------------------------------------------------------------------------
 # training
+
+def activation_bytes(mcfg, micro, unroll_steps, grad_ckpt=False):
+    """A lower estimate of what one micro-batch's backward pass keeps, in bytes (fp32): per unrolled step, about 16
+    numbers of width dim per token and block (attention and the 4x MLP), and the logits, their softmax and gradient,
+    3 x V per token. With activation checkpointing the blocks recompute theirs: the logits remain."""
+    tokens, blocks, depth = mcfg.height * mcfg.width, 0, list(mcfg.depth)
+    while depth:  # the outer levels' pre and post blocks at full size, each level inside at 1/k^2 of the tokens
+        pre, post = (depth.pop(0), depth.pop()) if len(depth) > 1 else (depth.pop(), 0)
+        blocks += (pre + post) * tokens
+        tokens //= mcfg.shorten ** 2
+    per_step = (0 if grad_ckpt else 16 * mcfg.dim * blocks) + 3 * mcfg.vocab_size * mcfg.height * mcfg.width
+    return 4 * micro * unroll_steps * per_step
+
+def available_bytes(device):
+    """Memory a run may fill: the GPU's, or the CPU's currently available RAM (Linux); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
 
 def prepare_data(mcfg, tcfg, resume_ckpt=None):
     """The latents (and labels),
@@ -634,6 +662,11 @@ def train(mcfg, tcfg, resume_ckpt=None):
     device, micro = run.device, run.micro
     mcfg, data = prepare_data(mcfg, tcfg, resume_ckpt)
     V, labels, tokens_per_step = mcfg.vocab_size, data.labels, tcfg.batch_size * mcfg.height * mcfg.width
+    need, have = activation_bytes(mcfg, micro, tcfg.unroll_steps, tcfg.grad_ckpt), available_bytes(device)
+    if have is not None and need > have:  # refused now, not by the allocator minutes later
+        raise BadInput(f"--batch_size {tcfg.batch_size} needs at least {need / 2**30:.1f} GiB per micro-batch of {micro} "
+                       f"for the backward pass, more than the {have / 2**30:.1f} GiB {device} has; "
+                       "raise --grad_accum or lower --batch_size")
 
     try:
         raw_model = HourglassTransformer(**asdict(mcfg), grad_ckpt=tcfg.grad_ckpt).to(device)
@@ -662,7 +695,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
                                    "opt": opt.state_dict(), "step": step, "history": history,
                                    "rng": torch.get_rng_state(),
                                    "log_window": {k: v if k == "steps" else float(v) for k, v in window.items()},
-                                   "vqgan_id": data.vqgan_id, "class_names": data.class_names}, tcfg.out)
+                                   "vqgan_id": data.vqgan_id, "class_names": data.class_names,
+                                   "data_path": os.path.abspath(tcfg.data)}, tcfg.out)
 
     stop = vqgan.stop_on_signals()  # Ctrl-C or SIGTERM: finish the step, save, exit
     if run.master:
@@ -748,7 +782,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
         else:
             t_cal = time.time()
             heldout = torch.from_numpy(np.asarray(data.array[data.val], dtype=np.int64))
-            best, table = calibrate(eval_model, heldout, decoder, bf16=bf16)
+            best, table = calibrate(eval_model, heldout, decoder, progress=True, bf16=bf16)
             space = "decoded pixels" if decoder else "hidden states"
             print_calibration(table, best, f"{len(data.val)} held-out grids, {space}, {time.time() - t_cal:.0f} s")
 
@@ -805,17 +839,17 @@ def benchmark(mcfg, tcfg, steps=10):
 
 def main(argv=None):
     parser = vqgan.Parser(description="Train SUNDAE (hourglass transformer) on VQ token grids.")
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training preset")
+    parser.add_argument("--preset", default=None, choices=list(PRESETS), help="model and training preset (default tiny)")
     parser.add_argument("--benchmark", action="store_true", help="time training steps on random tokens, no data")
     parser.add_argument("--bench_steps", type=int, default=10, help="--benchmark: timed steps after the warm-up")
     add_flags(parser, ModelConfig)
     add_flags(parser, TrainConfig)
     args = parser.parse_args(argv)
-    mcfg_p, tcfg_p = PRESETS[args.preset]
+    mcfg_p, tcfg_p = PRESETS[args.preset or "tiny"]
     mcfg = replace(mcfg_p, **overrides(args, ModelConfig))
     tcfg = replace(tcfg_p, **overrides(args, TrainConfig))
     if args.benchmark:
-        if args.preset == "tiny":
+        if args.preset in (None, "tiny"):
             mcfg = replace(mcfg, height=mcfg.height or 8, width=mcfg.width or 8, vocab_size=mcfg.vocab_size or 256)
         if args.bench_steps < 1:
             raise BadInput(f"--bench_steps must be at least 1, got {args.bench_steps}")

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -128,17 +129,16 @@ def mutate(source, qualnames, edits):
         spans = sorted(body_span(source, q) for q in qualnames)[::-1]
     return source
 
-PROJECT = ("README.md", "requirements.txt", ".gitignore", ".ci", "assets", "docs", "vqgan.py",
-           "hourglass.py", # what a copy of the project holds
+# what a copy of the project holds
+PROJECT = ("README.md", "requirements.txt", ".gitignore", ".ci", "assets", "docs", "vqgan.py", "hourglass.py",
            "sundae.py", "sample.py", "inpaint.py", "test_all.py")
 
 def project_copy(dest, edits=()):
     """A copy of the project's files in dest (not what runs left in the repository), with edits
     [(file, function(source) -> source)] applied."""
     import shutil
-    shutil.copytree(HERE, dest, ignore=lambda d,
-                    names: [n for n in names if os.path.samefile(d, HERE) and
-                                                         n not in PROJECT or n == "__pycache__"])
+    top_level_extras = lambda d, names: [n for n in names if os.path.samefile(d, HERE) and n not in PROJECT]
+    shutil.copytree(HERE, dest, ignore=lambda d, names: top_level_extras(d, names) + ["__pycache__"])
     for file, edit in edits:
         path = os.path.join(dest, file)
         with open(path) as f:
@@ -420,7 +420,8 @@ return out.reshape(B, h * w, D)
 '''}],
         "wrong": {
             "row strips (no permute when merging)": [(
-                "x = x.permute(0, 1, 3, 2, 4, 5)\n        x = x.reshape(B, (h // k) * (w // k)",
+                "x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, w/k, k, k, D): the k x k patch next to each other\n"
+                "        x = x.reshape(B, (h // k) * (w // k)",
                 "x = x.reshape(B, (h // k) * (w // k)")],
             "rows and columns swapped when merging": [("x = x.reshape(B, h // k, k, w // k, k, D)",
                                                        "x = x.reshape(B, w // k, k, h // k, k, D)")],
@@ -1371,7 +1372,7 @@ def test_sampler_supports_greedy_and_parameter_free_models_and_repeats_with_a_se
                            min_steps=3, init=torch.zeros(2, 3, 3, dtype=torch.long))
     assert torch.equal(out, torch.full((2, 3, 3), 3)), "temperature 0 must be greedy: exactly three shifts"
     out, _ = sundae.sample(m, 2, steps=2, device="cpu")
-    assert out.shape == (2, 3, 3) and out.device.type == "cpu"
+    assert out.shape == (2, 3, 3) and out.dtype == torch.long
     # the same seed gives the same samples whatever the global random state, another seed others (a real network)
     torch.manual_seed(0)
     m = hourglass.HourglassTransformer(12, 4, 4, 16, 2, depth=(1, 1, 1)).eval()
@@ -2205,6 +2206,112 @@ def test_calibration_that_cannot_tell_the_schedules_apart_stores_the_fallback(ca
     assert "no schedule beats the paper's by more than the noise: stored the paper's 1.0 -> 0.7" in \
         capsys.readouterr().out
 
+def test_calibration_says_how_far_it_is(capsys):
+    # minutes on a CPU: a line per schedule as it is done, not silence until the end
+    needs("sampler")
+    model = Tempered(torch.full((12,), 1 / 12), 4, 4)
+    heldout = torch.randint(12, (64, 4, 4), generator=torch.Generator().manual_seed(1))
+    sundae.calibrate(model, heldout, n=32, schedules=((1.0, 1.0), (1.0, 0.7)), progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split(" (")[0] for l in lines] == ["calibration: schedule 1/2", "calibration: schedule 2/2"]
+
+class Blocks(nn.Module):
+    """A stand-in VQ-GAN whose images vary inside every 2x2 block of pixels: a block's mean is not its maximum."""
+
+    def __init__(self, vocab_size, scale=(1.0, 1.0, 1.0)):
+        super().__init__()
+        self.colours = nn.Parameter(torch.randn(vocab_size, 3, generator=torch.Generator().manual_seed(2)))
+        self.register_buffer("scale", torch.tensor(scale)[:, None, None])
+
+    def decode(self, tokens):  # (B, h, w) -> (B, 3, 4h, 4w): each token's colour plus a fixed ripple
+        x = F.interpolate(self.colours[tokens].permute(0, 3, 1, 2), scale_factor=4)
+        ripple = torch.sin(torch.arange(x.shape[-1], dtype=torch.float32) * 1.7)
+        return (x + ripple[None, None, :, None] * ripple[None, None, None, :]) * self.scale
+
+def test_pixel_features_are_block_means_and_calibration_decodes_with_the_vqgan_it_is_given():
+    needs("sampler")
+    grids = torch.randint(12, (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    images = Blocks(12).decode(grids)  # (3, 3, 16, 16) -> 8 x 8 blocks of 2 x 2 pixels
+    want = images.reshape(3, 3, 8, 2, 8, 2).mean((3, 5)).flatten(1)
+    assert np.allclose(sundae.pixel_features(Blocks(12), grids), want.detach().numpy(), atol=1e-6), "block means"
+    torch.manual_seed(0)
+    p = torch.softmax(2 * torch.randn(12), 0)
+    model = Tempered(p, 4, 4)
+    heldout = torch.multinomial(p, 256 * 16, replacement=True, generator=torch.Generator().manual_seed(1)).reshape(256, 4, 4)
+    two = ((1.0, 1.0), (0.7, 0.7))
+    table = lambda decoder: [row[1:3] for row in sundae.calibrate(model, heldout, decoder, n=64, schedules=two)[1]]
+    # each feature is scaled by its own held-out spread: one channel 1000x louder changes no distance
+    assert np.allclose(table(Blocks(12)), table(Blocks(12, (1000.0, 1.0, 1.0))), rtol=1e-3, atol=1e-6)
+    # the decoder is used: a VQ-GAN that paints every token alike sees no difference between the schedules
+    flat = Paint(12)
+    flat.colours.data[:] = 0.5
+    assert np.allclose([d for d, _ in table(flat)], 0.0, atol=1e-9) and not np.allclose([d for d, _ in table(None)], 0.0)
+    # the noise compares the two halves of the samples: never 0 for a model that draws at random
+    assert all(noise > 0 for _, noise in table(Blocks(12)))
+    assert inspect.signature(sundae.calibrate).parameters["n"].default == 128  # the documented 128 per schedule
+
+def test_resolves_compares_with_the_mean_noise_and_the_farthest_row_when_the_fallback_is_not_there():
+    row = lambda schedule, distance, noise: (schedule, distance, noise, 10.0)
+    # margin 0.2 over the fallback: more than the smallest noise, less than the mean one
+    table = [row((1.0, 0.7), 0.3, 0.01), row((0.7, 0.3), 0.1, 0.5), row((1.2, 1.0), 0.4, 0.5)]
+    assert not sundae.resolves(table)
+    # a fallback outside the table is compared with the farthest row (0.9), not the first (0.15)
+    table = [row((1.0, 1.0), 0.15, 0.1), row((0.7, 0.3), 0.1, 0.1), row((1.2, 1.0), 0.9, 0.1)]
+    assert sundae.resolves(table, fallback=(9.0, 9.0))
+
+def test_sample_py_calibrate_stores_calibrates_choice_from_32_held_out_grids_on(pipeline, tmp_path, monkeypatch, capsys):
+    import shutil
+    out = str(tmp_path / "c.pt")
+    shutil.copy(pipeline["sundae"], out)
+    grids = np.load(pipeline["latents"])
+    calls = []
+
+    def calibrate(model, heldout, *args, **kwargs):  # the fallback chosen over a closer schedule
+        calls.append(len(heldout))
+        return (1.0, 0.7), [((0.7, 0.3), 0.1, 0.5, 20.0), ((1.0, 0.7), 0.2, 0.5, 30.0)]
+
+    monkeypatch.setattr(sundae, "calibrate", calibrate)
+    for n, accepted in ((640, True), (600, False)):  # a 0.05 held-out share: exactly 32 grids, then 30
+        lat = str(tmp_path / f"lat{n}.npy")
+        np.save(lat, np.resize(grids, (n,) + grids.shape[1:]))
+        shutil.copy(pipeline["latents"] + ".json", lat + ".json")
+        run = lambda: sample.main(["--calibrate", "--data", lat, "--sundae", out, "--vqgan", pipeline["vqgan"]])
+        if accepted:
+            run()
+            assert calls == [32] and sundae.load_sundae(out).default_temperature == (1.0, 0.7)
+        else:
+            with pytest.raises(vqgan.BadInput, match="calibration needs at least 32"):
+                run()
+
+def test_a_checkpoint_names_its_latents_by_an_absolute_path(pipeline, tmp_path, monkeypatch):
+    # inpaint.py's default reference: never a file that happens to have the same name in the caller's folder
+    ckpt = torch.load(pipeline["sundae"], weights_only=True)
+    assert ckpt["data_path"] == os.path.abspath(pipeline["latents"])
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "latents.npy", np.zeros((4, 8, 8), np.int64))  # an unrelated file under the same name
+    assert sundae.load_sundae(pipeline["sundae"]).trained_on == os.path.abspath(pipeline["latents"])
+    del ckpt["data_path"]  # a checkpoint from before the field: its relative path is read from its own folder
+    ckpt["train_config"]["data"] = "latents.npy"
+    os.makedirs(tmp_path / "old")
+    torch.save(ckpt, tmp_path / "old" / "s.pt")
+    assert sundae.load_sundae(str(tmp_path / "old" / "s.pt")).trained_on == str(tmp_path / "old" / "latents.npy")
+
+def test_resume_says_that_it_ignores_a_preset(pipeline, capsys):
+    ckpt = torch.load(pipeline["sundae"], weights_only=True)
+    names = [f.name for cls in (sundae.ModelConfig, sundae.TrainConfig) for f in dataclasses.fields(cls)]
+    args = argparse.Namespace(**dict.fromkeys(names), preset="ffhq256")
+    args.max_steps = ckpt["step"] + 10
+    mcfg, _ = vqgan.resumed_configs(ckpt, sundae.ModelConfig, sundae.TrainConfig, args)
+    assert mcfg.dim == ckpt["model_config"]["dim"] and "--preset ignored" in capsys.readouterr().err
+
+def test_the_memory_estimate_refuses_only_what_cannot_fit():
+    tiny = dataclasses.replace(hourglass.PRESETS["tiny"], height=8, width=8, vocab_size=256)
+    one = sundae.activation_bytes(tiny, 1, 2)
+    assert sundae.activation_bytes(tiny, 32, 2) == 32 * one and sundae.activation_bytes(tiny, 1, 3) == 1.5 * one
+    assert 3 * 256 * 64 * 4 * 2 < one < 2**23  # at least the logits, their softmax and gradient; a few MiB per grid
+    assert sundae.activation_bytes(tiny, 1, 2, grad_ckpt=True) == 3 * 256 * 64 * 4 * 2  # checkpointing keeps logits
+    assert sundae.available_bytes(torch.device("cpu")) is None or sundae.available_bytes(torch.device("cpu")) > 2**27
+
 def test_the_calibration_grid_is_what_the_documentation_says():
     # from 1.2 -> 1.0 to 0.7 -> 0.3: nothing colder, where the criterion cannot see over-cooling
     starts, ends = zip(*sundae.CALIBRATION_SCHEDULES)
@@ -2224,7 +2331,12 @@ def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, c
     out = capsys.readouterr().out
     stored = tuple(torch.load(tmp_path / "c.pt", weights_only=True)["train_config"]["temperature"])
     assert "calibration (40 held-out grids" in out and f"{stored[0]:.2f} -> {stored[1]:.2f}" in out.split("<- stored")[0][-80:]
-    assert stored in sundae.CALIBRATION_SCHEDULES and sundae.load_sundae(str(tmp_path / "c.pt")).default_temperature == stored
+    # what is stored is the rule applied to the printed table: the closest schedule if it resolves, else the paper's
+    rows = [((float(a), float(b)), float(d), float(noise), float(steps)) for a, b, d, noise, steps in
+            re.findall(r"temperature ([\d.]+) -> ([\d.]+): +([\d.]+) \+- +([\d.]+) \| +([\d.]+) steps", out)]
+    closest = min(rows, key=lambda row: row[1])[0]
+    assert len(rows) == 7 and stored == (closest if sundae.resolves(rows) else sundae.PAPER_TEMPERATURE)
+    assert sundae.load_sundae(str(tmp_path / "c.pt")).default_temperature == stored
     run("--out", str(tmp_path / "t.pt"), "--temperature", "0.9,0.4")  # the user's schedule wins
     assert "calibration" not in capsys.readouterr().out
     assert tuple(torch.load(tmp_path / "t.pt", weights_only=True)["train_config"]["temperature"]) == (0.9, 0.4)
@@ -2261,21 +2373,28 @@ def test_training_stores_the_calibrated_schedule_unless_one_is_given(tmp_path, c
     assert e.value.code == 128 + signal.SIGTERM and "the trained weights are saved" in capsys.readouterr().err
     assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 20
 
-def test_a_signal_during_a_write_waits_for_the_file_to_be_whole(tmp_path):
+class Terminated(Exception):
+    pass
+
+def raise_terminated(sig, frame):
+    raise Terminated
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_write_waits_for_the_file_to_be_whole(tmp_path, sig):
     out = str(tmp_path / "f.bin")
 
-    def write(f):  # Ctrl-C in the middle of the write
+    def write(f):  # Ctrl-C, or a cluster scheduler's SIGTERM, in the middle of the write
         f.write(b"first half ")
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), sig)
         f.write(b"second half")
 
-    # Python's own Ctrl-C handler, also where pytest was started with SIGINT ignored (a shell's background job)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # a handler that raises (Python's own for Ctrl-C), also where pytest was started with the signal ignored
+    previous = signal.signal(sig, raise_terminated)
     try:
-        with pytest.raises(KeyboardInterrupt):  # delivered once the file is whole and in place
+        with pytest.raises(Terminated):  # delivered once the file is whole and in place
             vqgan.write_atomic(out, write)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(sig, previous)
     assert open(out, "rb").read() == b"first half second half" and files_in(tmp_path) == ["f.bin"]
 
 # --------------------------------------------------------------------------------------------------
@@ -2640,10 +2759,20 @@ def test_palette_agreement_judges_each_attribute_by_the_generators_truth(pipelin
     needs("sampler", "token_mask")
     inpaint.main(["--sundae", pipeline["sundae"], "--vqgan", pipeline["vqgan"], "--eval", "8", "--steps", "4"])
     out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"fills start from the nearest of the {len(np.load(pipeline['latents']))} grids in " \
+                     f"{os.path.abspath(pipeline['latents'])!r}"  # the reference it used, by name
+    out = out[1:]
     assert [line.split()[0] for line in out[2:]] == ["default", "boxes", "boxes", "boxes"] and "skin" in out[1]
     cells = [re.findall(r"(\d+)% / (\d+)%", line) for line in out[2:]]  # inpainted / a random face, per attribute
     assert all(len(row) == 4 for row in cells) and all(0 <= int(a) <= 100 for row in cells for pair in row for a in pair)
-    assert all(float(line.split()[-3]) >= 0 for line in out[2:])  # the pixel error of the fills
+    # the pixel error in the hole (0-255), the fills' and a random face's: neither is ever exact
+    errors = [(float(line.split()[-3]), float(line.split()[-1])) for line in out[2:]]
+    assert all(0 < fill < 255 and 0 < random < 255 for fill, random in errors), errors
+    # the fills start from the reference: from uniform noise (same seed) they differ; the random faces do not
+    inpaint.main(["--sundae", pipeline["sundae"], "--vqgan", pipeline["vqgan"], "--eval", "8", "--steps", "4",
+                  "--start", "random"])
+    uniform = [(float(line.split()[-3]), float(line.split()[-1])) for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r for _, r in uniform] == [r for _, r in errors] and [f for f, _ in uniform] != [f for f, _ in errors]
 
 def test_encoded_class_folders_and_toy_faces_carry_labels_and_names(pipeline, tmp_path):
     needs("vector_quantizer")
@@ -2779,6 +2908,82 @@ def run_scripts(cases, cwd, workers=2):
         assert proc.returncode == 0, err
         results.update(json.loads(out.strip().splitlines()[-1]))
     return results
+
+def test_sampling_refuses_a_guidance_beyond_its_bound_and_labels_that_are_not_classes():
+    needs("draw", "rope", "resampling", "hourglass_level", "sampler")
+    m = hourglass.HourglassTransformer(10, 4, 4, 16, 2, depth=(1, 1, 1), num_classes=3).eval()
+    for kwargs, message in (({"labels": [0, 1], "guidance": sundae.MAX_GUIDANCE * 2}, "guidance must be in"),
+                            ({"labels": [-1, 1]}, "labels must be"), ({"labels": [0, 3]}, "labels must be")):
+        with pytest.raises(vqgan.BadInput, match=message):
+            sundae.sample(m, 2, steps=2, **kwargs)
+    sundae.sample(m, 2, steps=2, labels=[0, 2], guidance=sundae.MAX_GUIDANCE)  # the bounds themselves are allowed
+
+def test_training_uses_box_noise_when_asked_and_keeps_the_vqgan_its_latents_came_from(pipeline, tmp_path, monkeypatch):
+    needs("rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw")
+    import shutil
+    shutil.copy(pipeline["latents"], tmp_path / "bare.npy")  # latents without the sidecar that names their VQ-GAN
+    boxes = []
+    box_corrupt = sundae.box_corrupt
+    monkeypatch.setattr(sundae, "box_corrupt", lambda *a, **k: boxes.append(k["share"]) or box_corrupt(*a, **k))
+    out = str(tmp_path / "s.pt")
+    monkeypatch.chdir(tmp_path)  # the latents named by a relative path
+    sundae.main(["--data", "bare.npy", "--vqgan", pipeline["vqgan"], "--box_share", "0.5",
+                 "--max_steps", "2", "--no-calibrate", "--out", out] + TINY_SUNDAE)
+    assert boxes and set(boxes) == {0.5}, "--box_share: the noise is box_corrupt's"
+    assert torch.load(out, weights_only=True)["data_path"] == str(tmp_path / "bare.npy")  # stored absolute
+    assert torch.load(out, weights_only=True)["vqgan_id"] == vqgan.fingerprint(vqgan.load_vqgan(pipeline["vqgan"]).state_dict())
+
+def test_inpainting_starts_from_the_codes_the_lookup_uses(pipeline, tmp_path, monkeypatch, capsys):
+    # codes(), not the raw codebook: they differ when the lookup normalises (l2_norm), so switch it on here
+    needs("sampler", "token_mask")
+    load_vqgan = vqgan.load_vqgan
+
+    def normalised(*args, **kwargs):
+        vq = load_vqgan(*args, **kwargs)
+        vq.quantize.l2_norm = True
+        return vq
+
+    seen = []
+    nearest_starts = inpaint.nearest_starts
+    monkeypatch.setattr(vqgan, "load_vqgan", normalised)
+    monkeypatch.setattr(inpaint, "nearest_starts", lambda codes, *a: seen.append(codes) or nearest_starts(codes, *a))
+    want = normalised(pipeline["vqgan"]).quantize.codes()
+    assert not torch.allclose(want, normalised(pipeline["vqgan"]).quantize.codebook)
+    inpaint.main(["--sundae", pipeline["sundae"], "--vqgan", pipeline["vqgan"], "--steps", "2", "--out", str(tmp_path / "i.png")])
+    image_mode = len(seen)
+    inpaint.main(["--sundae", pipeline["sundae"], "--vqgan", pipeline["vqgan"], "--eval", "2", "--steps", "2"])
+    assert image_mode >= 1 and len(seen) > image_mode, "image inpainting and --eval both start from the nearest grids"
+    assert all(c is not None and torch.allclose(c.cpu(), want) for c in seen), "in the lookup's code space"
+
+def test_codebook_usage_counts_every_training_micro_batch_and_no_evaluation():
+    needs("vector_quantizer")
+    q = vqgan.VectorQuantizer(8, 4, restart_after=10)
+    q.codebook.data = torch.eye(8, 4) * 10  # codes 0-3 along the axes, 4-7 at the origin
+    z = lambda axis: (torch.eye(4)[axis] * 10).reshape(1, 4, 1, 1)  # an encoder output nearest to code `axis`
+    q.train()
+    q(z(0))
+    q(z(1))  # a second micro-batch before the optimizer step
+    assert q.used.nonzero().flatten().tolist() == [0, 1]
+    q.eval()
+    q(z(2))  # a validation lookup is not training's usage
+    assert q.used.nonzero().flatten().tolist() == [0, 1]
+
+def test_the_normalised_lookup_compares_unit_vectors():
+    q = vqgan.VectorQuantizer(8, 4, l2_norm=True)
+    ze = q.project(torch.randn(2, 4, 3, 3) * 5)
+    assert ze.shape == (18, 4) and torch.allclose(ze.norm(dim=1), torch.ones(18), atol=1e-5)
+    assert torch.allclose(q.codes().norm(dim=1), torch.ones(8), atol=1e-5)
+
+def test_no_flag_counts_as_given_unless_it_is_on_the_command_line():
+    # overrides() must see only what the user typed: a bool's default taken from its field would override presets
+    for script, configs in ((vqgan, (vqgan.ModelConfig, vqgan.TrainConfig)), (sundae, (sundae.ModelConfig, sundae.TrainConfig))):
+        parser = vqgan.Parser()
+        for cls in configs:
+            vqgan.add_flags(parser, cls)
+        args = parser.parse_args([])
+        assert all(vqgan.overrides(args, cls) == {} for cls in configs), script.__name__
+        args = parser.parse_args(["--no-flip" if script is vqgan else "--no-calibrate"])
+        assert vqgan.overrides(args, configs[1]) == {"flip" if script is vqgan else "calibrate": False}
 
 def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     t, p = tmp_path, pipeline
@@ -3019,6 +3224,14 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
             "another run is writing"),
         "a user's file named OUT.prev": (["sundae.py", "--data", p["latents"], "--out", str(t / "mine.pt")],
                                          "this project did not write it"),
+        "a new run on latents of another VQ-GAN than --vqgan": (
+            ["sundae.py", "--data", str(t / "other_lat.npy"), "--vqgan", p["vqgan"]], "were encoded by another VQ-GAN"),
+        "benchmark: a flag vqgan.py does not have": (["docs/benchmark.py", "--vq_flags", "--nope 1"], "no such flag"),
+        "benchmark: --workdir is a file": (["docs/benchmark.py", "--workdir", str(t / "obj.pkl")], "is a file"),
+        "benchmark: --reuse with nothing to reuse": (["docs/benchmark.py", "--workdir", str(t / "bw"), "--reuse",
+                                                      "tokenizer"], "no tokenizer and latents to reuse"),
+        "sundae.py: a batch that cannot fit in memory": (["sundae.py", "--data", p["latents"], "--batch_size", "1000000"],
+                                                         "raise --grad_accum"),
         "a copy of a checkpoint named OUT.prev": (["sundae.py", "--data", p["latents"], "--out", str(t / "mine3.pt")],
                                                   "this project did not write it"),
         "a user's file named OUT.lock": (["sundae.py", "--data", p["latents"], "--out", str(t / "mine2.pt")],
@@ -3051,6 +3264,22 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
                                                       "--reference", str(t / "other_lat.npy")], "another VQ-GAN"),
         "too many fills per image": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"],
                                       "--candidates", "100000"], "at most 1024"),
+        "too many samples of one image": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"],
+                                           "--samples", "1025", "--candidates", "1"], "lower --samples or --candidates"),
+        "token inpainting from another VQ-GAN's latents": (
+            ["inpaint.py", "--sundae", p["sundae"], "--tokens", p["latents"], "--known", str(t / "known_all.npy"),
+             "--out", str(t / "tok_out.npy"), "--reference", str(t / "other_lat.npy")], "another VQ-GAN"),
+        "token inpainting from latents without a sidecar": (
+            ["inpaint.py", "--sundae", p["sundae"], "--tokens", p["latents"], "--known", str(t / "known_all.npy"),
+             "--out", str(t / "tok_out2.npy"), "--reference", str(t / "bare_lat.npy")], "no .json sidecar"),
+        "a reference that is a text file": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"],
+                                             "--reference", str(t / "notes.txt")], "--reference"),
+        "a reference with ids the model lacks": (["inpaint.py", "--sundae", p["sundae"], "--vqgan", p["vqgan"],
+                                                  "--reference", str(t / "big_ids.npy")], "the latents the model trained on"),
+        "calibrate on latents without a sidecar": (
+            ["sample.py", "--calibrate", "--data", str(t / "bare_lat.npy"), "--sundae", str(t / "trained_sd.pt"),
+             "--vqgan", ""],
+            "no .json sidecar"),
         "benchmark an unknown preset": (["sample.py", "--benchmark", "--preset", "nope"], "is not a preset"),
         "a foreign pickle as a checkpoint": (["sample.py", "--sundae", str(t / "obj.pkl"), "--vqgan", p["vqgan"]],
                                              "pass a checkpoint that sundae.py wrote"),
@@ -3076,6 +3305,10 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
     vqgan.save_png(torch.zeros(1, 3, 8, 8), str(t / "ro.png"), nrow=1)  # a figure the scripts wrote, made read-only
     os.chmod(t / "ro.png", 0o444)
     shutil.copy(p["latents"], t / "other_lat.npy")  # the same grids, said to come from another VQ-GAN
+    shutil.copy(p["latents"], t / "bare_lat.npy")  # the same grids, with nothing to say which VQ-GAN made them
+    (t / "notes.txt").write_text("not an array")
+    np.save(t / "big_ids.npy", np.full((4, 8, 8), 10_000, np.int64))
+    np.save(t / "known_all.npy", np.ones(np.load(p["latents"]).shape, bool))
     (t / "other_lat.npy.json").write_text(json.dumps({**json.load(open(p["latents"] + ".json")),
                                                       "vqgan_id": "another"}))
     shutil.copy(p["sundae"], t / "resume_sd.pt")
@@ -3510,8 +3743,9 @@ def test_slow_real_image_benchmark_runs_end_to_end(tmp_path):
     # docs/benchmark.py in a few steps, so that it cannot rot: both sources through the whole pipeline, the table
     pytest.importorskip("sklearn")
     pytest.importorskip("skimage")
-    res = subprocess.run([sys.executable, os.path.join(HERE, "docs", "benchmark.py"), "--smoke", "--workdir",
-                          str(tmp_path), "--study", "calibration,inpainting"], capture_output=True, text=True,
+    # run as a user would from a folder of their own, with a relative --workdir
+    res = subprocess.run([sys.executable, os.path.join(HERE, "docs", "benchmark.py"), "--smoke", "--workdir", "runs",
+                          "--study", "calibration,inpainting"], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     for line in ("digits:", "photographs:", "train images", "decoded random tokens", "samples",
@@ -3520,6 +3754,7 @@ def test_slow_real_image_benchmark_runs_end_to_end(tmp_path):
         assert line in res.stdout, res.stdout
     # by source: a mirrored digit is not a digit, a mirrored scene is a scene
     assert re.search(r"digits: .*flips off", res.stdout) and re.search(r"photographs: .*flips on", res.stdout)
+    assert os.path.isfile(tmp_path / "runs" / "digits" / "sundae.pt")  # under the caller's folder, as asked
 
 @slow
 def test_slow_answers_right_ones_pass_the_whole_suite_and_wrong_ones_fail_their_section_by_name(tmp_path):
@@ -3541,6 +3776,30 @@ def test_slow_answers_right_ones_pass_the_whole_suite_and_wrong_ones_fail_their_
         "a wrong answer passed its section, or failed it without naming the property"
     assert all(status == 0 for status, _ in suites.values()), "a round of right answers failed the whole suite"
     assert all(len(v["right"]) >= 2 and len(v["wrong"]) >= 3 for v in ANSWERS.values()) and set(ANSWERS) == set(EXERCISES)
+
+def test_the_handout_is_written_whole_without_answers_and_bad_folders_are_one_line(tmp_path, monkeypatch, capsys):
+    main(["--handout", str(tmp_path / "H"), "--exercises", "corrupt"])
+    student = open(tmp_path / "H" / "test_all.py").read()
+    assert "ANSWERS = {}" in student and "ANSWERS = {\n" not in student  # the answer table stays with the instructor
+    assert "raise NotImplementedError" in open(tmp_path / "H" / "sundae.py").read()
+    assert files_in(tmp_path) == ["H"]  # no partial copy left beside it
+    for dest, message in ((os.path.join(HERE, "docs", "H"), "inside the project"), (str(tmp_path / "H"), "already exists")):
+        with pytest.raises(SystemExit) as e:
+            main(["--handout", dest, "--exercises", "corrupt"])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(HERE, "docs", "H"))
+
+    def full_disk(dest, edits=()):  # the copy stops half-way
+        os.makedirs(dest)
+        open(os.path.join(dest, "README.md"), "w").close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(globals(), "project_copy", full_disk)
+    with pytest.raises(SystemExit) as e:
+        main(["--handout", str(tmp_path / "H2"), "--exercises", "corrupt"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert files_in(tmp_path) == ["H"]  # neither the new handout nor its partial copy
 
 # --------------------------------------------------------------------------------------------------
 # the instructor's handout: python test_all.py --handout DIR [--exercises KEY,KEY,...]
@@ -3571,9 +3830,21 @@ def main(argv=None):
         parser.exit(2,
                     f"error: --exercises {args.exercises!r}: unknown {', '.join(unknown) or 'empty list'}; "
                     f"the keys are {', '.join(EXERCISES)}\n")
-    if os.path.exists(args.handout):
-        parser.exit(2, f"error: --handout {args.handout!r} already exists; choose a new folder\n")
-    handout(args.handout, keys)
+    dest = os.path.abspath(args.handout)
+    partial = dest + ".partial"  # written there, renamed when whole: a failure leaves no half handout
+    inside = os.path.realpath(os.path.dirname(dest)) + os.sep
+    if os.path.lexists(dest) or os.path.lexists(partial):
+        parser.exit(2, f"error: --handout {args.handout!r} (or {partial!r}) already exists; choose a new folder\n")
+    if inside.startswith(os.path.join(os.path.realpath(HERE), "")):  # the copy would copy itself
+        parser.exit(2, f"error: --handout {args.handout!r} is inside the project; choose a folder outside it\n")
+    try:
+        handout(partial, keys)
+        os.rename(partial, dest)
+    except OSError as e:  # a read-only or full disk (shutil.Error is an OSError too)
+        import shutil
+        shutil.rmtree(partial, ignore_errors=True)
+        reason = e.strerror or str(e).splitlines()[0][:200]
+        parser.exit(2, f"error: cannot write the handout {args.handout!r} ({reason}); free space or choose another folder\n")
     print(f"wrote {args.handout}: {len(keys)} exercise(s) blank ({', '.join(keys)}); "
           "a student checks one with python -m pytest test_all.py -k KEY")
 

@@ -1261,7 +1261,7 @@ def benchmark(mcfg, tcfg, steps=5, mem_cap_gb=0.0):
 
 def main(argv=None):
     parser = Parser(description="Train the VQ-GAN tokenizer, or encode images into latents.")
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training preset")
+    parser.add_argument("--preset", default=None, choices=list(PRESETS), help="model and training preset (default tiny)")
     parser.add_argument("--encode", action="store_true", help="encode --data with --ckpt into --out (latents.npy)")
     parser.add_argument("--ckpt", default="vqgan.pt", help="the VQ-GAN checkpoint that encodes or decodes")
     parser.add_argument("--benchmark", action="store_true", help="time training steps (G + D) on random images")
@@ -1287,7 +1287,7 @@ def main(argv=None):
     if args.encode:
         return encode_main(args)
 
-    mcfg_p, tcfg_p = PRESETS[args.preset]
+    mcfg_p, tcfg_p = PRESETS[args.preset or "tiny"]
     mcfg = replace(mcfg_p, **overrides(args, ModelConfig))
     tcfg = replace(tcfg_p, **overrides(args, TrainConfig))
     if not tcfg.resume and args.max_steps and args.disc_start is None and tcfg.disc_start >= args.max_steps:
@@ -1376,9 +1376,9 @@ def resumed_configs(ckpt, model_cls, train_cls, args):
     except what this command line sets (e.g. --max_steps). --out stays where the checkpoint was read:
     a run writes back where it read,
     never to a path stored inside (a copy resumed elsewhere must not overwrite its original)."""
-    ignored = overrides(args, model_cls)
+    ignored = [f"--{k}" for k in overrides(args, model_cls)] + (["--preset"] if args.preset else [])
     if ignored:
-        print(f"warning: {', '.join('--' + k for k in ignored)} ignored: a resumed model keeps its checkpoint's shape",
+        print(f"warning: {', '.join(ignored)} ignored: a resumed run keeps its checkpoint's model and preset",
               file=sys.stderr)
     out = args.out or train_cls.out
     tcfg = replace(train_cls(**tuples(ckpt["train_config"])), **{**overrides(args, train_cls), "out": out})
@@ -1628,8 +1628,9 @@ def record(path, ident):
 def ours(path):
     """Whether path is a file this project wrote and nobody changed since: its identity is the last one its folder's
     list gives its name (a temporary file, recorded while it was being written, by its inode alone).
-    Never a symbolic link: writing there would change the file it points to."""
-    if os.path.islink(path) or not os.path.isfile(path):
+    Never a symbolic link (its identity is the link's own, which the project never wrote): writing there would change
+    the file it points to."""
+    if not os.path.isfile(path):
         return False
     try:
         with open(os.path.join(os.path.dirname(os.path.abspath(path)), OWNED)) as f:

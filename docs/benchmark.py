@@ -108,8 +108,25 @@ class Judge:
 # --------------------------------------------------------------------------------------------------------------
 # the pipeline, as a user runs it
 
+def fail(message):
+    """Bad input, as the scripts report it: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
 def run(*args):
-    subprocess.run([sys.executable, *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    """A script of the project, run as a user runs it; its own one-line error, if it fails, is this script's too."""
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if res.returncode:
+        lines = res.stderr.strip().splitlines() or [f"exit status {res.returncode}"]
+        fail(f"{' '.join(args[:2])} failed: {lines[-1].removeprefix('error: ')}")
+
+def check_flags(flags, script, *configs):
+    """Refuse, before any work, a flag that `script` does not have (its flags are its configs' fields)."""
+    import dataclasses
+    known = {f"--{pre}{f.name}" for c in configs for f in dataclasses.fields(c) for pre in ("", "no-")}
+    unknown = [f for f in flags if f.startswith("--") and f.split("=")[0] not in known]
+    if unknown:
+        fail(f"{', '.join(unknown)}: {script} has no such flag (see python {script} --help)")
 
 def train_pipeline(train, work, flip, vq_steps, sundae_steps, vq_flags=(), sundae_flags=(), reuse=False):
     """vqgan.py --data, --encode and sundae.py --data in `work` -> (VQ-GAN, SUNDAE, tokenizer minutes, prior
@@ -303,6 +320,22 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=200, help="images per row of the table")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything, to check that it runs")
     args = p.parse_args(argv)
+    check_flags(args.vq_flags.split(), "vqgan.py", vqgan.ModelConfig, vqgan.TrainConfig)
+    check_flags(args.sundae_flags.split(), "sundae.py", sundae.ModelConfig, sundae.TrainConfig)
+    args.workdir = os.path.abspath(args.workdir)  # the scripts run in the repository root, whatever the caller's folder
+    if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
+        fail(f"--workdir {args.workdir!r} is a file; choose a folder")
+    try:
+        os.makedirs(args.workdir, exist_ok=True)
+    except OSError as e:
+        fail(f"--workdir {args.workdir!r} cannot be a folder ({e.strerror}); choose another path")
+    if not os.access(args.workdir, os.W_OK):
+        fail(f"--workdir {args.workdir!r} is not writable; choose another path")
+    for source, sub in (("digits", "digits"), ("photos", "photos")):
+        have = all(os.path.exists(os.path.join(args.workdir, sub, f)) for f in ("vqgan.pt", "latents.npy"))
+        if args.reuse and args.source in ("all", source) and not have:
+            fail(f"--reuse {args.reuse}: {os.path.join(args.workdir, sub)!r} holds no tokenizer and latents to reuse; "
+                 "run once without --reuse")
     kw = dict(vq_flags=args.vq_flags.split(), sundae_flags=args.sundae_flags.split(), reuse=args.reuse,
               studies=args.study.split(","))
     if args.smoke:
