@@ -57,6 +57,7 @@ def rope_2d(x, h, w, stride=1, base=10000.0):
 
     x: (B, heads, h*w, head_dim) in raster order (position n is row n // w, column n % w), already split into heads,
     so every head gets positions (the authors' code rotated before the head split, so only head 0 did).
+    x is float32, or bfloat16 under bf16 autocast (the attention's projections hand it over in that dtype).
     Returns the same shape and dtype as x, computed in float32. The conventions (the tests check each one):
     - head_dim D divides by 4. Channels pair up as neighbours, (x[2i], x[2i+1]) for i = 0 .. D/2 - 1.
       The first D/4 pairs (channels 0 .. D/2 - 1) are the row half, the last D/4 pairs the column half.

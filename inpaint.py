@@ -210,8 +210,8 @@ def load_reference(args, model, vq=None):
     for what, expected in (("the model was trained on", model.vqgan_id),
                            (f"--vqgan {args.vqgan!r}", vq and vqgan.fingerprint(vq.state_dict()))):
         if expected and made_by != expected and (made_by or os.path.realpath(path) != os.path.realpath(model.trained_on)):
-            raise BadInput(f"--reference {path!r} holds tokens of another VQ-GAN than {what} "
-                           f"({'no .json sidecar names its VQ-GAN' if not made_by else 'its .json sidecar names another'}); "
+            why = "its .json sidecar names another" if made_by else "no .json sidecar names its VQ-GAN"
+            raise BadInput(f"--reference {path!r} holds tokens of another VQ-GAN than {what} ({why}); "
                            "pass the latents the model trained on, or --start random")
     if grids.shape[1:] != (model.height, model.width):
         raise BadInput(f"--reference {path!r} holds {grids.shape[1]}x{grids.shape[2]} grids; "

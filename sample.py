@@ -205,8 +205,7 @@ def add_sampling_flags(p):
     p.add_argument("--steps", type=int, default=100, help="maximum denoising steps")
     p.add_argument("--temperature", type=pair, default=None,
                    help="start,end temperature, 0 = greedy "
-                        "(default: the one its training stored with sundae.py --temperature: 0.7,0.3 in the tiny preset, "
-                        "the paper's 1.0,0.7 in the others)")
+                        "(default: the schedule the checkpoint stores, calibrated by training or set by its --temperature)")
     p.add_argument("--proportion", type=pair, default=None,
                    help="start,end share of positions that take their new draw per step (default 1,1 below 20 steps, "
                         "as paper §3.5 asks, else 0.5,0.5)")

@@ -664,9 +664,8 @@ def train(mcfg, tcfg, resume_ckpt=None):
     V, labels, tokens_per_step = mcfg.vocab_size, data.labels, tcfg.batch_size * mcfg.height * mcfg.width
     need, have = activation_bytes(mcfg, micro, tcfg.unroll_steps, tcfg.grad_ckpt), available_bytes(device)
     if have is not None and need > have:  # refused now, not by the allocator minutes later
-        raise BadInput(f"--batch_size {tcfg.batch_size} needs at least {need / 2**30:.1f} GiB per micro-batch of {micro} "
-                       f"for the backward pass, more than the {have / 2**30:.1f} GiB {device} has; "
-                       "raise --grad_accum or lower --batch_size")
+        raise BadInput(f"--batch_size {tcfg.batch_size}: a micro-batch of {micro} needs {need / 2**30:.1f} GiB or more, "
+                       f"{device} has {have / 2**30:.1f} GiB; raise --grad_accum or lower --batch_size")
 
     try:
         raw_model = HourglassTransformer(**asdict(mcfg), grad_ckpt=tcfg.grad_ckpt).to(device)

@@ -54,10 +54,6 @@ EXERCISES = {  # key: (file, function, a tiny call of it)
                          lambda: vqgan.VectorQuantizer(4, 2)(torch.zeros(1, 2, 1, 1))),
     "lfq": ("vqgan.py", "LookupFreeQuantizer.forward",
             lambda: vqgan.LookupFreeQuantizer(2)(torch.zeros(1, 2, 1, 1))),
-    "hinge": ("vqgan.py", "hinge_d_loss", lambda: vqgan.hinge_d_loss(torch.zeros(1),
-                                                                     torch.zeros(1))),
-    "adaptive_weight": ("vqgan.py", "adaptive_weight", lambda: vqgan.adaptive_weight(
-        *(lambda w: (w.sum(), 2 * w.sum(), w))(nn.Parameter(torch.ones(2))))),
     "rope": ("hourglass.py", "rope_2d", lambda: hourglass.rope_2d(torch.zeros(1, 1, 4, 4), 2, 2)),
     "resampling": ("hourglass.py", "Downsample2D.forward Upsample2D.forward",
                    lambda: hourglass.Upsample2D(4,
@@ -76,6 +72,26 @@ EXERCISES = {  # key: (file, function, a tiny call of it)
     "frechet": ("sundae.py", "frechet_distance",
                 lambda: sundae.frechet_distance(np.eye(3), np.eye(3))),
 }
+
+# the course in a suggested order: key: (exercises its section needs written first, what to read, seconds that
+# `python -m pytest test_all.py -k KEY` took on a 2-core laptop-class CPU, start-up included)
+PAPER = ("McKinney & Willcocks, \"Megapixel Image Generation with Step-Unrolled Denoising Autoencoders\", "
+         "arXiv:2206.12351 (https://arxiv.org/abs/2206.12351)")
+SYLLABUS = {
+    "vector_quantizer": ((), "the lecture's Vector Quantization part (Tokenization, VQ-VAE, VQ-GAN); paper §3.1", 6),
+    "lfq": ((), "the lecture's LFQ section", 5),
+    "rope": ((), "paper §3.2 (2D rotary embeddings)", 6),
+    "resampling": ((), "paper §3.2 (2D-aware resampling)", 5),
+    "hourglass_level": (("rope", "resampling"), "paper §3.2; Nawrot et al., Hierarchical Transformers", 5),
+    "corrupt": ((), "paper §2.4 (SUNDAE's corruption)", 5),
+    "unrolled_loss": (("corrupt",), "paper §2.4 (the unrolled denoising loss)", 5),
+    "draw": ((), "paper §3.5 (temperature)", 5),
+    "sampler": (("draw", "rope", "resampling", "hourglass_level"), "paper §3.5 and §3.6 (sampling, freezing, inpainting)", 10),
+    "token_mask": ((), "paper §3.6 (inpainting with arbitrary masks)", 5),
+    "frechet": ((), "Heusel et al. 2017 (FID); the lecture's part on evaluating generative models", 4),
+}
+# the tests of the trained pipeline (part 3 of this file) run once these are written; until then they are skipped
+PIPELINE = ("vector_quantizer", "rope", "resampling", "hourglass_level", "corrupt", "unrolled_loss", "draw")
 
 def needs(*keys):
     """Skip the calling test, naming the exercise, if one it runs through is blank."""
@@ -109,10 +125,15 @@ def replace_body(source, qualname, body):
     lines[first - 1:last] = [indent + line if line else line for line in body.strip("\n").splitlines()]
     return "\n".join(lines) + "\n"
 
-def blank(source, qualname):
-    """The student version of one exercise: its body replaced by `raise NotImplementedError`,
-    docstring kept."""
-    return replace_body(source, qualname, "raise NotImplementedError")
+def blank(source, qualname, key=""):
+    """The student version of one exercise: its body replaced by `raise NotImplementedError(...)`, docstring kept. The
+    message names the exercise and the command that checks it: a script that reaches it prints that line (run_main)."""
+    message = f"exercise {key} ({qualname}) is blank: write it, then check it with python -m pytest test_all.py -k {key}"
+    return replace_body(source, qualname, f"raise NotImplementedError({message!r})")
+
+def blank_exercise(source, key):
+    """The source with every function of exercise `key` blanked."""
+    return functools.reduce(lambda src, qualname: blank(src, qualname, key), EXERCISES[key][1].split(), source)
 
 def mutate(source, qualnames, edits):
     """The source with each (old, new) edit applied inside the bodies of the functions `qualnames` (a wrong answer
@@ -167,8 +188,8 @@ def exercise_table(workdir, keys=None, workers=2):
     import re
     from concurrent.futures import ThreadPoolExecutor
     keys = keys or list(EXERCISES)
-    copies = {key: project_copy(os.path.join(workdir, key), [(EXERCISES[key][0], lambda s, key=key: functools.reduce(
-        blank, EXERCISES[key][1].split(), s))]) for key in keys}
+    copies = {key: project_copy(os.path.join(workdir, key), [(EXERCISES[key][0], lambda s, key=key: blank_exercise(s, key))])
+              for key in keys}
 
     def one(key):
         d = copies[key]
@@ -220,465 +241,6 @@ def named_failure(failures):
     return bool(failures) and all(msg and not msg.startswith(("AssertionError: assert",
                                                               "assert ")) and
                                   msg.strip() != "AssertionError" for _, msg in failures)
-
-# The exercise table: for each exercise, answers a student might write.
-# "right": bodies in other styles, each of which must pass its section and the whole suite; "wrong": plausible mistakes,
-# each a few (old, new) edits of our own answer, which its section must reject with a message that names the property.
-# SLOW=1 ... -k answers runs it.
-ANSWERS = {
-    "vector_quantizer": {
-        "right": ['''
-B, D, h, w = z.shape
-with torch.autocast(z.device.type, enabled=False):
-    ze = self.project(z.float())
-    codes = self.codes()
-    indices = torch.cdist(ze, codes).argmin(dim=1)
-    e = codes[indices]
-    loss = (e - ze.detach()).pow(2).mean() + self.beta * (ze - e.detach()).pow(2).mean()
-    zq = self.proj_out(ze + (e - ze).detach())
-return zq.reshape(B, h, w, D).permute(0, 3, 1, 2), indices.view(B, h, w), loss
-''', '''
-B, D, h, w = z.shape
-with torch.autocast(z.device.type, enabled=False):
-    flat = self.project(z.float())  # (N, d)
-    diff = flat[:, None, :] - self.codes()[None]  # (N, V, d)
-    indices = diff.pow(2).sum(-1).argmin(-1)
-    chosen = F.embedding(indices, self.codes())
-    codebook_loss, commitment = F.mse_loss(chosen, flat.detach()), F.mse_loss(flat, chosen.detach())
-    out = self.proj_out(flat + (chosen - flat).detach()).reshape(B, h, w, D).permute(0, 3, 1, 2)
-return out, indices.reshape(B, h, w), codebook_loss + self.beta * commitment
-'''],
-        "wrong": {
-            "beta on the codebook term": [(
-                "loss = F.mse_loss(e_sel, ze.detach()) + self.beta * F.mse_loss(ze, e_sel.detach())",
-                "loss = self.beta * F.mse_loss(e_sel, ze.detach()) + F.mse_loss(ze, e_sel.detach())")],
-            "no straight-through estimator": [("zq = ze + (e_sel - ze).detach()", "zq = e_sel")],
-            "straight-through around the projections": [(
-                "zq = ze + (e_sel - ze).detach()\n            zq = self.proj_out(zq)  # (N, D)",
-                "zf = z.float().permute(0, 2, 3, 1).reshape(-1, D)\n            zq = zf + (self.proj_out(e_sel) - zf).detach()")],
-            "farthest code (argmax)": [("indices = dist2.argmin(1)", "indices = dist2.argmax(1)")],
-            "distance without ||e||^2": [(
-                "dist2 = ze.pow(2).sum(1, keepdim=True) - 2 * ze @ e.t() + e.pow(2).sum(1)[None]",
-                "dist2 = ze.pow(2).sum(1, keepdim=True) - 2 * ze @ e.t()")],
-            "distances in bf16 under autocast": [(
-                "with torch.autocast(z.device.type, enabled=False):\n            ze = self.project",
-                "with nullcontext():\n            ze = self.project")],
-        },
-    },
-    "lfq": {
-        "right": ['''
-B, D, h, w = z.shape
-with torch.autocast(z.device.type, enabled=False):
-    flat = z.float().movedim(1, -1).reshape(-1, D)
-    bits = flat > 0
-    q = bits.float() * 2 - 1
-    indices = (bits.long() << torch.arange(D, device=z.device)).sum(-1)
-    d2 = (flat[:, None, :] - self.codes()[None]).pow(2).sum(-1)
-    p = F.softmax(-d2 / self.temperature, dim=-1)
-    entropy = lambda p: -(p * (p + 1e-8).log()).sum(-1)
-    loss = self.beta * F.mse_loss(flat, q) + self.entropy_weight * (entropy(p).mean() - entropy(p.mean(0)))
-    zq = flat + (q - flat).detach()
-return zq.reshape(B, h, w, D).movedim(-1, 1), indices.reshape(B, h, w), loss
-''', '''
-with torch.autocast(z.device.type, enabled=False):
-    x = z.float().permute(0, 2, 3, 1)  # (B, h, w, bits)
-    q = torch.ones_like(x).masked_fill(x <= 0, -1.0)
-    indices = ((x > 0).long() * self.powers).sum(-1)  # (B, h, w)
-    flat = x.reshape(-1, self.bits)
-    p = torch.softmax(-torch.cdist(flat, self.codes()).pow(2) / self.temperature, dim=1)
-    H = lambda p: -(p * p.clamp_min(1e-8).log()).sum(-1)  # p kept away from 0 inside the log
-    entropy_term = H(p).mean() - H(p.mean(0))
-    loss = self.beta * (x - q).pow(2).mean() + self.entropy_weight * entropy_term
-    out = (x + (q - x).detach()).permute(0, 3, 1, 2)
-return out, indices, loss
-'''],
-        "wrong": {
-            "bits in reverse order": [("indices = ((z > 0).long() * self.powers).sum(1)",
-                                       "indices = ((z > 0).long() * self.powers.flip(0)).sum(1)")],
-            "entropy halves swapped": [("(per_sample - batch)", "(batch - per_sample)")],
-            "no straight-through estimator": [("zq = z + (q - z).detach()", "zq = q")],
-            "sign(0) = 0": [("q = torch.where(z > 0, 1.0, -1.0)", "q = torch.sign(z)")],
-            "log(p) without the 1e-8": [("per_sample = -(p * torch.log(p + 1e-8)).sum(1).mean()",
-                                         "per_sample = torch.special.entr(p).sum(1).mean()")],
-        },
-    },
-    "hinge": {
-        "right": ['''
-return (torch.clamp(1 - logits_real, min=0).mean() + torch.clamp(1 + logits_fake, min=0).mean()) / 2
-''', '''
-loss_real = torch.mean(F.relu(1.0 - logits_real))
-loss_fake = torch.mean(F.relu(1.0 + logits_fake))
-return 0.5 * (loss_real + loss_fake)
-'''],
-        "wrong": {
-            "signs swapped": [("F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()",
-                               "F.relu(1.0 + logits_real).mean() + F.relu(1.0 - logits_fake).mean()")],
-            "no 1/2": [("return 0.5 * (F.relu(1.0 - logits_real)",
-                        "return 1.0 * (F.relu(1.0 - logits_real)")],
-            "one mean over both sets": [(
-                "return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())",
-                "return torch.cat([F.relu(1.0 - logits_real).flatten(), F.relu(1.0 + "
-                "logits_fake).flatten()]).mean()")],
-            "sums instead of means": [("F.relu(1.0 - logits_real).mean() + F.relu(1.0 + "
-                                       "logits_fake).mean()",
-                                       "F.relu(1.0 - logits_real).sum() + F.relu(1.0 + "
-                                       "logits_fake).sum()")],
-        },
-    },
-    "adaptive_weight": {
-        "right": ['''
-g_rec, = torch.autograd.grad(rec_loss, [last_layer], retain_graph=True)
-g_gan, = torch.autograd.grad(g_loss, [last_layer], retain_graph=True)
-lam = torch.linalg.vector_norm(g_rec.float()) / (torch.linalg.vector_norm(g_gan.float()) + 1e-4)
-return torch.clamp(lam, 0.0, 1e4).detach()
-''', '''
-grads = [torch.autograd.grad(loss, last_layer, retain_graph=True)[0].float() for loss in (rec_loss, g_loss)]
-with torch.no_grad():
-    return (grads[0].norm() / (grads[1].norm() + 1e-4)).clamp(min=0.0, max=1e4)
-'''],
-        "wrong": {
-            "ratio inverted": [("g_rec.float().norm() / (g_gan.float().norm() + 1e-4)",
-                                "g_gan.float().norm() / (g_rec.float().norm() + 1e-4)")],
-            "no clamp": [(".clamp(0.0, 1e4).detach()", ".detach()")],
-            "squared norms": [("g_rec.float().norm() / (g_gan.float().norm() + 1e-4)",
-                               "g_rec.float().pow(2).sum() / (g_gan.float().pow(2).sum() + 1e-4)")],
-            "graph not retained": [("torch.autograd.grad(rec_loss, last_layer, retain_graph=True)",
-                                    "torch.autograd.grad(rec_loss, last_layer)")],
-        },
-    },
-    "rope": {
-        "right": ['''
-B, H, N, D = x.shape
-n_pairs = D // 4
-freqs = base ** (-torch.arange(n_pairs, dtype=torch.float32, device=x.device) / n_pairs)
-row = (torch.arange(h, device=x.device).float() + 0.5) * stride - 0.5
-col = (torch.arange(w, device=x.device).float() + 0.5) * stride - 0.5
-r, c = torch.meshgrid(row, col, indexing="ij")
-angles = torch.cat([r.reshape(-1, 1) * freqs, c.reshape(-1, 1) * freqs], dim=-1)  # (N, D/2)
-xc = torch.view_as_complex(x.float().reshape(B, H, N, D // 2, 2).contiguous())
-out = torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles))
-return out.reshape(B, H, N, D).to(x.dtype)
-''', '''
-B, H, N, D = x.shape
-q = D // 4
-idx = torch.arange(N, device=x.device)
-out = x.float().clone()
-for half, pos in ((0, idx // w), (1, idx % w)):
-    p = (pos.float() + 0.5) * stride - 0.5  # (N,)
-    for j in range(q):
-        t = p * base ** (-j / q)
-        i_a, i_b = 2 * (half * q + j), 2 * (half * q + j) + 1
-        a, b = x[..., i_a].float(), x[..., i_b].float()
-        out[..., i_a] = a * torch.cos(t) - b * torch.sin(t)
-        out[..., i_b] = a * torch.sin(t) + b * torch.cos(t)
-return out.to(x.dtype)
-'''],
-        "wrong": {
-            "clockwise rotation": [("out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)",
-                                    "out = torch.stack([x1 * cos + x2 * sin, -x1 * sin + x2 * "
-                                    "cos], dim=-1)")],
-            "n_pairs = head_dim / 2 in the frequencies": [(
-                "freqs = base ** (-j / n_pairs)", "freqs = base ** (-j / (D // 2))")],
-            "coarse tokens at the patch corner": [("pos = (torch.arange(max(h, w), "
-                                                   "device=x.device, dtype=torch.float32) "
-                                                   "+ 0.5) * stride - 0.5",
-                                                   "pos = torch.arange(max(h, w), device=x.device, "
-                                                   "dtype=torch.float32) "
-                                                   "* stride")],
-            "both halves by row": [("angles = torch.cat([rows[:, None] * freqs, cols[:, None] * "
-                                    "freqs], dim=1)",
-                                    "angles = torch.cat([rows[:, None] * freqs, rows[:, None] * "
-                                    "freqs], dim=1)")],
-            "stride ignored": [("+ 0.5) * stride - 0.5", "+ 0.5) - 0.5")],
-        },
-    },
-    "resampling": {
-        "right": [{"Downsample2D.forward": '''
-B, N, D = x.shape
-grid = x.transpose(1, 2).reshape(B, D, h, w)
-patches = F.pixel_unshuffle(grid, self.k)  # (B, D k k, h/k, w/k)
-return self.proj(patches.flatten(2).transpose(1, 2))
-''', "Upsample2D.forward": '''
-B, M, D = x.shape
-y = self.proj(x).transpose(1, 2).reshape(B, D * self.k * self.k, h // self.k, w // self.k)
-return F.pixel_shuffle(y, self.k).flatten(2).transpose(1, 2)  # (B, h w, D)
-'''}, {"Downsample2D.forward": '''
-B, N, D = x.shape
-k = self.k
-grid = x.reshape(B, h, w, D)
-pieces = [grid[:, i::k, j::k] for i in range(k) for j in range(k)]  # each (B, h/k, w/k, D)
-return self.proj(torch.cat(pieces, dim=-1).reshape(B, -1, k * k * D))
-''', "Upsample2D.forward": '''
-B, M, D = x.shape
-k = self.k
-pieces = self.proj(x).reshape(B, h // k, w // k, k * k, D)
-out = pieces.new_zeros(B, h, w, D)
-for i in range(k):
-    for j in range(k):
-        out[:, i::k, j::k] = pieces[:, :, :, i * k + j]
-return out.reshape(B, h * w, D)
-'''}],
-        "wrong": {
-            "row strips (no permute when merging)": [(
-                "x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, w/k, k, k, D): the k x k patch next to each other\n"
-                "        x = x.reshape(B, (h // k) * (w // k)",
-                "x = x.reshape(B, (h // k) * (w // k)")],
-            "rows and columns swapped when merging": [("x = x.reshape(B, h // k, k, w // k, k, D)",
-                                                       "x = x.reshape(B, w // k, k, h // k, k, D)")],
-            "patches laid out as strips when splitting": [(
-                "x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, k, w/k, k, D)",
-                "x = x  # (B, h/k, k, w/k, k, D)")],
-            "coarse grid read as w x h when splitting": [(
-                "x = self.proj(x).reshape(B, h // k, w // k, k, k, D)",
-                "x = self.proj(x).reshape(B, w // k, h // k, k, k, D)")],
-        },
-    },
-    "hourglass_level": {
-        "right": ['''
-y = self.run(self.pre, x, h, w, stride)
-if self.inner is not None:
-    k = self.k
-    coarse = self.inner(self.down(y, h, w), h // k, w // k, stride * k)
-    y = self.run(self.post, y + self.up(coarse, h, w), h, w, stride)
-return y
-''', '''
-x = self.run(self.pre, x, h, w, stride)
-if self.inner is None:
-    return x
-valley = self.inner(self.down(x, h, w), h // self.k, w // self.k, stride=self.k * stride)
-lengthened = self.up(valley, h, w)
-return self.run(self.post, lengthened + x, h, w, stride)
-'''],
-        "wrong": {
-            "skip taken before the pre blocks": [
-                ("x = self.run(self.pre, x, h, w, stride)  # (B, h*w, D)",
-                 "skip, x = x, self.run(self.pre, x, h, w, stride)  # (B, h*w, D)"),
-                ("        skip = x\n        x = self.down(x, h, w)",
-                 "        x = self.down(x, h, w)")],
-            "no skip": [("x = self.up(x, h, w) + skip", "x = self.up(x, h, w)")],
-            "stride not multiplied down the levels": [("x = self.inner(x, h // self.k, w // "
-                                                       "self.k, stride * self.k)",
-                                                       "x = self.inner(x, h // self.k, w // "
-                                                       "self.k, self.k)")],
-        },
-    },
-    "corrupt": {
-        "right": ['''
-B = tokens.shape[0]
-alpha = torch.rand(B, generator=generator, device=tokens.device).view(-1, *[1] * (tokens.dim() - 1))
-mask = torch.rand(tokens.shape, generator=generator, device=tokens.device) < alpha
-random_ids = torch.randint(0, vocab_size, tokens.shape, generator=generator, device=tokens.device)
-out = tokens.clone()
-out[mask] = random_ids[mask]
-return out
-''', '''
-out = tokens.clone()
-for b in range(len(tokens)):  # one rate per sequence
-    rate = torch.rand((), generator=generator, device=tokens.device)
-    hit = torch.rand(tokens[b].shape, generator=generator, device=tokens.device) < rate
-    out[b][hit] = torch.randint(vocab_size, (int(hit.sum()),), generator=generator, device=tokens.device)
-return out
-'''],
-        "wrong": {
-            "one rate for the whole batch": [("alpha = torch.rand(B, *[1] *",
-                                              "alpha = torch.rand(1, *[1] *")],
-            "a rate per token": [("alpha = torch.rand(B, *[1] * (tokens.dim() - 1),",
-                                  "alpha = torch.rand(tokens.shape,")],
-            "replacement never its own id": [(
-                "noise = torch.randint(vocab_size, tokens.shape, generator=generator, "
-                "device=tokens.device)",
-                "noise = (tokens + torch.randint(1, vocab_size, tokens.shape, generator=generator, "
-                "device=tokens.device)) % vocab_size")],
-            "noise from the global generator": [(
-                "noise = torch.randint(vocab_size, tokens.shape, generator=generator, "
-                "device=tokens.device)",
-                "noise = torch.randint(vocab_size, tokens.shape, device=tokens.device)")],
-        },
-    },
-    "unrolled_loss": {
-        "right": ['''
-x = corrupt(tokens, vocab_size, generator)
-losses, accs = [], []
-for t in range(unroll_steps):
-    logits = model(x).float()
-    losses.append(F.cross_entropy(logits.flatten(0, -2), tokens.flatten()))
-    accs.append((logits.argmax(-1) == tokens).float().mean())
-    with torch.no_grad():
-        probs = logits.softmax(-1).flatten(0, -2)
-        x = torch.multinomial(probs, 1, generator=generator).view_as(tokens)
-return sum(losses) / unroll_steps, sum(accs) / unroll_steps
-''', '''
-x = corrupt(tokens, vocab_size, generator)
-total_loss, total_acc = 0.0, 0.0
-for step in range(1, unroll_steps + 1):
-    logits = model(x).float()  # (B, h, w, V)
-    logp = logits.log_softmax(-1)
-    total_loss = total_loss - logp.gather(-1, tokens.unsqueeze(-1)).mean()
-    total_acc = total_acc + logits.argmax(-1).eq(tokens).float().mean()
-    if step < unroll_steps:  # exponential race: argmax p / E, E ~ Exp(1), is a draw from p
-        race = torch.empty_like(logp).exponential_(generator=generator)
-        x = (logp.detach() - race.log()).argmax(-1)
-return total_loss / unroll_steps, total_acc / unroll_steps
-'''],
-        "wrong": {
-            "the last step's loss only": [("return torch.stack(losses).mean(), accuracy",
-                                           "return losses[-1], accuracy")],
-            "the sum over steps": [("return torch.stack(losses).mean(), accuracy",
-                                    "return torch.stack(losses).sum(), accuracy")],
-            "greedy instead of a sample": [("x = (logits - torch.log(-torch.log(u))).argmax(-1)",
-                                            "x = logits.argmax(-1)")],
-            "each step re-corrupts x_0": [("x = (logits - torch.log(-torch.log(u))).argmax(-1)",
-                                           "x = corrupt(tokens, vocab_size, generator)")],
-            "samples from the global generator": [(
-                "u = torch.rand(logits.shape, generator=generator, device=logits.device)",
-                "u = torch.rand(logits.shape, device=logits.device)")],
-        },
-    },
-    "draw": {
-        "right": ['''
-if tau == 0 or len(logits) == 0:
-    return logits.argmax(-1)
-probs = torch.softmax(logits.float() / tau, dim=-1)
-return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-''', '''
-if tau == 0:
-    return logits.argmax(-1)
-u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_min(1e-20)
-return (logits.float() / tau - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max
-'''],
-        "wrong": {
-            "temperature multiplies": [("cdf = torch.softmax(logits.float() / tau, dim=-1)",
-                                        "cdf = torch.softmax(logits.float() * tau, dim=-1)")],
-            "uniforms from the global generator": [("u = torch.rand(len(cdf), 1, "
-                                                    "generator=generator, ",
-                                                    "u = torch.rand(len(cdf), 1, ")],
-            "always greedy": [("if tau == 0 or len(logits) == 0:", "if True:")],
-        },
-    },
-    "sampler": {
-        "right": ['''
-x = x.clone()
-n = len(x)
-frozen = torch.zeros(n, dtype=torch.bool, device=x.device)
-used = torch.zeros(n, dtype=torch.long, device=x.device)
-unknown = torch.ones_like(x, dtype=torch.bool) if known is None else ~known
-if trajectory is not None:
-    trajectory.append(x.clone())
-for s in range(steps):
-    active = (~frozen).nonzero().squeeze(1)
-    if len(active) == 0:
-        break
-    t = s / max(steps - 1, 1)
-    tau = (1 - t) * temperature[0] + t * temperature[1]
-    p = (1 - t) * proportion[0] + t * proportion[1]
-    cur = x[active]
-    where = (torch.rand(cur.shape, generator=generator, device=x.device) < p) & unknown[active]
-    proposal = cur.clone()
-    proposal[where] = draw(logits_at(cur, where, active), tau, generator)
-    no_change = (proposal == cur).all(-1).all(-1) & where.any(-1).any(-1)
-    nothing_free = ~unknown[active].any(-1).any(-1)
-    x[active] = proposal
-    used[active] += 1
-    if trajectory is not None:
-        trajectory.append(x.clone())
-    if s + 1 >= min_steps:
-        frozen[active] = no_change | nothing_free
-return x, used
-''', '''
-x, n = x.clone(), len(x)
-steps_used = x.new_zeros(n)
-alive = torch.arange(n, device=x.device)
-has_hole = torch.ones(n, dtype=torch.bool, device=x.device) if known is None else ~known.reshape(n, -1).all(1)
-if trajectory is not None:
-    trajectory.append(x.clone())
-s = 0
-while s < steps and alive.numel() > 0:
-    frac = s / (steps - 1) if steps > 1 else 0.0
-    tau, p = (a + (b - a) * frac for a, b in (temperature, proportion))
-    old = x[alive]
-    redraw = torch.rand(old.shape, generator=generator, device=x.device) < p
-    if known is not None:
-        redraw = redraw & ~known[alive]
-    fresh = old.clone()
-    fresh[redraw] = draw(logits_at(old, redraw, alive), tau, generator)
-    x[alive] = fresh
-    steps_used[alive] += 1
-    if trajectory is not None:
-        trajectory.append(x.clone())
-    b = len(old)
-    settled = (redraw.reshape(b, -1).any(1) & (fresh == old).reshape(b, -1).all(1)) | ~has_hole[alive]
-    s += 1
-    if s >= min_steps:
-        alive = alive[~settled]
-return x, steps_used
-'''],
-        "wrong": {
-            "freezing before min_steps": [("if s + 1 >= min_steps:", "if True:")],
-            "a step that redrew nothing counts as settled": [("settled = (redrawn & ~changed) | "
-                                                              "~free[active]",
-                                                              "settled = ~changed | ~free[active]")],
-            "the known mask not re-indexed as samples freeze": [("update &= ~known[active]",
-                                                                 "update &= ~known[:len(xa)]")],
-            "the schedules never reach their end": [("frac = s / (steps - 1) if steps > 1 else 0.0",
-                                                     "frac = s / steps")],
-            "frozen samples stay in the batch": [("active = active[~settled]  # a settled sample",
-                                                  "active = active[:0] if settled.all() else "
-                                                  "active  # a settled sample")],
-            "every position redrawn whatever the proportion": [(
-                "update = torch.rand(xa.shape, generator=generator, device=device) < p",
-                "update = torch.ones_like(xa, dtype=torch.bool)")],
-        },
-    },
-    "token_mask": {
-        "right": ['''
-unknown = (~known_pixels).float()[:, None]  # (B, 1, H, W)
-return torch.nn.functional.max_pool2d(unknown, f)[:, 0] == 0
-''', '''
-return known_pixels.unfold(1, f, f).unfold(2, f, f).flatten(-2).all(-1)
-'''],
-        "wrong": {
-            "any pixel instead of all": [("return cells.all(dim=4).all(dim=2)",
-                                          "return cells.any(dim=4).any(dim=2)")],
-            "cells from a plain reshape": [("cells = known_pixels.reshape(B, H // f, f, W // f, f)",
-                                            "cells = known_pixels.reshape(B, H // f, W // f, f, "
-                                            "f).transpose(2, 3)")],
-            "a majority of the cell": [("return cells.all(dim=4).all(dim=2)",
-                                        "return cells.float().mean((2, 4)) > 0.5")],
-        },
-    },
-    "frechet": {
-        "right": ['''
-a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-Sa, Sb = np.atleast_2d(np.cov(a.T)), np.atleast_2d(np.cov(b.T))
-ev = np.linalg.eigvals(Sa @ Sb).real.clip(min=0)
-return float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(Sa) + np.trace(Sb) - 2 * np.sqrt(ev).sum())
-''', '''
-def cov_and_root(x):
-    S = np.atleast_2d(np.cov(np.asarray(x, float), rowvar=False))
-    w, V = np.linalg.eigh(S)
-    return S, (V * np.sqrt(np.maximum(w, 0))) @ V.T
-(Sa, ra), (Sb, rb) = cov_and_root(a), cov_and_root(b)
-cross = np.linalg.norm(ra @ rb, ord="nuc")  # singular values of Sa^1/2 Sb^1/2: sqrt(eigenvalues of Sa Sb)
-mean_gap = np.asarray(a, float).mean(0) - np.asarray(b, float).mean(0)
-return float(mean_gap @ mean_gap + np.trace(Sa) + np.trace(Sb) - 2 * cross)
-'''],
-        "wrong": {
-            "tr(Sa^1/2 Sb^1/2)": [
-                ("m = sqrt_a @ cov_b @ sqrt_a",
-                 "m = sqrt_a @ (lambda e, U: (U * np.sqrt(np.clip(e, 0, None))) @ U.T)("
-                 "*np.linalg.eigh(cov_b))"),
-                ("tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()",
-                 "tr_sqrt = np.trace(m)")],
-            "no factor 2": [("- 2 * tr_sqrt", "- tr_sqrt")],
-            "biased covariances": [(
-                "np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))",
-                "np.atleast_2d(np.cov(a, rowvar=False, bias=True)), np.atleast_2d(np.cov(b, "
-                "rowvar=False, bias=True))")],
-            "mean distance not squared": [("((mu_a - mu_b) ** 2).sum()",
-                                           "np.linalg.norm(mu_a - mu_b)")],
-        },
-    },
-}
 
 # ==================================================================================================
 # Part 1: the maths, one section per course exercise. No fixtures: `-k KEY` runs a section in seconds.
@@ -758,6 +320,16 @@ def test_vector_quantizer_looks_up_in_float32_under_bf16_autocast():
     brute = torch.cdist(q.project(z).double(), q.codes().double()).argmin(1)
     assert torch.equal(idx.flatten(), brute), "under bf16 autocast the distances must still be computed in float32"
     assert zq.dtype == torch.float32 and loss.dtype == torch.float32, "z_q and the loss must be float32"
+    # what training feeds it: the encoder's output under bf16 autocast is itself bf16
+    z16 = z.bfloat16()
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            zq, idx, loss = q(z16)
+    except RuntimeError as e:
+        pytest.fail(f"under bf16 autocast the encoder hands over bf16 z; forward must upcast it to float32 ({e})")
+    brute = torch.cdist(q.project(z16.float()).double(), q.codes().double()).argmin(1)
+    assert torch.equal(idx.flatten(), brute) and zq.dtype == loss.dtype == torch.float32, \
+        "a bf16 z: the nearest codes of its float32 values, z_q and the loss in float32"
 
 # --------------------------------------------------------------------------------------------------
 # vqgan.py: LookupFreeQuantizer.forward (-k lfq)
@@ -790,6 +362,19 @@ def test_lfq_loss_has_finite_gradients_where_the_assignment_underflows():
     q(z)[2].backward()
     assert torch.isfinite(z.grad).all(), "where p underflows to 0 the entropy's gradient must stay finite (log(p + 1e-8))"
 
+def test_lfq_takes_the_bf16_encoder_output_of_autocast_training():
+    torch.manual_seed(0)
+    q = vqgan.LookupFreeQuantizer(4)
+    z = torch.randn(2, 4, 3, 3)
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            zq, idx, loss = q(z.bfloat16())
+    except RuntimeError as e:
+        pytest.fail(f"under bf16 autocast the encoder hands over bf16 z; forward must upcast it to float32 ({e})")
+    want_zq, want_idx, want_loss = q(z.bfloat16().float())
+    assert torch.equal(idx, want_idx) and torch.equal(zq, want_zq), "the same bits and codes as its float32 values"
+    assert zq.dtype == loss.dtype == torch.float32 and torch.isclose(loss, want_loss), "z_q and the loss in float32"
+
 def test_lfq_entropy_term_is_per_sample_entropy_minus_batch_entropy():
     # both halves of the term, against the formula: confident assignments (|z| large) lower the loss,
     # and so does spreading the batch over all codes; a flipped sign on either half fails
@@ -804,38 +389,6 @@ def test_lfq_entropy_term_is_per_sample_entropy_minus_batch_entropy():
         "the entropy term must be the mean per-sample entropy minus the entropy of the batch-mean assignment"
 
 # --------------------------------------------------------------------------------------------------
-# vqgan.py: hinge_d_loss (-k hinge)
-
-def test_hinge_loss_values():
-    f = vqgan.hinge_d_loss
-    assert f(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0, "zero once real >= 1 and fake <= -1"
-    assert f(torch.zeros(4), torch.zeros(4)) == 1.0, "at D = 0 the loss is 1/2 (1 + 1) = 1"
-    assert torch.isclose(f(torch.tensor([0.5]), torch.tensor([1.0])),
-                         torch.tensor(0.5 * (0.5 + 2.0))), \
-        "1/2 [relu(1 - 0.5) + relu(1 + 1)] = 1.25"
-    real, fake = torch.tensor([0.0, 3.0]), torch.tensor([-3.0, 0.0, 0.0, 0.0])  # different sizes: each mean alone
-    assert torch.isclose(f(real, fake), torch.tensor(0.5 * (0.5 + 0.75))), \
-        "each of the two terms is a mean over its own logits"
-
-# --------------------------------------------------------------------------------------------------
-# vqgan.py: adaptive_weight (-k adaptive_weight)
-
-def test_adaptive_weight_matches_the_formula():
-    torch.manual_seed(0)
-    layer = nn.Linear(3, 2)
-    x = torch.randn(5, 3)
-    out = layer(x)
-    rec, gan = out.pow(2).mean(), -out.sum() * 0.003
-    g_rec = torch.autograd.grad(rec, layer.weight, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(gan, layer.weight, retain_graph=True)[0]
-    lam = vqgan.adaptive_weight(rec, gan, layer.weight)
-    assert torch.isclose(lam, g_rec.norm() / (g_gan.norm() + 1e-4)), \
-        "lambda must be ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4)"
-    assert not lam.requires_grad, "lambda must be detached"
-    assert vqgan.adaptive_weight(100 * rec, 0 * out.sum(), layer.weight) == 1e4, "lambda must be clamped at 1e4"
-    (rec + lam * gan).backward()  # both losses are still differentiable afterwards: the graphs were retained
-
-# --------------------------------------------------------------------------------------------------
 # hourglass.py: rope_2d (-k rope)
 
 def test_rope_preserves_norms_shape_and_dtype():
@@ -844,6 +397,11 @@ def test_rope_preserves_norms_shape_and_dtype():
     assert out.shape == x.shape, "rope_2d must return x's shape"
     assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1), atol=1e-5), "a rotation must preserve norms"
     assert hourglass.rope_2d(x.bfloat16(), 4, 6).dtype == torch.bfloat16, "rope_2d must return x's dtype"
+    # under bf16 autocast q and k arrive in bf16: the rotation of their float32 values, rounded once
+    with torch.autocast("cpu", torch.bfloat16):
+        out16 = hourglass.rope_2d(x.bfloat16(), 4, 6)
+    assert torch.allclose(out16.float(), hourglass.rope_2d(x.bfloat16().float(), 4, 6), atol=2e-2, rtol=1e-2), \
+        "bf16 input under autocast: the angles and products in float32, only the result rounded to bf16"
 
 def rope_logits(h, w, stride=1, D=16):
     """<rope(q, p), rope(k, p')> for one fixed q and k placed at every position: (h*w, h*w)."""
@@ -928,6 +486,16 @@ def test_rope_reaches_every_head(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # hourglass.py: Downsample2D.forward and Upsample2D.forward (-k resampling)
 
+def test_resampling_runs_under_bf16_autocast_as_training_feeds_it():
+    torch.manual_seed(0)
+    down, up = hourglass.Downsample2D(8, 2), hourglass.Upsample2D(8, 2)
+    x = torch.randn(2, 4 * 6, 8)
+    want = up(down(x, 4, 6), 4, 6)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = up(down(x.bfloat16(), 4, 6), 4, 6)
+    assert got.shape == want.shape and torch.allclose(got.float(), want, atol=0.1, rtol=0.05), \
+        "bf16 activations under autocast: the same patches merged and split as in float32"
+
 def test_resampling_is_2d_local():
     torch.manual_seed(0)
     h, w, k, D = 6, 8, 2, 4
@@ -987,6 +555,17 @@ def test_hourglass_level_adds_the_skip_around_the_shortened_part():
     assert torch.allclose(level(x, 4, 4), pre + level.up(torch.zeros(2, 4, 16), 4, 4), atol=1e-6), \
         "the skip must carry the pre blocks' output and be added to the lengthened valley"
 
+def test_hourglass_level_runs_under_bf16_autocast_as_training_feeds_it():
+    needs("rope", "resampling")
+    torch.manual_seed(0)
+    level = hourglass.Level(16, 2, (1, 1, 1), 2)
+    x = torch.randn(2, 4 * 4, 16)
+    want = level(x, 4, 4)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = level(x.bfloat16(), 4, 4)
+    assert got.shape == want.shape and torch.allclose(got.float(), want, atol=0.15, rtol=0.05), \
+        "bf16 activations under autocast: the same hourglass as in float32, within bf16's rounding"
+
 def test_hourglass_level_runs_pre_valley_and_post_in_order():
     # record which blocks see which grid, in call order: pre at h x w, the valley at (h/k) x (w/k), post at h x w
     needs("rope", "resampling")
@@ -999,7 +578,7 @@ def test_hourglass_level_runs_pre_valley_and_post_in_order():
     assert order == [("pre", 16), ("valley", 4), ("post", 16)], \
         f"blocks must run pre (4x4), valley (2x2), post (4x4), in that order; ran {order}"
 
-def test_hourglass_level_passes_its_stride_to_rope(monkeypatch):
+def test_hourglass_level_passes_its_stride_to_the_rotary_embedding(monkeypatch):
     needs("rope", "resampling")
     # two nested levels with k = 2 on an 8x8 grid: the blocks see 8x8 at stride 1, 4x4 at stride 2, 2x2 at stride 4
     calls, orig = set(), hourglass.rope_2d
@@ -1209,7 +788,8 @@ def test_sampler_reaches_a_peaked_target_in_one_step_and_freezes_at_min_steps():
                               min_steps=6, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, target), "a peaked model must be reached in one step"
     assert (used == 6).all() and len(m.batch_sizes) == 6, \
-        f"settled samples must freeze after min_steps = 6 steps, not before (used {used.tolist()})"
+        f"settled samples froze after {used.tolist()} steps with {len(m.batch_sizes)} network calls; " \
+        "they must freeze at min_steps = 6, neither before nor after"
 
 def test_sampler_schedules_hit_their_endpoints():
     # a network that always says p(token 0) = e^(1/tau) / (e^(1/tau) + 1):
@@ -1287,9 +867,9 @@ def test_sampler_freezes_a_sample_after_a_step_that_redrew_something_and_it_leav
     m = HalfConverged(V, 3, 3)
     out, used = sundae.sample(m, n, steps=20, proportion=(1.0, 1.0), min_steps=4, init=init,
                               generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out[::2],
-                       init[::2]) and (used[::2] == 4).all() and (used[1::2] == 20).all(), \
-        f"converged samples must freeze after min_steps, the others run all steps (used {used.tolist()})"
+    assert torch.equal(out[::2], init[::2]) and (used[::2] == 4).all() and (used[1::2] == 20).all(), \
+        f"the samples used {used.tolist()} steps; the converged ones (even) must freeze at min_steps = 4, " \
+        "the others run all 20"
     assert m.batch_sizes == [6] * 4 + [3] * 16, \
         f"frozen samples must leave the batch: the network saw batches {m.batch_sizes}"
 
@@ -1474,6 +1054,16 @@ def test_frechet_distance_is_zero_symmetric_and_exact_for_diagonal_covariances()
     assert np.isclose(sundae.frechet_distance(A, B), closed), \
         "diagonal covariances: ||mu_a - mu_b||^2 + sum (s_a - s_b)^2, with unbiased (n - 1) covariances of the rows"
 
+def test_frechet_distance_of_float32_features_is_computed_in_float64():
+    # the evaluation hands it float32 features (network outputs): the covariances and their square roots in float64
+    rng = np.random.default_rng(2)
+    a = (rng.normal(size=(400, 64)) * 1e3).astype(np.float32)
+    b = (rng.normal(size=(400, 64)) * 1e3 + 1.0).astype(np.float32)
+    want = sundae.frechet_distance(a.astype(np.float64), b.astype(np.float64))
+    got = sundae.frechet_distance(a, b)
+    assert isinstance(got, float) and np.isclose(got, want, rtol=1e-6), \
+        f"float32 rows: {got} against {want} from the same rows in float64; compute in float64"
+
 def test_frechet_distance_matches_a_reference_for_full_covariances():
     # correlated features: tr((S_a S_b)^1/2) = sum of sqrt(eigenvalues of S_a S_b) (real and >= 0 for SPD pairs);
     # tr(S_a^1/2 S_b^1/2), right only when the covariances commute, gives another number here
@@ -1492,6 +1082,37 @@ def test_frechet_distance_matches_a_reference_for_full_covariances():
 # ==================================================================================================
 # Part 2: the other components, still without fixtures
 # ==================================================================================================
+
+# --------------------------------------------------------------------------------------------------
+# vqgan.py: the GAN's losses, hinge_d_loss and adaptive_weight: their docstrings state their formulas, so they
+# are read rather than written in the course
+
+def test_hinge_loss_values():
+    f = vqgan.hinge_d_loss
+    assert f(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0, "zero once real >= 1 and fake <= -1"
+    assert f(torch.zeros(4), torch.zeros(4)) == 1.0, "at D = 0 the loss is 1/2 (1 + 1) = 1"
+    assert torch.isclose(f(torch.tensor([0.5]), torch.tensor([1.0])),
+                         torch.tensor(0.5 * (0.5 + 2.0))), \
+        "1/2 [relu(1 - 0.5) + relu(1 + 1)] = 1.25"
+    real, fake = torch.tensor([0.0, 3.0]), torch.tensor([-3.0, 0.0, 0.0, 0.0])  # different sizes: each mean alone
+    assert torch.isclose(f(real, fake), torch.tensor(0.5 * (0.5 + 0.75))), \
+        "each of the two terms is a mean over its own logits"
+
+def test_adaptive_weight_matches_the_formula():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    out = layer(x)
+    rec, gan = out.pow(2).mean(), -out.sum() * 0.003
+    g_rec = torch.autograd.grad(rec, layer.weight, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan, layer.weight, retain_graph=True)[0]
+    lam = vqgan.adaptive_weight(rec, gan, layer.weight)
+    assert torch.isclose(lam, g_rec.norm() / (g_gan.norm() + 1e-4)), \
+        "lambda must be ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4)"
+    assert not lam.requires_grad, "lambda must be detached"
+    assert vqgan.adaptive_weight(100 * rec, 0 * out.sum(), layer.weight) == 1e4, "lambda must be clamped at 1e4"
+    (rec + lam * gan).backward()  # both losses are still differentiable afterwards: the graphs were retained
+
 
 # --------------------------------------------------------------------------------------------------
 # sundae.py and inpaint.py: what surrounds the exercises (box noise, the sampler's and inpaint's argument checks)
@@ -1598,7 +1219,7 @@ def test_codebook_usage_counts_over_all_batches():
     assert usage == 0.5 and abs(ppl - 4.0) < 1e-9
 
 def test_generator_update_leaves_discriminator_gradients_at_zero():
-    needs("vector_quantizer", "adaptive_weight")
+    needs("vector_quantizer")
     torch.manual_seed(0)
     model = vqgan.VQGAN(vqgan.ModelConfig(size=16, ch=8, ch_mult=(1, 2), attn_resolutions=(),
                                           z_channels=8, codebook_size=16))
@@ -1844,9 +1465,7 @@ TINY_SUNDAE = ["--dim", "32", "--heads", "2", "--depth", "1,1,1", "--batch_size"
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    needs("vector_quantizer", "hinge", "adaptive_weight", "rope", "resampling",
-          "hourglass_level", "corrupt",
-          "unrolled_loss", "draw")  # what training both models runs through
+    needs(*PIPELINE)  # what training both models runs through
     d = tmp_path_factory.mktemp("pipeline")
     vq, lat, sd = str(d / "vqgan.pt"), str(d / "latents.npy"), str(d / "sundae.pt")
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]  # whatever they are (nohup: ignored)
@@ -1860,7 +1479,7 @@ def pipeline(tmp_path_factory):
 # vqgan.py: training, checkpoints, resume, encoding
 
 def test_vqgan_benchmark_runs_a_full_training_step(capsys):
-    needs("vector_quantizer", "hinge", "adaptive_weight")
+    needs("vector_quantizer")
     vqgan.main(TINY_VQ[:12] + ["--benchmark", "--batch_size", "2", "--grad_ckpt"])
     out = capsys.readouterr().out
     assert "images/s" in out and "grad_ckpt True" in out
@@ -1907,7 +1526,7 @@ def test_vqgan_resume_after_ctrl_c_matches_an_uninterrupted_run(pipeline, monkey
     assert torch.equal(ca["ema"]["quantize.unused_steps"], ca["model"]["quantize.unused_steps"])  # buffers: copied
 
 def test_train_and_encode_from_an_image_folder(tmp_path, capsys):
-    needs("vector_quantizer", "hinge", "adaptive_weight")
+    needs("vector_quantizer")
     faces = vqgan.toy_faces(10, 40, seed=2)
     for i, f in enumerate(faces):  # 40x40 files, cropped to 32 on load
         Image.fromarray(f).save(tmp_path / f"{i:02d}.png")
@@ -2909,6 +2528,15 @@ def run_scripts(cases, cwd, workers=2):
         results.update(json.loads(out.strip().splitlines()[-1]))
     return results
 
+def test_each_exercise_key_selects_exactly_its_own_section():
+    # `python -m pytest test_all.py -k KEY` is a student's check of one exercise: nothing else may match the key
+    names = [name for name, f in globals().items() if name.startswith("test_") and callable(f)]
+    own = {key: (f"test_{key}",) for key in EXERCISES} | {"token_mask": ("test_pixel_to_token_mask",)}
+    for key in EXERCISES:
+        selected = [n for n in names if key in n]
+        assert selected and all(n.startswith(own[key]) for n in selected), \
+            f"-k {key} selects {[n for n in selected if not n.startswith(own[key])]}, tests of something else"
+
 def test_sampling_refuses_a_guidance_beyond_its_bound_and_labels_that_are_not_classes():
     needs("draw", "rope", "resampling", "hourglass_level", "sampler")
     m = hourglass.HourglassTransformer(10, 4, 4, 16, 2, depth=(1, 1, 1), num_classes=3).eval()
@@ -3432,7 +3060,7 @@ def test_a_file_that_stops_decoding_is_skipped_in_training_and_left_out_when_enc
     assert np.load(str(tmp_path / "lat_labels.npy")).tolist() == [0, 0, 1, 1, 1, 1]
 
 def test_shortened_training_scales_the_gan_start_and_says_so(tmp_path, capsys):
-    needs("vector_quantizer", "hinge", "adaptive_weight")
+    needs("vector_quantizer")
     vqgan.main(TINY_VQ[:-10] + ["--toy_n", "16", "--val_n", "4", "--batch_size", "4", "--workers",
                                 "1", "--max_steps", "8", "--out", str(tmp_path / "v.pt")])
     tcfg = torch.load(tmp_path / "v.pt", weights_only=True)["train_config"]
@@ -3442,7 +3070,7 @@ def test_shortened_training_scales_the_gan_start_and_says_so(tmp_path, capsys):
     assert torch.load(tmp_path / "v.pt", weights_only=True)["train_config"]["disc_start"] == 6
     assert "the GAN starts" not in capsys.readouterr().err
 
-def test_a_sampler_that_never_freezes_says_so_once(pipeline, tmp_path, capsys):
+def test_a_sampling_run_that_never_freezes_says_so_once(pipeline, tmp_path, capsys):
     needs("sampler")
     sample.main(["--sundae", pipeline["sundae"], "--vqgan", pipeline["vqgan"], "--n", "2",
                  "--steps", "12",
@@ -3720,7 +3348,7 @@ def test_slow_compile_bf16_sundae_training_through_main_loads_into_a_plain_model
 
 @slow
 def test_slow_compile_bf16_vqgan_training_through_main(tmp_path, capsys):
-    needs("vector_quantizer", "hinge", "adaptive_weight")
+    needs("vector_quantizer")
     out = str(tmp_path / "vq.pt")
     vqgan.main(TINY_VQ + ["--max_steps", "3", "--out", out, "--compile", "--dtype", "bf16"])
     assert "held-out PSNR" in capsys.readouterr().out
@@ -3778,10 +3406,22 @@ def test_slow_answers_right_ones_pass_the_whole_suite_and_wrong_ones_fail_their_
     assert all(len(v["right"]) >= 2 and len(v["wrong"]) >= 3 for v in ANSWERS.values()) and set(ANSWERS) == set(EXERCISES)
 
 def test_the_handout_is_written_whole_without_answers_and_bad_folders_are_one_line(tmp_path, monkeypatch, capsys):
-    main(["--handout", str(tmp_path / "H"), "--exercises", "corrupt"])
+    main(["--handout", str(tmp_path / "H"), "--exercises", "corrupt,vector_quantizer"])
     student = open(tmp_path / "H" / "test_all.py").read()
     assert "ANSWERS = {}" in student and "ANSWERS = {\n" not in student  # the answer table stays with the instructor
     assert "raise NotImplementedError" in open(tmp_path / "H" / "sundae.py").read()
+    # the handout's README opens with the course: the blank exercises in order, how to check each, what to read
+    readme = open(tmp_path / "H" / "README.md").read()
+    course = readme[:readme.index("# megapixel-sundae")]
+    assert course.index("`vector_quantizer`") < course.index("`corrupt`") and "arXiv:2206.12351" in course
+    assert "python -m pytest test_all.py -k corrupt" in course and "`lfq`" not in course
+    # a script that reaches a blank exercise says which one and how to check it, in one line, exit status 2
+    res = subprocess.run([sys.executable, str(tmp_path / "H" / "vqgan.py"), "--max_steps", "1", "--toy_n", "64",
+                          "--disc_start", "1", "--out", str(tmp_path / "v.pt")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: exercise vector_quantizer (VectorQuantizer.forward) is blank: write it, "
+        "then check it with python -m pytest test_all.py -k vector_quantizer"], res.stderr
     assert files_in(tmp_path) == ["H"]  # no partial copy left beside it
     for dest, message in ((os.path.join(HERE, "docs", "H"), "inside the project"), (str(tmp_path / "H"), "already exists")):
         with pytest.raises(SystemExit) as e:
@@ -3802,13 +3442,431 @@ def test_the_handout_is_written_whole_without_answers_and_bad_folders_are_one_li
     assert files_in(tmp_path) == ["H"]  # neither the new handout nor its partial copy
 
 # --------------------------------------------------------------------------------------------------
+# The exercise table: for each exercise, answers a student might write.
+# "right": bodies in other styles, each of which must pass its section and the whole suite; "wrong": plausible mistakes,
+# each a few (old, new) edits of our own answer, which its section must reject with a message that names the property.
+# SLOW=1 ... -k answers runs it.
+ANSWERS = {
+    "vector_quantizer": {
+        "right": ['''
+B, D, h, w = z.shape
+with torch.autocast(z.device.type, enabled=False):
+    ze = self.project(z.float())
+    codes = self.codes()
+    indices = torch.cdist(ze, codes).argmin(dim=1)
+    e = codes[indices]
+    loss = (e - ze.detach()).pow(2).mean() + self.beta * (ze - e.detach()).pow(2).mean()
+    zq = self.proj_out(ze + (e - ze).detach())
+return zq.reshape(B, h, w, D).permute(0, 3, 1, 2), indices.view(B, h, w), loss
+''', '''
+B, D, h, w = z.shape
+with torch.autocast(z.device.type, enabled=False):
+    flat = self.project(z.float())  # (N, d)
+    diff = flat[:, None, :] - self.codes()[None]  # (N, V, d)
+    indices = diff.pow(2).sum(-1).argmin(-1)
+    chosen = F.embedding(indices, self.codes())
+    codebook_loss, commitment = F.mse_loss(chosen, flat.detach()), F.mse_loss(flat, chosen.detach())
+    out = self.proj_out(flat + (chosen - flat).detach()).reshape(B, h, w, D).permute(0, 3, 1, 2)
+return out, indices.reshape(B, h, w), codebook_loss + self.beta * commitment
+'''],
+        "wrong": {
+            "beta on the codebook term": [(
+                "loss = F.mse_loss(e_sel, ze.detach()) + self.beta * F.mse_loss(ze, e_sel.detach())",
+                "loss = self.beta * F.mse_loss(e_sel, ze.detach()) + F.mse_loss(ze, e_sel.detach())")],
+            "no straight-through estimator": [("zq = ze + (e_sel - ze).detach()", "zq = e_sel")],
+            "straight-through around the projections": [(
+                "zq = ze + (e_sel - ze).detach()\n            zq = self.proj_out(zq)  # (N, D)",
+                "zf = z.float().permute(0, 2, 3, 1).reshape(-1, D)\n            zq = zf + (self.proj_out(e_sel) - zf).detach()")],
+            "farthest code (argmax)": [("indices = dist2.argmin(1)", "indices = dist2.argmax(1)")],
+            "distance without ||e||^2": [(
+                "dist2 = ze.pow(2).sum(1, keepdim=True) - 2 * ze @ e.t() + e.pow(2).sum(1)[None]",
+                "dist2 = ze.pow(2).sum(1, keepdim=True) - 2 * ze @ e.t()")],
+            "distances in bf16 under autocast": [(
+                "with torch.autocast(z.device.type, enabled=False):\n            ze = self.project",
+                "with nullcontext():\n            ze = self.project")],
+            "a bf16 z not upcast (autocast off, but the encoder's bf16 output kept)": [(
+                "ze = self.project(z.float())", "ze = self.project(z)")],
+        },
+    },
+    "lfq": {
+        "right": ['''
+B, D, h, w = z.shape
+with torch.autocast(z.device.type, enabled=False):
+    flat = z.float().movedim(1, -1).reshape(-1, D)
+    bits = flat > 0
+    q = bits.float() * 2 - 1
+    indices = (bits.long() << torch.arange(D, device=z.device)).sum(-1)
+    d2 = (flat[:, None, :] - self.codes()[None]).pow(2).sum(-1)
+    p = F.softmax(-d2 / self.temperature, dim=-1)
+    entropy = lambda p: -(p * (p + 1e-8).log()).sum(-1)
+    loss = self.beta * F.mse_loss(flat, q) + self.entropy_weight * (entropy(p).mean() - entropy(p.mean(0)))
+    zq = flat + (q - flat).detach()
+return zq.reshape(B, h, w, D).movedim(-1, 1), indices.reshape(B, h, w), loss
+''', '''
+with torch.autocast(z.device.type, enabled=False):
+    x = z.float().permute(0, 2, 3, 1)  # (B, h, w, bits)
+    q = torch.ones_like(x).masked_fill(x <= 0, -1.0)
+    indices = ((x > 0).long() * self.powers).sum(-1)  # (B, h, w)
+    flat = x.reshape(-1, self.bits)
+    p = torch.softmax(-torch.cdist(flat, self.codes()).pow(2) / self.temperature, dim=1)
+    H = lambda p: -(p * p.clamp_min(1e-8).log()).sum(-1)  # p kept away from 0 inside the log
+    entropy_term = H(p).mean() - H(p.mean(0))
+    loss = self.beta * (x - q).pow(2).mean() + self.entropy_weight * entropy_term
+    out = (x + (q - x).detach()).permute(0, 3, 1, 2)
+return out, indices, loss
+'''],
+        "wrong": {
+            "bits in reverse order": [("indices = ((z > 0).long() * self.powers).sum(1)",
+                                       "indices = ((z > 0).long() * self.powers.flip(0)).sum(1)")],
+            "entropy halves swapped": [("(per_sample - batch)", "(batch - per_sample)")],
+            "no straight-through estimator": [("zq = z + (q - z).detach()", "zq = q")],
+            "sign(0) = 0": [("q = torch.where(z > 0, 1.0, -1.0)", "q = torch.sign(z)")],
+            "log(p) without the 1e-8": [("per_sample = -(p * torch.log(p + 1e-8)).sum(1).mean()",
+                                         "per_sample = torch.special.entr(p).sum(1).mean()")],
+        },
+    },
+    "rope": {
+        "right": ['''
+B, H, N, D = x.shape
+n_pairs = D // 4
+freqs = base ** (-torch.arange(n_pairs, dtype=torch.float32, device=x.device) / n_pairs)
+row = (torch.arange(h, device=x.device).float() + 0.5) * stride - 0.5
+col = (torch.arange(w, device=x.device).float() + 0.5) * stride - 0.5
+r, c = torch.meshgrid(row, col, indexing="ij")
+angles = torch.cat([r.reshape(-1, 1) * freqs, c.reshape(-1, 1) * freqs], dim=-1)  # (N, D/2)
+xc = torch.view_as_complex(x.float().reshape(B, H, N, D // 2, 2).contiguous())
+out = torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles))
+return out.reshape(B, H, N, D).to(x.dtype)
+''', '''
+B, H, N, D = x.shape
+q = D // 4
+idx = torch.arange(N, device=x.device)
+out = x.float().clone()
+for half, pos in ((0, idx // w), (1, idx % w)):
+    p = (pos.float() + 0.5) * stride - 0.5  # (N,)
+    for j in range(q):
+        t = p * base ** (-j / q)
+        i_a, i_b = 2 * (half * q + j), 2 * (half * q + j) + 1
+        a, b = x[..., i_a].float(), x[..., i_b].float()
+        out[..., i_a] = a * torch.cos(t) - b * torch.sin(t)
+        out[..., i_b] = a * torch.sin(t) + b * torch.cos(t)
+return out.to(x.dtype)
+'''],
+        "wrong": {
+            "clockwise rotation": [("out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)",
+                                    "out = torch.stack([x1 * cos + x2 * sin, -x1 * sin + x2 * "
+                                    "cos], dim=-1)")],
+            "n_pairs = head_dim / 2 in the frequencies": [(
+                "freqs = base ** (-j / n_pairs)", "freqs = base ** (-j / (D // 2))")],
+            "coarse tokens at the patch corner": [("pos = (torch.arange(max(h, w), "
+                                                   "device=x.device, dtype=torch.float32) "
+                                                   "+ 0.5) * stride - 0.5",
+                                                   "pos = torch.arange(max(h, w), device=x.device, "
+                                                   "dtype=torch.float32) "
+                                                   "* stride")],
+            "both halves by row": [("angles = torch.cat([rows[:, None] * freqs, cols[:, None] * "
+                                    "freqs], dim=1)",
+                                    "angles = torch.cat([rows[:, None] * freqs, rows[:, None] * "
+                                    "freqs], dim=1)")],
+            "stride ignored": [("+ 0.5) * stride - 0.5", "+ 0.5) - 0.5")],
+        },
+    },
+    "resampling": {
+        "right": [{"Downsample2D.forward": '''
+B, N, D = x.shape
+grid = x.transpose(1, 2).reshape(B, D, h, w)
+patches = F.pixel_unshuffle(grid, self.k)  # (B, D k k, h/k, w/k)
+return self.proj(patches.flatten(2).transpose(1, 2))
+''', "Upsample2D.forward": '''
+B, M, D = x.shape
+y = self.proj(x).transpose(1, 2).reshape(B, D * self.k * self.k, h // self.k, w // self.k)
+return F.pixel_shuffle(y, self.k).flatten(2).transpose(1, 2)  # (B, h w, D)
+'''}, {"Downsample2D.forward": '''
+B, N, D = x.shape
+k = self.k
+grid = x.reshape(B, h, w, D)
+pieces = [grid[:, i::k, j::k] for i in range(k) for j in range(k)]  # each (B, h/k, w/k, D)
+return self.proj(torch.cat(pieces, dim=-1).reshape(B, -1, k * k * D))
+''', "Upsample2D.forward": '''
+B, M, D = x.shape
+k = self.k
+pieces = self.proj(x).reshape(B, h // k, w // k, k * k, D)
+out = pieces.new_zeros(B, h, w, D)
+for i in range(k):
+    for j in range(k):
+        out[:, i::k, j::k] = pieces[:, :, :, i * k + j]
+return out.reshape(B, h * w, D)
+'''}],
+        "wrong": {
+            "row strips (no permute when merging)": [(
+                "x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, w/k, k, k, D): the k x k patch next to each other\n"
+                "        x = x.reshape(B, (h // k) * (w // k)",
+                "x = x.reshape(B, (h // k) * (w // k)")],
+            "rows and columns swapped when merging": [("x = x.reshape(B, h // k, k, w // k, k, D)",
+                                                       "x = x.reshape(B, w // k, k, h // k, k, D)")],
+            "patches laid out as strips when splitting": [(
+                "x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, k, w/k, k, D)",
+                "x = x  # (B, h/k, k, w/k, k, D)")],
+            "coarse grid read as w x h when splitting": [(
+                "x = self.proj(x).reshape(B, h // k, w // k, k, k, D)",
+                "x = self.proj(x).reshape(B, w // k, h // k, k, k, D)")],
+        },
+    },
+    "hourglass_level": {
+        "right": ['''
+y = self.run(self.pre, x, h, w, stride)
+if self.inner is not None:
+    k = self.k
+    coarse = self.inner(self.down(y, h, w), h // k, w // k, stride * k)
+    y = self.run(self.post, y + self.up(coarse, h, w), h, w, stride)
+return y
+''', '''
+x = self.run(self.pre, x, h, w, stride)
+if self.inner is None:
+    return x
+valley = self.inner(self.down(x, h, w), h // self.k, w // self.k, stride=self.k * stride)
+lengthened = self.up(valley, h, w)
+return self.run(self.post, lengthened + x, h, w, stride)
+'''],
+        "wrong": {
+            "skip taken before the pre blocks": [
+                ("x = self.run(self.pre, x, h, w, stride)  # (B, h*w, D)",
+                 "skip, x = x, self.run(self.pre, x, h, w, stride)  # (B, h*w, D)"),
+                ("        skip = x\n        x = self.down(x, h, w)",
+                 "        x = self.down(x, h, w)")],
+            "no skip": [("x = self.up(x, h, w) + skip", "x = self.up(x, h, w)")],
+            "stride not multiplied down the levels": [("x = self.inner(x, h // self.k, w // "
+                                                       "self.k, stride * self.k)",
+                                                       "x = self.inner(x, h // self.k, w // "
+                                                       "self.k, self.k)")],
+        },
+    },
+    "corrupt": {
+        "right": ['''
+B = tokens.shape[0]
+alpha = torch.rand(B, generator=generator, device=tokens.device).view(-1, *[1] * (tokens.dim() - 1))
+mask = torch.rand(tokens.shape, generator=generator, device=tokens.device) < alpha
+random_ids = torch.randint(0, vocab_size, tokens.shape, generator=generator, device=tokens.device)
+out = tokens.clone()
+out[mask] = random_ids[mask]
+return out
+''', '''
+out = tokens.clone()
+for b in range(len(tokens)):  # one rate per sequence
+    rate = torch.rand((), generator=generator, device=tokens.device)
+    hit = torch.rand(tokens[b].shape, generator=generator, device=tokens.device) < rate
+    out[b][hit] = torch.randint(vocab_size, (int(hit.sum()),), generator=generator, device=tokens.device)
+return out
+'''],
+        "wrong": {
+            "one rate for the whole batch": [("alpha = torch.rand(B, *[1] *",
+                                              "alpha = torch.rand(1, *[1] *")],
+            "a rate per token": [("alpha = torch.rand(B, *[1] * (tokens.dim() - 1),",
+                                  "alpha = torch.rand(tokens.shape,")],
+            "replacement never its own id": [(
+                "noise = torch.randint(vocab_size, tokens.shape, generator=generator, "
+                "device=tokens.device)",
+                "noise = (tokens + torch.randint(1, vocab_size, tokens.shape, generator=generator, "
+                "device=tokens.device)) % vocab_size")],
+            "noise from the global generator": [(
+                "noise = torch.randint(vocab_size, tokens.shape, generator=generator, "
+                "device=tokens.device)",
+                "noise = torch.randint(vocab_size, tokens.shape, device=tokens.device)")],
+        },
+    },
+    "unrolled_loss": {
+        "right": ['''
+x = corrupt(tokens, vocab_size, generator)
+losses, accs = [], []
+for t in range(unroll_steps):
+    logits = model(x).float()
+    losses.append(F.cross_entropy(logits.flatten(0, -2), tokens.flatten()))
+    accs.append((logits.argmax(-1) == tokens).float().mean())
+    with torch.no_grad():
+        probs = logits.softmax(-1).flatten(0, -2)
+        x = torch.multinomial(probs, 1, generator=generator).view_as(tokens)
+return sum(losses) / unroll_steps, sum(accs) / unroll_steps
+''', '''
+x = corrupt(tokens, vocab_size, generator)
+total_loss, total_acc = 0.0, 0.0
+for step in range(1, unroll_steps + 1):
+    logits = model(x).float()  # (B, h, w, V)
+    logp = logits.log_softmax(-1)
+    total_loss = total_loss - logp.gather(-1, tokens.unsqueeze(-1)).mean()
+    total_acc = total_acc + logits.argmax(-1).eq(tokens).float().mean()
+    if step < unroll_steps:  # exponential race: argmax p / E, E ~ Exp(1), is a draw from p
+        race = torch.empty_like(logp).exponential_(generator=generator)
+        x = (logp.detach() - race.log()).argmax(-1)
+return total_loss / unroll_steps, total_acc / unroll_steps
+'''],
+        "wrong": {
+            "the last step's loss only": [("return torch.stack(losses).mean(), accuracy",
+                                           "return losses[-1], accuracy")],
+            "the sum over steps": [("return torch.stack(losses).mean(), accuracy",
+                                    "return torch.stack(losses).sum(), accuracy")],
+            "greedy instead of a sample": [("x = (logits - torch.log(-torch.log(u))).argmax(-1)",
+                                            "x = logits.argmax(-1)")],
+            "each step re-corrupts x_0": [("x = (logits - torch.log(-torch.log(u))).argmax(-1)",
+                                           "x = corrupt(tokens, vocab_size, generator)")],
+            "samples from the global generator": [(
+                "u = torch.rand(logits.shape, generator=generator, device=logits.device)",
+                "u = torch.rand(logits.shape, device=logits.device)")],
+        },
+    },
+    "draw": {
+        "right": ['''
+if tau == 0 or len(logits) == 0:
+    return logits.argmax(-1)
+probs = torch.softmax(logits.float() / tau, dim=-1)
+return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+''', '''
+if tau == 0:
+    return logits.argmax(-1)
+u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_min(1e-20)
+return (logits.float() / tau - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max
+'''],
+        "wrong": {
+            "temperature multiplies": [("cdf = torch.softmax(logits.float() / tau, dim=-1)",
+                                        "cdf = torch.softmax(logits.float() * tau, dim=-1)")],
+            "uniforms from the global generator": [("u = torch.rand(len(cdf), 1, "
+                                                    "generator=generator, ",
+                                                    "u = torch.rand(len(cdf), 1, ")],
+            "always greedy": [("if tau == 0 or len(logits) == 0:", "if True:")],
+        },
+    },
+    "sampler": {
+        "right": ['''
+x = x.clone()
+n = len(x)
+frozen = torch.zeros(n, dtype=torch.bool, device=x.device)
+used = torch.zeros(n, dtype=torch.long, device=x.device)
+unknown = torch.ones_like(x, dtype=torch.bool) if known is None else ~known
+if trajectory is not None:
+    trajectory.append(x.clone())
+for s in range(steps):
+    active = (~frozen).nonzero().squeeze(1)
+    if len(active) == 0:
+        break
+    t = s / max(steps - 1, 1)
+    tau = (1 - t) * temperature[0] + t * temperature[1]
+    p = (1 - t) * proportion[0] + t * proportion[1]
+    cur = x[active]
+    where = (torch.rand(cur.shape, generator=generator, device=x.device) < p) & unknown[active]
+    proposal = cur.clone()
+    proposal[where] = draw(logits_at(cur, where, active), tau, generator)
+    no_change = (proposal == cur).all(-1).all(-1) & where.any(-1).any(-1)
+    nothing_free = ~unknown[active].any(-1).any(-1)
+    x[active] = proposal
+    used[active] += 1
+    if trajectory is not None:
+        trajectory.append(x.clone())
+    if s + 1 >= min_steps:
+        frozen[active] = no_change | nothing_free
+return x, used
+''', '''
+x, n = x.clone(), len(x)
+steps_used = x.new_zeros(n)
+alive = torch.arange(n, device=x.device)
+has_hole = torch.ones(n, dtype=torch.bool, device=x.device) if known is None else ~known.reshape(n, -1).all(1)
+if trajectory is not None:
+    trajectory.append(x.clone())
+s = 0
+while s < steps and alive.numel() > 0:
+    frac = s / (steps - 1) if steps > 1 else 0.0
+    tau, p = (a + (b - a) * frac for a, b in (temperature, proportion))
+    old = x[alive]
+    redraw = torch.rand(old.shape, generator=generator, device=x.device) < p
+    if known is not None:
+        redraw = redraw & ~known[alive]
+    fresh = old.clone()
+    fresh[redraw] = draw(logits_at(old, redraw, alive), tau, generator)
+    x[alive] = fresh
+    steps_used[alive] += 1
+    if trajectory is not None:
+        trajectory.append(x.clone())
+    b = len(old)
+    settled = (redraw.reshape(b, -1).any(1) & (fresh == old).reshape(b, -1).all(1)) | ~has_hole[alive]
+    s += 1
+    if s >= min_steps:
+        alive = alive[~settled]
+return x, steps_used
+'''],
+        "wrong": {
+            "freezing before min_steps": [("if s + 1 >= min_steps:", "if True:")],
+            "a step that redrew nothing counts as settled": [("settled = (redrawn & ~changed) | "
+                                                              "~free[active]",
+                                                              "settled = ~changed | ~free[active]")],
+            "the known mask not re-indexed as samples freeze": [("update &= ~known[active]",
+                                                                 "update &= ~known[:len(xa)]")],
+            "the schedules never reach their end": [("frac = s / (steps - 1) if steps > 1 else 0.0",
+                                                     "frac = s / steps")],
+            "frozen samples stay in the batch": [("active = active[~settled]  # a settled sample",
+                                                  "active = active[:0] if settled.all() else "
+                                                  "active  # a settled sample")],
+            "every position redrawn whatever the proportion": [(
+                "update = torch.rand(xa.shape, generator=generator, device=device) < p",
+                "update = torch.ones_like(xa, dtype=torch.bool)")],
+        },
+    },
+    "token_mask": {
+        "right": ['''
+unknown = (~known_pixels).float()[:, None]  # (B, 1, H, W)
+return torch.nn.functional.max_pool2d(unknown, f)[:, 0] == 0
+''', '''
+return known_pixels.unfold(1, f, f).unfold(2, f, f).flatten(-2).all(-1)
+'''],
+        "wrong": {
+            "any pixel instead of all": [("return cells.all(dim=4).all(dim=2)",
+                                          "return cells.any(dim=4).any(dim=2)")],
+            "cells from a plain reshape": [("cells = known_pixels.reshape(B, H // f, f, W // f, f)",
+                                            "cells = known_pixels.reshape(B, H // f, W // f, f, "
+                                            "f).transpose(2, 3)")],
+            "a majority of the cell": [("return cells.all(dim=4).all(dim=2)",
+                                        "return cells.float().mean((2, 4)) > 0.5")],
+        },
+    },
+    "frechet": {
+        "right": ['''
+a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+Sa, Sb = np.atleast_2d(np.cov(a.T)), np.atleast_2d(np.cov(b.T))
+ev = np.linalg.eigvals(Sa @ Sb).real.clip(min=0)
+return float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(Sa) + np.trace(Sb) - 2 * np.sqrt(ev).sum())
+''', '''
+def cov_and_root(x):
+    S = np.atleast_2d(np.cov(np.asarray(x, float), rowvar=False))
+    w, V = np.linalg.eigh(S)
+    return S, (V * np.sqrt(np.maximum(w, 0))) @ V.T
+(Sa, ra), (Sb, rb) = cov_and_root(a), cov_and_root(b)
+cross = np.linalg.norm(ra @ rb, ord="nuc")  # singular values of Sa^1/2 Sb^1/2: sqrt(eigenvalues of Sa Sb)
+mean_gap = np.asarray(a, float).mean(0) - np.asarray(b, float).mean(0)
+return float(mean_gap @ mean_gap + np.trace(Sa) + np.trace(Sb) - 2 * cross)
+'''],
+        "wrong": {
+            "tr(Sa^1/2 Sb^1/2)": [
+                ("m = sqrt_a @ cov_b @ sqrt_a",
+                 "m = sqrt_a @ (lambda e, U: (U * np.sqrt(np.clip(e, 0, None))) @ U.T)("
+                 "*np.linalg.eigh(cov_b))"),
+                ("tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()",
+                 "tr_sqrt = np.trace(m)")],
+            "no factor 2": [("- 2 * tr_sqrt", "- tr_sqrt")],
+            "biased covariances": [(
+                "np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))",
+                "np.atleast_2d(np.cov(a, rowvar=False, bias=True)), np.atleast_2d(np.cov(b, "
+                "rowvar=False, bias=True))")],
+            "mean distance not squared": [("((mu_a - mu_b) ** 2).sum()",
+                                           "np.linalg.norm(mu_a - mu_b)")],
+        },
+    },
+}
+
+# --------------------------------------------------------------------------------------------------
 # the instructor's handout: python test_all.py --handout DIR [--exercises KEY,KEY,...]
 
 def handout(dest, keys):
     """The student version of the project in dest: the chosen exercises' bodies replaced by `raise
     NotImplementedError` (docstrings kept), and this file without the answer table."""
     import ast
-    edits = [(EXERCISES[k][0], lambda s, k=k: functools.reduce(blank, EXERCISES[k][1].split(), s)) for k in keys]
+    edits = [(EXERCISES[k][0], lambda s, k=k: blank_exercise(s, k)) for k in keys]
 
     def without_answers(source):
         node = next(n for n in ast.parse(source).body if isinstance(n, ast.Assign) and n.targets[0].id == "ANSWERS")
@@ -3816,7 +3874,37 @@ def handout(dest, keys):
         lines[node.lineno - 1:node.end_lineno] = ["ANSWERS = {}  # the answer table stays with the instructor"]
         return "\n".join(lines) + "\n"
 
-    project_copy(dest, edits + [("test_all.py", without_answers)])
+    project_copy(dest, edits + [("test_all.py", without_answers), ("README.md", lambda text: course_page(keys) + text)])
+
+def course_page(keys):
+    """What a student reads first, at the top of the handout's README: which exercises are blank, in which order,
+    what each needs and how to check it, and what to read."""
+    rows = []
+    for key in (k for k in SYLLABUS if k in keys):
+        after, read, seconds = SYLLABUS[key]
+        first = ", ".join(f"`{k}`" for k in after if k in keys) or "none"
+        rows.append(f"| `{key}` | `{EXERCISES[key][0]}`: `{EXERCISES[key][1]}` | {first} | "
+                    f"`python -m pytest test_all.py -k {key}` ({seconds} s) | {read} |")
+    waiting = [k for k in PIPELINE if k in keys]
+    return "\n".join([
+        "# Course handout",
+        "",
+        f"These {len(keys)} functions are blank (their docstrings are their contracts): write them in this order. "
+        "Each section's tests check properties, and each failure names the property it checks.",
+        "",
+        "| exercise | where | write first | check it with | read |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Read first: {PAPER}, and the lecture on generative models it grew from (variational auto-encoders, "
+        "auto-regressive models, vector quantization).",
+        "",
+        "Until an exercise is written, anything that runs through it (the quick start below, the scripts, `.ci/run`) stops "
+        "with one line that names it and the command that checks it; tests of other parts that need it are skipped. "
+        + (f"The tests of the trained pipeline wait for {', '.join(f'`{k}`' for k in waiting)}." if waiting else ""),
+        "",
+        "",
+    ])
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write the student version of the project (the course handout).")
