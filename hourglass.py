@@ -9,7 +9,7 @@ tokens. The paper's changes to the hourglass: resample in 2D (patches, not runs 
 sequence), 2D rotary position embeddings, and no causal masking (SUNDAE is not autoregressive).
 
     python hourglass.py                                # parameter counts of the presets
-    python hourglass.py --benchmark                    # hourglass vs flat transformer, 32x32 tokens (CPU or CUDA)
+    python hourglass.py --benchmark                    # 2D vs 1D hourglass vs flat transformer, 32x32 tokens (CPU or CUDA)
     python hourglass.py --benchmark --preset tiny --height 8 --width 8
 
 Imports nothing from this project; importing it does no work.
@@ -36,6 +36,7 @@ class HourglassConfig:
     head_dim: int = flag(0, "width of one head, a multiple of 4 for 2D RoPE; 0 = dim / heads (the heads split the width)")
     depth: tuple = flag((1, 4, 1), "blocks per hourglass level: (pre, valley, post); (2, 2, 8, 2, 2) nests two levels")
     shorten: int = flag(2, "k: each level merges k x k patches")
+    resample: str = flag("2d", "'2d': merge k x k patches (the paper's); '1d': merge runs of k^2 raster tokens (Nawrot et al.), to compare")
     vocab_size: int = flag(0, "V; 0 = from the latents' sidecar or --vqgan, else max id in the data + 1")
     height: int = flag(0, "token grid rows; 0 = from the data")
     width: int = flag(0, "token grid columns; 0 = from the data")
@@ -166,22 +167,50 @@ class Upsample2D(nn.Module):
         x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/k, k, w/k, k, D)
         return x.reshape(B, h * w, D)  # (B, hw, D) in raster order
 
+class Downsample1D(nn.Module):
+    """The 1D hourglass's shortening (Nawrot et al. 2021), kept to measure what 2D resampling buys (--resample 1d):
+    merge each run of k^2 consecutive tokens of the flattened sequence, a strip of one row, Linear(k^2 D -> D)."""
+
+    def __init__(self, dim, k):
+        super().__init__()
+        self.k = k
+        self.proj = nn.Linear(k * k * dim, dim)
+
+    def forward(self, x, h, w):  # (B, h*w, D) -> (B, h*w/k^2, D): the coarse grid has h rows of w/k^2 runs
+        B, N, D = x.shape
+        return self.proj(x.reshape(B, N // self.k ** 2, self.k ** 2 * D))
+
+class Upsample1D(nn.Module):
+    """Split each coarse token back into its run of k^2 consecutive tokens: Linear(D -> k^2 D)."""
+
+    def __init__(self, dim, k):
+        super().__init__()
+        self.k = k
+        self.proj = nn.Linear(dim, k * k * dim)
+
+    def forward(self, x, h, w):  # (B, h*w/k^2, D) -> (B, h*w, D)
+        B, M, D = x.shape
+        return self.proj(x).reshape(B, h * w, D)
+
 # --------------------------------------------------------------------------------------------------
 # the hourglass
 
 class Level(nn.Module):
     """One level of the hourglass; depth (pre, *inner, post) nests: (2, 2, 8, 2, 2) is two levels."""
 
-    def __init__(self, dim, heads, depth, shorten, head_dim=0):
+    def __init__(self, dim, heads, depth, shorten, head_dim=0, resample="2d"):
         super().__init__()
         self.pre = nn.ModuleList([Block(dim, heads, head_dim) for _ in range(depth[0])])
         self.inner = None
         # (pre, ..., post): shorten, recurse on the middle of the tuple, lengthen
         if len(depth) > 1:
             self.post = nn.ModuleList([Block(dim, heads, head_dim) for _ in range(depth[-1])])
-            self.down, self.up = Downsample2D(dim, shorten), Upsample2D(dim, shorten)
-            self.inner = Level(dim, heads, depth[1:-1], shorten, head_dim)
-        self.k, self.grad_ckpt = shorten, False
+            if resample == "2d":
+                self.down, self.up = Downsample2D(dim, shorten), Upsample2D(dim, shorten)
+            else:
+                self.down, self.up = Downsample1D(dim, shorten), Upsample1D(dim, shorten)
+            self.inner = Level(dim, heads, depth[1:-1], shorten, head_dim, resample)
+        self.k, self.grad_ckpt, self.resample = shorten, False, resample
 
     def run(self, blocks, x, h, w, stride):
         for b in blocks:
@@ -204,7 +233,9 @@ class Level(nn.Module):
             return x
         skip = x
         x = self.down(x, h, w)  # (B, (h/k)*(w/k), D)
-        x = self.inner(x, h // self.k, w // self.k, stride * self.k)
+        # the coarse grid: (h/k) x (w/k) patches; for the 1D hourglass h rows of w/k^2 runs, positions in run units
+        ch, cw = (h // self.k, w // self.k) if self.resample == "2d" else (h, w // self.k ** 2)
+        x = self.inner(x, ch, cw, stride * self.k)
         x = self.up(x, h, w) + skip  # (B, h*w, D): residual around the shortened part (Nawrot et al. §3)
         return self.run(self.post, x, h, w, stride)
 
@@ -212,28 +243,32 @@ class HourglassTransformer(nn.Module):
     """Tokens (B, h, w) -> logits (B, h, w, vocab_size); bidirectional, 2D-aware."""
 
     def __init__(self, vocab_size, height, width, dim, heads, depth=(2, 10, 2), shorten=2,
-                 head_dim=0, num_classes=0, grad_ckpt=False):
+                 head_dim=0, num_classes=0, resample="2d", grad_ckpt=False):
         super().__init__()
         depth = tuple(depth)
         if len(depth) % 2 == 0:
             raise ValueError(f"depth {depth} must have odd length: (pre, ..., valley, ..., post)")
+        if resample not in ("2d", "1d"):
+            raise ValueError(f"resample {resample!r}: choose '2d' (k x k patches) or '1d' (runs of k^2 tokens)")
         gh, gw = height, width
-        # every shortened level must split into whole k x k patches
+        # every shortened level must split into whole k x k patches (1D: each row into whole runs of k^2)
+        ky, kx = (shorten, shorten) if resample == "2d" else (1, shorten ** 2)
         for level in range(len(depth) // 2):
-            if gh % shorten or gw % shorten:
+            if gh % ky or gw % kx:
                 raise ValueError(f"a {height}x{width} token grid is {gh}x{gw} at level {level}, "
-                                 f"which does not divide by shorten={shorten}; "
-                                 f"use a grid divisible by {shorten ** (len(depth) // 2)} or fewer levels")
-            gh, gw = gh // shorten, gw // shorten
+                                 f"which does not divide by {ky}x{kx} (shorten={shorten}, resample {resample}); "
+                                 f"use another grid or fewer levels")
+            gh, gw = gh // ky, gw // kx
         self.vocab_size, self.height, self.width = vocab_size, height, width
         self.config = dict(vocab_size=vocab_size, height=height, width=width, dim=dim, heads=heads,
-                           depth=depth, shorten=shorten, head_dim=head_dim, num_classes=num_classes)
+                           depth=depth, shorten=shorten, head_dim=head_dim, num_classes=num_classes,
+                           resample=resample)
         self.embed = nn.Embedding(vocab_size, dim)  # no absolute positions: rotary embeddings carry them
         # class-conditional (as the authors' MNIST model): a learned class vector added to every token's embedding;
         # entry num_classes means "no class", so one network is conditional and unconditional (Ho & Salimans 2022)
         self.num_classes = num_classes
         self.class_embed = nn.Embedding(num_classes + 1, dim) if num_classes else None
-        self.body = Level(dim, heads, depth, shorten, head_dim)
+        self.body = Level(dim, heads, depth, shorten, head_dim, resample)
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)  # untied from the embedding
         self.n_blocks = sum(depth)
@@ -347,13 +382,14 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     p = replace(PRESETS[args.preset], vocab_size=args.vocab_size, height=args.height, width=args.width)
     hourglass = HourglassTransformer(**asdict(p)).to(device).eval()
+    hourglass_1d = HourglassTransformer(**asdict(replace(p, resample="1d"))).to(device).eval()  # Nawrot et al.'s
     flat = HourglassTransformer(**asdict(replace(p, depth=(sum(p.depth),)))).to(device).eval()  # same blocks, no levels
     tokens = torch.randint(args.vocab_size, (args.batch, args.height, args.width), device=device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device {name} ({torch.get_num_threads()} threads) | {'bf16' if device.type == 'cuda' else 'fp32'} | "
           f"batch {args.batch} | {args.height}x{args.width} tokens | preset {args.preset}")
     res = {}
-    for name, m in (("hourglass", hourglass), ("flat", flat)):
+    for name, m in (("hourglass", hourglass), ("1d", hourglass_1d), ("flat", flat)):
         t = forward_time(torch.compile(m) if args.compile else m, tokens, args.reps, device)
         res[name] = t
         print(f"{name:9s} depth {str(m.config['depth']):14s} {sum(q.numel() for q in m.parameters()) / 1e6:7.1f}M params "

@@ -1391,10 +1391,32 @@ def test_logits_are_fp32_under_bf16_autocast():
     assert logits.dtype == torch.float32 and seen == [(torch.float32, torch.float32)]
 
 def test_indivisible_grid_raises_a_clear_error():
-    with pytest.raises(ValueError, match="does not divide by shorten=2"):
+    with pytest.raises(ValueError, match="does not divide by 2x2"):
         hourglass.HourglassTransformer(11, 6, 6, 16, 2, depth=(1, 1, 1, 1, 1))  # 6 -> 3 -> 1.5
     with pytest.raises(ValueError, match="odd length"):
         hourglass.HourglassTransformer(11, 8, 8, 16, 2, depth=(1, 1))
+
+def test_1d_hourglass_merges_runs_of_the_flattened_sequence():
+    # --resample 1d (Nawrot et al.), the baseline of the 2D resampling: a fine token reaches the coarse token of its run
+    # of k^2 raster tokens (a strip of one row, not a patch), and each coarse token splits back into exactly that run
+    torch.manual_seed(0)
+    h, w, k, D = 4, 8, 2, 3
+    down, up = hourglass.Downsample1D(D, k), hourglass.Upsample1D(D, k)
+    x, y = torch.randn(1, h * w, D), torch.randn(1, h * w // k ** 2, D)
+    for n in (0, 5, 13, 31):
+        x2 = x.clone()
+        x2[0, n] += 1.0
+        changed = ((down(x2, h, w) - down(x, h, w)).abs().sum(-1)[0] > 1e-6).nonzero().flatten().tolist()
+        assert changed == [n // k ** 2], f"fine token {n} must reach coarse token {n // k ** 2} only"
+        y2 = y.clone()
+        y2[0, n // k ** 2] += 1.0
+        changed = ((up(y2, h, w) - up(y, h, w)).abs().sum(-1)[0] > 1e-6).nonzero().flatten().tolist()
+        assert changed == list(range(n // k ** 2 * k ** 2, (n // k ** 2 + 1) * k ** 2)), "a coarse token splits into its run"
+    m = hourglass.HourglassTransformer(11, 16, 16, 16, 2, depth=(1, 1, 1, 1, 1), resample="1d")
+    assert isinstance(m.body.down, hourglass.Downsample1D) and isinstance(m.body.inner.up, hourglass.Upsample1D)
+    assert m(torch.randint(11, (2, 16, 16))).shape == (2, 16, 16, 11)
+    with pytest.raises(ValueError, match="does not divide by 1x4"):
+        hourglass.HourglassTransformer(11, 8, 6, 16, 2, depth=(1, 1, 1), resample="1d")  # rows of 6 tokens: no runs of 4
 
 def test_grad_ckpt_gives_the_same_gradients():
     needs("rope", "resampling", "hourglass_level")
@@ -3635,10 +3657,8 @@ return self.run(self.post, lengthened + x, h, w, stride)
                 ("        skip = x\n        x = self.down(x, h, w)",
                  "        x = self.down(x, h, w)")],
             "no skip": [("x = self.up(x, h, w) + skip", "x = self.up(x, h, w)")],
-            "stride not multiplied down the levels": [("x = self.inner(x, h // self.k, w // "
-                                                       "self.k, stride * self.k)",
-                                                       "x = self.inner(x, h // self.k, w // "
-                                                       "self.k, self.k)")],
+            "stride not multiplied down the levels": [("x = self.inner(x, ch, cw, stride * self.k)",
+                                                       "x = self.inner(x, ch, cw, self.k)")],
         },
     },
     "corrupt": {
