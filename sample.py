@@ -276,7 +276,7 @@ def calibrate_checkpoint(args, device, bf16):
         t = time.time()
         heldout = torch.from_numpy(np.asarray(array[val_idx], dtype=np.int64))
         best, table = sundae.calibrate(model, heldout, vq, progress=True, bf16=bf16)
-        space = "decoded pixels" if vq else "hidden states"
+        space = "decoded pixels" if vq else "token statistics"
         sundae.print_calibration(table, best, f"{len(val_idx)} held-out grids, {space}, {time.time() - t:.0f} s")
         ckpt["train_config"]["temperature"] = best  # what load_sundae gives sample.py and inpaint.py
         vqgan.save_checkpoint(ckpt, args.sundae)
@@ -307,7 +307,7 @@ def main(argv=None):
 
     p.add_argument("--calibrate", action="store_true",
                    help="choose the temperature schedule on --data's held-out split (as training does at its end); "
-                        "store it in --sundae; in images decoded by --vqgan ('' = none: the network's hidden states)")
+                        "store it in --sundae; in images decoded by --vqgan ('' = none: statistics of the token ids)")
     p.add_argument("--data", default="", help="--calibrate: the latents --sundae was trained on")
     p.add_argument("--benchmark", action="store_true", help="time sampling and decoding at random weights")
     p.add_argument("--preset", default="", help="benchmark preset (default ffhq1024 on CUDA, tiny on CPU)")

@@ -85,6 +85,10 @@ PRESETS = {
     # With labels, the unconditional half of the model learns only from the dropped ones,
     # so a small model needs a larger share of them (docs/RESULTS.md)
     "tiny": (hourglass.PRESETS["tiny"], TrainConfig(temperature=(0.7, 0.3), label_drop=0.3)),
+    # 64-px images (vqgan.py --preset 64px): 16x16 tokens, the tiny network (its valley at 8x8), 600 steps,
+    # about 8 minutes on 2 CPU cores; docs/RESULTS.md has the hourglass against the 1D one and a flat transformer
+    "64px": (hourglass.PRESETS["tiny"], TrainConfig(temperature=(0.7, 0.3), max_steps=600, val_every=100, sample_every=200,
+                                                    ckpt_every=200)),
     # FFHQ-256 (16x16 tokens, V = 1024); the authors: AdamW, constant lr 3e-5, batch 64, no warm-up or clipping.
     # A constant learning rate does no averaging of its own: the EMA's long memory (0.9999) does it
     "ffhq256": (hourglass.PRESETS["ffhq256"],
@@ -430,15 +434,20 @@ def pixel_features(decoder, grids, size=8, batch=16):
            for i in range(0, len(grids), batch)]
     return torch.cat(out).numpy()
 
-@torch.no_grad()
-def hidden_features(model, grids):
-    """Token grids (n, h, w) -> (n, 4 D):
-    the network's last hidden states (model.features: each token as read in its context),
-    averaged over each quarter of the grid. What calibrate uses without a VQ-GAN;
-    they separate the schedules well but rank them unlike a judge of the images (docs/RESULTS.md)."""
-    f = model.features(grids.to(next(model.parameters()).device)).float()  # (n, h*w, D) in raster order
-    f = f.reshape(len(grids), model.height, model.width, -1).permute(0, 3, 1, 2)  # (n, D, h, w)
-    return F.adaptive_avg_pool2d(f, 2).flatten(1).cpu().numpy()
+def token_features(grids, vocab_size, dim=16, seed=0):
+    """Token grids (n, h, w) -> (n, 6 dim), from the ids alone: what calibrate uses without a VQ-GAN.
+    Each id gets two fixed random vectors a[id], b[id] (seeded: the same for samples and held-out grids). The features:
+    the mean of a over each quarter of the grid (a random projection of the quarters' id histograms: which ids, where),
+    and the mean of a[left] * b[right] over horizontal neighbours and of a[upper] * b[lower] over vertical ones (a random
+    projection of the neighbour-pair histograms, since E[(a[i] * b[j]) . (a[k] * b[l])] = dim [i = k][j = l]: which ids
+    sit next to which). The network's hidden states separate the schedules too, but rank them unlike a judge of the
+    images (docs/RESULTS.md)."""
+    a, b = torch.randn(2, vocab_size, dim, generator=torch.Generator().manual_seed(seed))
+    g = grids.long().cpu()
+    quarters = F.adaptive_avg_pool2d(a[g].permute(0, 3, 1, 2), 2).flatten(1)  # (n, 4 dim)
+    across = (a[g[:, :, :-1]] * b[g[:, :, 1:]]).mean((1, 2))  # (n, dim): horizontal neighbour pairs
+    down = (a[g[:, :-1]] * b[g[:, 1:]]).mean((1, 2))  # (n, dim): vertical neighbour pairs
+    return torch.cat([quarters, across, down], 1).numpy()
 
 def kernel_distance(a, b):
     """The kernel distance between the rows of a (m, d) and b (n, d) (Binkowski et al. 2018, KID):
@@ -454,17 +463,19 @@ def kernel_distance(a, b):
     return float((k_aa.sum() - np.trace(k_aa)) / (m * (m - 1)) + (k_bb.sum() - np.trace(k_bb)) / (n * (n - 1))
                  - 2 * k(a, b).mean())
 
-def calibrate(model, heldout, decoder=None, n=128, schedules=CALIBRATION_SCHEDULES, seed=0,
-              fallback=PAPER_TEMPERATURE, progress=False, **sample_kwargs):
+def calibrate(model, heldout, decoder=None, n=128, schedules=CALIBRATION_SCHEDULES, seed=0, progress=False,
+              **sample_kwargs):
     """The temperature schedule whose samples lie closest to held-out grids (n, h, w):
     kernel_distance between n samples per schedule and the held-out grids, in pixel_features of `decoder` (a VQ-GAN) or,
-    with none, in hidden_features;
+    with none, in token_features;
     each feature scaled by the held-out grids' spread -> (choice (start, end), [(schedule, distance, noise, mean
     steps)]). noise: how far apart the distances of the two halves of the samples lie, a measure of seed-to-seed noise.
-    The closest schedule is chosen only when it beats `fallback` (the paper's schedule) by more than the mean noise;
-    otherwise the criterion cannot tell them apart, and the choice is the fallback rather than the luck of a draw.
+    The choice is made by choose: the fewest steps among the schedules as close as the closest within the noise.
     progress: a line per schedule as it is done (minutes on a CPU)."""
-    features = (lambda g: pixel_features(decoder, g)) if decoder is not None else (lambda g: hidden_features(model, g))
+    if decoder is not None:
+        features = lambda g: pixel_features(decoder, g)
+    else:
+        features = lambda g: token_features(g, model.vocab_size)
     reference = features(heldout)
     mean, std = reference.mean(0), reference.std(0) + 1e-6
     reference = (reference - mean) / std
@@ -477,23 +488,24 @@ def calibrate(model, heldout, decoder=None, n=128, schedules=CALIBRATION_SCHEDUL
         table.append((schedule, kernel_distance(f, reference), abs(halves[0] - halves[1]), steps.float().mean().item()))
         if progress:
             print(f"calibration: schedule {len(table)}/{len(schedules)} ({schedule[0]} -> {schedule[1]}) done", flush=True)
-    best = min(table, key=lambda row: row[1])[0]
-    return (best if resolves(table, fallback) else fallback), table
+    return choose(table)[0], table
 
-def resolves(table, fallback=PAPER_TEMPERATURE):
-    """Whether the closest schedule of a calibration table beats the fallback's (the farthest schedule's, when the
-    fallback is not in the table) by more than the mean noise (see calibrate)."""
-    distances = [row[1] for row in table]
-    against = next((row[1] for row in table if row[0] == fallback), max(distances))
-    return against - min(distances) > np.mean([row[2] for row in table])
+def choose(table):
+    """What calibrate stores from its table [(schedule, distance, noise, mean steps)] -> (schedule, how many tied).
+    The schedules within the mean noise of the closest one are those the criterion cannot tell apart from it;
+    of them, the one whose samples froze after the fewest steps on average (fast sampling is the paper's point)."""
+    closest, noise = min(row[1] for row in table), np.mean([row[2] for row in table])
+    tied = [row for row in table if row[1] <= closest + noise]
+    return min(tied, key=lambda row: row[3])[0], len(tied)
 
 def print_calibration(table, choice, what):
     print(f"calibration ({what}): kernel distance of 128 samples per schedule to the held-out grids (+- noise)")
     for schedule, distance, noise, steps in table:
         print(f"  temperature {schedule[0]:.2f} -> {schedule[1]:.2f}: {distance:8.4f} +- {noise:7.4f} | {steps:5.1f} steps"
               + ("  <- stored" if schedule == choice else ""))
-    if not resolves(table):
-        print(f"  no schedule beats the paper's by more than the noise: stored the paper's {choice[0]} -> {choice[1]}")
+    tied = choose(table)[1]
+    if tied > 1:
+        print(f"  {tied} schedules lie within the noise of the closest: stored the one that needs the fewest steps")
 
 def save_token_picture(tokens, vocab_size, path, ncol=8):
     """Token grids (n, h, w) as coloured tiles, ncol per row, for when no VQ-GAN is at hand."""
@@ -567,6 +579,22 @@ def activation_bytes(mcfg, micro, unroll_steps, grad_ckpt=False):
         tokens //= mcfg.shorten ** 2
     per_step = (0 if grad_ckpt else 16 * mcfg.dim * blocks) + 3 * mcfg.vocab_size * mcfg.height * mcfg.width
     return 4 * micro * unroll_steps * per_step
+
+def forward_flops(mcfg):
+    """FLOPs of one grid's forward pass (a multiply-add is 2), level by level: per token and block the attention's
+    projections (4 x dim x inner, inner = heads x head_dim) and the 4x MLP (8 dim^2), each x 2, and the attention itself
+    (4 x tokens x inner); per shortening the merge and the split (2 x k^2 dim^2 per coarse token each); the head (2 dim V
+    per token). A training step is 3 unroll_steps forward passes (the backward costs two). This is what sets time at
+    scale: docs/benchmark.py --predict fits it to the CPU and predicts the presets on GPUs."""
+    inner = mcfg.heads * mcfg.head_dim or mcfg.dim
+    tokens, depth, flops = mcfg.height * mcfg.width, list(mcfg.depth), 0
+    while depth:
+        pre, post = (depth.pop(0), depth.pop()) if len(depth) > 1 else (depth.pop(), 0)
+        flops += (pre + post) * tokens * (2 * (4 * mcfg.dim * inner + 8 * mcfg.dim ** 2) + 4 * tokens * inner)
+        if depth:  # a shorter level inside: merge and split
+            flops += 2 * 2 * mcfg.dim ** 2 * tokens
+        tokens //= mcfg.shorten ** 2
+    return flops + 2 * mcfg.dim * mcfg.vocab_size * mcfg.height * mcfg.width
 
 def available_bytes(device):
     """Memory a run may fill: the GPU's, or the CPU's currently available RAM (Linux); None where unknown."""
@@ -782,7 +810,7 @@ def train(mcfg, tcfg, resume_ckpt=None):
             t_cal = time.time()
             heldout = torch.from_numpy(np.asarray(data.array[data.val], dtype=np.int64))
             best, table = calibrate(eval_model, heldout, decoder, progress=True, bf16=bf16)
-            space = "decoded pixels" if decoder else "hidden states"
+            space = "decoded pixels" if decoder else "token statistics"
             print_calibration(table, best, f"{len(data.val)} held-out grids, {space}, {time.time() - t_cal:.0f} s")
 
             tcfg = replace(tcfg, temperature=best)  # what save() stores and sample.py and inpaint.py use

@@ -344,7 +344,8 @@ class VQGAN(nn.Module):
         sides = [cfg.size >> i for i in range(len(cfg.ch_mult))]
         if set(cfg.attn_resolutions) - set(sides):  # a typo would silently mean no attention at all
             raise BadInput(f"--attn_resolutions {','.join(map(str, cfg.attn_resolutions))}: "
-                           f"this model's feature maps are {','.join(map(str, sides))} pixels wide; pick among those")
+                           f"this model's feature maps are {','.join(map(str, sides))} pixels wide; pick among those"
+                           + (" (or --preset 64px for 64-px images)" if cfg.size == 64 else ""))
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         if cfg.quantizer == "lfq":
             bits = int(math.log2(cfg.codebook_size))
@@ -512,6 +513,9 @@ PRESETS = {
     # CPU demo: 32x32 toy faces -> 8x8 tokens (f = 4), minutes on 2 cores;
     # at 64x64 the same CPU time reconstructs far worse (docs/RESULTS.md)
     "tiny": (ModelConfig(), TrainConfig()),
+    # 64-px images -> 16x16 tokens (f = 4): the tiny model with attention at 16 px, 1500 steps (GAN from 1125);
+    # about 17 minutes on 2 CPU cores (docs/RESULTS.md). For 128-px images add --size 128 --attn_resolutions 32
+    "64px": (ModelConfig(size=64, attn_resolutions=(16,)), TrainConfig(max_steps=1500, disc_start=1125)),
     # FFHQ-256: f = 16, V = 1024, 16x16 tokens (the paper's FFHQ-256 setting).
     # Both FFHQ presets keep taming's recipe (Adam (0.5, 0.9), L1 + LPIPS, no averaging):
     # the tiny preset's changes are unmeasured at 256 px and up
