@@ -2863,6 +2863,9 @@ def test_bad_input_gives_one_line_and_exit_status_2(pipeline, tmp_path):
                                  "exceeds limit"),
         "a directory as --vqgan": (S("--vqgan", str(t / "empty")), "is a directory"),
         "a directory as --data": (["sundae.py", "--data", str(t / "empty")], "is a directory"),
+        "an unknown --resample": (["sundae.py", "--data", p["latents"], "--resample", "3d"], "choose '2d'"),
+        "a 1D hourglass whose rows have no whole runs": (["sundae.py", "--data", p["latents"], "--resample", "1d",
+                                                          "--depth", "1,1,1,1,1"], "does not divide by 1x4"),
         # class labels
         "labels of another shape": (["sundae.py", "--data", p["latents"], "--labels",
                                      str(t / "tok4.npy")], "(N,) integer"),
