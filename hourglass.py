@@ -9,7 +9,7 @@ tokens. The paper's changes to the hourglass: resample in 2D (patches, not runs 
 sequence), 2D rotary position embeddings, and no causal masking (SUNDAE is not autoregressive).
 
     python hourglass.py                                # parameter counts of the presets
-    python hourglass.py --benchmark                    # 2D vs 1D hourglass vs flat transformer, 32x32 tokens (CPU or CUDA)
+    python hourglass.py --benchmark                    # 2D vs 1D hourglass vs flat, 32x32 tokens (CPU or CUDA)
     python hourglass.py --benchmark --preset tiny --height 8 --width 8
 
 Imports nothing from this project; importing it does no work.

@@ -86,9 +86,10 @@ PRESETS = {
     # so a small model needs a larger share of them (docs/RESULTS.md)
     "tiny": (hourglass.PRESETS["tiny"], TrainConfig(temperature=(0.7, 0.3), label_drop=0.3)),
     # 64-px images (vqgan.py --preset 64px): 16x16 tokens, the tiny network (its valley at 8x8), 600 steps,
-    # about 8 minutes on 2 CPU cores; docs/RESULTS.md has the hourglass against the 1D one and a flat transformer
-    "64px": (hourglass.PRESETS["tiny"], TrainConfig(temperature=(0.7, 0.3), max_steps=600, val_every=100, sample_every=200,
-                                                    ckpt_every=200)),
+    # about 7 minutes on 2 idle CPU cores (estimated).
+    # docs/RESULTS.md has the hourglass against the 1D one and a flat transformer at equal CPU time
+    "64px": (hourglass.PRESETS["tiny"],
+             TrainConfig(temperature=(0.7, 0.3), max_steps=600, val_every=100, sample_every=200, ckpt_every=200)),
     # FFHQ-256 (16x16 tokens, V = 1024); the authors: AdamW, constant lr 3e-5, batch 64, no warm-up or clipping.
     # A constant learning rate does no averaging of its own: the EMA's long memory (0.9999) does it
     "ffhq256": (hourglass.PRESETS["ffhq256"],

@@ -514,7 +514,8 @@ PRESETS = {
     # at 64x64 the same CPU time reconstructs far worse (docs/RESULTS.md)
     "tiny": (ModelConfig(), TrainConfig()),
     # 64-px images -> 16x16 tokens (f = 4): the tiny model with attention at 16 px, 1500 steps (GAN from 1125);
-    # about 17 minutes on 2 CPU cores (docs/RESULTS.md). For 128-px images add --size 128 --attn_resolutions 32
+    # about 12 minutes on 2 idle CPU cores, estimated from its step time (docs/RESULTS.md).
+    # For 128-px images add --size 128 --attn_resolutions 32
     "64px": (ModelConfig(size=64, attn_resolutions=(16,)), TrainConfig(max_steps=1500, disc_start=1125)),
     # FFHQ-256: f = 16, V = 1024, 16x16 tokens (the paper's FFHQ-256 setting).
     # Both FFHQ presets keep taming's recipe (Adam (0.5, 0.9), L1 + LPIPS, no averaging):

