@@ -1399,6 +1399,7 @@ def test_indivisible_grid_raises_a_clear_error():
 def test_1d_hourglass_merges_runs_of_the_flattened_sequence():
     # --resample 1d (Nawrot et al.), the baseline of the 2D resampling: a fine token reaches the coarse token of its run
     # of k^2 raster tokens (a strip of one row, not a patch), and each coarse token splits back into exactly that run
+    needs("rope", "hourglass_level")
     torch.manual_seed(0)
     h, w, k, D = 4, 8, 2, 3
     down, up = hourglass.Downsample1D(D, k), hourglass.Upsample1D(D, k)
