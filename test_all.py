@@ -3413,12 +3413,12 @@ def test_slow_real_image_benchmark_runs_end_to_end(tmp_path):
                           "--study", "calibration,inpainting"], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    for line in ("digits:", "photographs:", "train images", "decoded random tokens", "samples",
+    for line in ("digits:", "photos:", "train images", "decoded random tokens", "samples",
                  "nearest training image", "best of 4", "one sample, random start", "calibration study",
-                 "sundae.calibrate stores", "reconstruction PSNR", "sd over draws"):
+                 "sundae.choose stores", "the earlier rule stored", "reconstruction PSNR", "sd over draws"):
         assert line in res.stdout, res.stdout
     # by source: a mirrored digit is not a digit, a mirrored scene is a scene
-    assert re.search(r"digits: .*flips off", res.stdout) and re.search(r"photographs: .*flips on", res.stdout)
+    assert re.search(r"digits: .*flips off", res.stdout) and re.search(r"photos: .*flips on", res.stdout)
     assert os.path.isfile(tmp_path / "runs" / "digits" / "sundae.pt")  # under the caller's folder, as asked
 
 @slow
