@@ -231,7 +231,8 @@ def check_flags(flags, script, *configs):
 
 def train_pipeline(train, work, flip, vq_steps, sundae_steps, vq_flags=(), sundae_flags=(), reuse=False):
     """vqgan.py --data, --encode and sundae.py --data in `work` -> (VQ-GAN, SUNDAE, tokenizer minutes, prior
-    minutes). reuse: keep the tokenizer and latents already in `work` (to compare priors on one tokenizer)."""
+    minutes, the steps each checkpoint trained). reuse: keep the tokenizer and latents already in `work` (to compare
+    priors on one tokenizer)."""
     folder = os.path.join(work, "train")
     vq, lat, sd = (os.path.join(work, f) for f in ("vqgan.pt", "latents.npy", "sundae.pt"))
     flag = "--flip" if flip else "--no-flip"
@@ -248,7 +249,8 @@ def train_pipeline(train, work, flip, vq_steps, sundae_steps, vq_flags=(), sunda
     if reuse != "all" or not os.path.exists(sd):
         run("sundae.py", "--data", lat, "--vqgan", vq, "--max_steps", str(sundae_steps), "--out", sd,
             "--overwrite", *sundae_flags)
-    return vqgan.load_vqgan(vq), sundae.load_sundae(sd), (t_vq - t) / 60, (time.time() - t_vq) / 60
+    steps = [vqgan.load_checkpoint(path, kind)["step"] for path, kind in ((vq, "vqgan"), (sd, "sundae"))]
+    return vqgan.load_vqgan(vq), sundae.load_sundae(sd), (t_vq - t) / 60, (time.time() - t_vq) / 60, steps
 
 def to_images(x):  # (n, 3, H, W) in [-1, 1] -> uint8 (n, H, W, 3)
     return x.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -354,8 +356,8 @@ def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_s
     half, size = len(val) // 2, train.shape[1]
     judge = judge_class(val[half:], val_cls[half:], seed)
     val, val_cls = val[:half], val_cls[:half]
-    vq, model, vq_min, prior_min = train_pipeline(train, work, flip, vq_steps, sundae_steps, vq_flags, sundae_flags,
-                                                  reuse)
+    vq, model, vq_min, prior_min, (vq_steps, sundae_steps) = train_pipeline(train, work, flip, vq_steps, sundae_steps,
+                                                                            vq_flags, sundae_flags, reuse)
     gen = torch.Generator().manual_seed(seed)
     ref = val[:n]
     recon = to_images(vq.decode(vq.encode(to_tensor(ref))))
@@ -369,7 +371,8 @@ def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_s
     print(f"\n{name}: {len(train)} train / {len(val)} held-out images, flips {'on' if flip else 'off'}, "
           f"VQ-GAN {vq_steps} steps {' '.join(vq_flags)} "
           f"({vq_min:.1f} min) + SUNDAE {sundae_steps} steps {' '.join(sundae_flags)} "
-          f"({prior_min:.1f} min) on {torch.get_num_threads()} threads; temperature {model.default_temperature}; "
+          f"({prior_min:.1f} min; depth {model.config['depth']}, resample {model.config['resample']}) on "
+          f"{torch.get_num_threads()} threads; temperature {model.default_temperature}; "
           f"{type(judge).__name__} accuracy on the reference images {(judge.classes(val) == val_cls).mean():.2f}; {n} per row")
     print(f"  {'set':24s} {'Frechet':>8s} {'confidence':>11s} {'class entropy':>14s}")
     for label, images in rows:
