@@ -373,7 +373,8 @@ def measure(name, train, val, val_cls, train_cls, work, flip, vq_steps, sundae_s
           f"({vq_min:.1f} min) + SUNDAE {sundae_steps} steps {' '.join(sundae_flags)} "
           f"({prior_min:.1f} min; depth {model.config['depth']}, resample {model.config['resample']}) on "
           f"{torch.get_num_threads()} threads; temperature {model.default_temperature}; "
-          f"{type(judge).__name__} accuracy on the reference images {(judge.classes(val) == val_cls).mean():.2f}; {n} per row")
+          f"{type(judge).__name__} accuracy on the reference images {(judge.classes(val) == val_cls).mean():.2f} (the most "
+          f"common class's share {np.bincount(val_cls).max() / len(val_cls):.2f}); {n} per row")
     print(f"  {'set':24s} {'Frechet':>8s} {'confidence':>11s} {'class entropy':>14s}")
     for label, images in rows:
         fd, conf, ent = judge.summary(images, ref)
@@ -469,7 +470,8 @@ def token_study(name, data, work, sundae_steps, n, seed=0, sundae_flags=(), stud
     sample_s = (time.time() - t) / n
     print(f"\n{name} ({train.shape[1]}x{train.shape[2]} grids, V = {V}, no VQ-GAN): {len(train)} train grids, SUNDAE "
           f"{sundae_steps} steps {' '.join(sundae_flags)} ({minutes:.1f} min) on {torch.get_num_threads()} threads; temperature "
-          f"{model.default_temperature}; {type(judge).__name__} accuracy {(judge.classes(ref) == ref_cls).mean():.2f}; "
+          f"{model.default_temperature}; {type(judge).__name__} accuracy {(judge.classes(ref) == ref_cls).mean():.2f} "
+          f"(the most common class's share {np.bincount(ref_cls).max() / len(ref_cls):.2f}); "
           f"{n} per row")
     print(f"  {'set':24s} {'Frechet':>8s} {'confidence':>11s} {'class entropy':>14s}")
     rows = [("held-out real images", decode(held[half - n:half])), ("train images", decode(train[:n])),
