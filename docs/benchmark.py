@@ -241,9 +241,10 @@ def train_pipeline(train, work, flip, vq_steps, sundae_steps, vq_flags=(), sunda
         os.makedirs(folder, exist_ok=True)
         for i, im in enumerate(train):
             Image.fromarray(im).save(os.path.join(folder, f"{i:05d}.png"))
+        # attention where the feature map is as wide as the token grid (f = 4: 8 px at 32 px, 16 at 64, 32 at 128)
         run("vqgan.py", "--data", folder, "--size", str(train.shape[1]), "--max_steps", str(vq_steps), "--out", vq,
-            flag,
-            "--overwrite", "--val_n", str(min(256, len(train) // 4)), *vq_flags)
+            flag, "--overwrite", "--val_n", str(min(256, len(train) // 4)), "--attn_resolutions",
+            str(train.shape[1] // 4), *vq_flags)
         run("vqgan.py", "--encode", "--ckpt", vq, "--data", folder, "--out", lat, flag, "--overwrite")
     t_vq = time.time()
     if reuse != "all" or not os.path.exists(sd):
